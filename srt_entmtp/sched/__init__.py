@@ -1,0 +1,1 @@
+"""Scheduling: requests, admission, chunked prefill, continuous batching."""
