@@ -28,6 +28,7 @@ class StepOutput:
     req: Request
     new_ids: list[int]      # tokens appended to the output this step (after stop truncation)
     finished: bool
+    spec: dict | None = None  # this step's speculation, per request: tree, task, accepted, entropy
 
 
 class Scheduler:
@@ -144,7 +145,8 @@ class Scheduler:
             reason = "stop"
         if reason:
             self._finish(req, reason)
-        return StepOutput(req, kept, req.finished)
+        info = getattr(self.worker, "step_info", None)
+        return StepOutput(req, kept, req.finished, spec=info.get(req.rid) if info else None)
 
     def _finish(self, req: Request, reason: str) -> None:
         req.finish_reason = reason

@@ -1,0 +1,1 @@
+"""Calibration: step-cost curves, acceptance statistics, tree search (see each module)."""

@@ -1,0 +1,86 @@
+"""The engine and scheduler on the real model: chunked prefill, continuous batching, stop rules,
+KV accounting, seeded sampling, and the `entmtp generate` command."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from srt_entmtp.engine import Engine, EngineArgs
+from srt_entmtp.sched.request import ParamError, SamplingParams
+from tests.conftest import REPO, load_prompts
+
+
+@pytest.fixture(scope="module")
+def engine(runner):
+    return Engine(EngineArgs(model_path=str(runner.model_dir), kv_slots=8192, context_length=2048,
+                             max_running_requests=4, chunked_prefill_size=64))
+
+
+def _prompts(engine, n):
+    return [engine.tokenize_chat([{"role": "user", "content": r["prompt"]}]) for r in load_prompts(1)][:n]
+
+
+def test_chunked_prefill_and_batching_do_not_change_greedy_tokens(engine):
+    prompts = _prompts(engine, 5)
+    assert max(len(p) for p in prompts) > 64, "some prompt must span several prefill chunks"
+    sp = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    together = engine.generate(prompts, sp)  # 5 requests, at most 4 running: one waits its turn
+    alone = [engine.generate([p], sp)[0] for p in prompts]
+    for a, b in zip(together, alone):
+        assert a.output_ids == b.output_ids
+        assert a.finish_reason == "length" and len(a.output_ids) == 12
+    assert engine.scheduler.stats["prefill_steps"] > 5
+
+
+def test_kv_slots_return_after_requests_finish(engine):
+    free0 = engine.runner.kv.num_free
+    engine.generate(_prompts(engine, 3), SamplingParams(max_new_tokens=5))
+    assert engine.runner.kv.num_free == free0
+
+
+def test_stop_token_ids_and_stop_strings(engine):
+    p = engine.tokenize_chat([{"role": "user", "content": "Count from 1 to 20, separated by commas."}])
+    free_run = engine.generate([p], SamplingParams(max_new_tokens=40, ignore_eos=True))[0]
+    text = engine.detok.text(free_run)
+    stop_id = free_run.output_ids[5]
+    r = engine.generate([p], SamplingParams(max_new_tokens=40, stop_token_ids=[stop_id]))[0]
+    assert r.finish_reason == "stop" and r.output_ids == free_run.output_ids[: free_run.output_ids.index(stop_id) + 1]
+    stop = text[10:13]
+    r = engine.generate([p], SamplingParams(max_new_tokens=40, stop=[stop]))[0]
+    assert r.finish_reason == "stop"
+    assert engine.detok.text(r) == text[: text.index(stop)]
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(engine):
+    p = engine.tokenize_chat([{"role": "user", "content": "Write a sentence about the sea."}])
+    sp = dict(temperature=0.9, top_p=0.95, max_new_tokens=16, ignore_eos=True)
+    a = engine.generate([p], SamplingParams(seed=1, **sp))[0].output_ids
+    other = _prompts(engine, 2)
+    b = engine.generate([p] + other, [SamplingParams(seed=1, **sp)] + [SamplingParams(temperature=1.0)] * 2)[0]
+    c = [engine.generate([p], SamplingParams(seed=s, **sp))[0].output_ids for s in (2, 3, 4)]
+    assert a == b.output_ids, "a seeded request must not depend on what it is batched with"
+    assert any(x != a for x in c)
+
+
+def test_context_length_error_names_both_numbers(engine):
+    with pytest.raises(ParamError, match=r"context length is 2048 tokens; the prompt has 3 .* asks for 4000"):
+        engine.make_request([1, 2, 3], SamplingParams(max_new_tokens=4000))
+
+
+def test_cli_generate_streams_text_and_reports_speed(runner):
+    res = subprocess.run([sys.executable, "-m", "srt_entmtp.cli", "generate", "--chat", "--prompt", "Say hello.",
+                          "--max-new-tokens", "8", "--model-path", str(runner.model_dir), "--kv-slots", "1024"],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip(), "no text streamed"
+    assert "tok/s" in res.stderr and "NONE" in res.stderr
+
+
+def test_cli_reports_bad_model_path_in_one_line(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "srt_entmtp.cli", "generate", "--prompt", "x", "--model-path",
+                          str(tmp_path / "missing")], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert res.returncode == 2
+    assert "entmtp: error: --model-path" in res.stderr and "directory not found" in res.stderr
+    assert "Traceback" not in res.stderr
