@@ -1,0 +1,155 @@
+"""Tree policies: which tree each request verifies at this step.
+
+All policies answer `choose(slots, families, entropy) -> list[Tree]` for a batch (one tree per
+request; requests may differ) and `reset(slots)` when a slot gets a new request. EntMTPPolicy is
+the paper's: a per-family tree library indexed by the request's rolling entropy, with hysteresis
+so that an entropy hovering near a bucket edge does not flip the tree every step (each flip
+changes the batch's shape, which costs graph replays and planning, and gains nothing).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from srt_entmtp.spec.classify import TASK_FAMILIES, classify_task
+from srt_entmtp.spec.library import TreeLibrary
+from srt_entmtp.spec.tree import Tree
+
+__all__ = [
+    "TASK_FAMILIES",
+    "ConfidencePolicy",
+    "EntMTPPolicy",
+    "StaticPolicy",
+    "TreePolicy",
+    "classify_task",
+    "path_confidence",
+]
+
+
+class TreePolicy(Protocol):
+    def choose(self, slots: torch.Tensor, families: Sequence[str], entropy: torch.Tensor) -> list[Tree]: ...
+
+    def reset(self, slots: torch.Tensor) -> None: ...
+
+
+class StaticPolicy:
+    """The same tree for every request at every step (the Medusa / fixed-tree baseline)."""
+
+    def __init__(self, tree: Tree):
+        self.tree = tree
+
+    def choose(self, slots: torch.Tensor, families: Sequence[str], entropy: torch.Tensor) -> list[Tree]:
+        return [self.tree] * len(families)
+
+    def reset(self, slots: torch.Tensor) -> None:
+        pass
+
+
+class EntMTPPolicy:
+    """Entropy-bucketed trees per task family, with hysteresis per request.
+
+    A request keeps its current bucket until its entropy leaves that bucket's interval by more
+    than `hysteresis` nats (below its lower edge minus the margin, or above its upper edge plus
+    the margin) and at least `min_steps_between_switches` choices passed since its last switch; then it
+    moves to the bucket its entropy falls in. A slot's first choice (after reset, or when its
+    family changes) takes the entropy's bucket directly and does not count as a switch.
+    """
+
+    def __init__(self, library: TreeLibrary, capacity: int = 1024, hysteresis: float | None = None,
+                 min_steps_between_switches: int | None = None):
+        self.library = library
+        self.hysteresis = library.policy.hysteresis if hysteresis is None else float(hysteresis)
+        self.min_steps = (library.policy.min_steps_between_switches if min_steps_between_switches is None
+                          else int(min_steps_between_switches))
+        names = list(library.families)
+        self._family_id = {n: i for i, n in enumerate(names)}
+        self._general = self._family_id["general"]
+        F = len(names)
+        nb = max(f.num_buckets for f in library.families.values())
+        self.edges = torch.full((F, nb), float("inf"))            # edge i = upper edge of bucket i
+        self.num_buckets = torch.zeros(F, dtype=torch.long)
+        self.trees: list[Tree] = []
+        self.tree_id = torch.zeros(F, nb, dtype=torch.long)       # (family, bucket) -> self.trees index
+        for fi, name in enumerate(names):
+            fam = library.families[name]
+            self.edges[fi, : len(fam.bucket_edges)] = torch.tensor(fam.bucket_edges)
+            self.num_buckets[fi] = fam.num_buckets
+            for b in range(fam.num_buckets):
+                self.tree_id[fi, b] = len(self.trees)
+                self.trees.append(fam.tree_for_bucket(b))
+        self.bucket = torch.full((capacity,), -1, dtype=torch.long)
+        self.family = torch.full((capacity,), -1, dtype=torch.long)
+        self.since_switch = torch.zeros(capacity, dtype=torch.long)
+
+    def reset(self, slots: torch.Tensor) -> None:
+        slots = slots.cpu()
+        self.bucket[slots] = -1
+        self.family[slots] = -1
+        self.since_switch[slots] = 0
+
+    def family_ids(self, families: Sequence[str]) -> torch.Tensor:
+        return torch.tensor([self._family_id.get(f, self._general) for f in families], dtype=torch.long)
+
+    def choose(self, slots: torch.Tensor, families: Sequence[str], entropy: torch.Tensor) -> list[Tree]:
+        slots = slots.cpu()
+        h = entropy.detach().float().cpu()
+        h = torch.where(torch.isnan(h), self.library.policy.estimator.init, h)  # no estimate: the prior
+        f = self.family_ids(families)
+        edges = self.edges[f]                                         # [B, nb]
+        target = (h.unsqueeze(1) >= edges).sum(dim=1)                 # bucketize(right=True)
+        cur = self.bucket[slots]
+        fresh = (cur < 0) | (self.family[slots] != f)
+        c = cur.clamp(min=0)
+        inf = torch.tensor(float("inf"))
+        lo = torch.where(c > 0, edges.gather(1, (c - 1).clamp(min=0).unsqueeze(1)).squeeze(1), -inf)
+        hi = torch.where(c < self.num_buckets[f] - 1, edges.gather(1, c.unsqueeze(1)).squeeze(1), inf)
+        outside = (h < lo - self.hysteresis) | (h > hi + self.hysteresis)
+        since = self.since_switch[slots] + 1
+        switch = ~fresh & outside & (since >= self.min_steps) & (target != cur)
+        new = torch.where(fresh | switch, target, cur)
+        self.bucket[slots] = new
+        self.family[slots] = f
+        self.since_switch[slots] = torch.where(switch, 0, since)
+        return [self.trees[i] for i in self.tree_id[f, new].tolist()]
+
+    def current_bucket(self, slots: torch.Tensor) -> torch.Tensor:
+        """LongTensor[B]: each slot's bucket (-1 before its first choice), e.g. for metrics."""
+        return self.bucket[slots.cpu()].clone()
+
+
+def path_confidence(tree: Tree, node_probs: torch.Tensor) -> torch.Tensor:
+    """Product of the drafter's probabilities along each node's path ([n]; the root's own is ignored)."""
+    logp = node_probs.detach().double().cpu().clamp(min=1e-300).log()
+    logp[0] = 0.0
+    return (tree.mask.double() @ logp).exp().to(node_probs.dtype)
+
+
+class ConfidencePolicy:
+    """Wraps a policy and lets the worker prune drafted nodes the drafter itself doubts.
+
+    Pruning happens after drafting (the confidences come from the draft), so `choose` delegates
+    and `prune` is called per request with the drafted path confidences.
+    """
+
+    def __init__(self, base_policy: TreePolicy, threshold: float):
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"confidence threshold must be in [0, 1], got {threshold}")
+        self.base, self.threshold = base_policy, float(threshold)
+
+    def choose(self, slots: torch.Tensor, families: Sequence[str], entropy: torch.Tensor) -> list[Tree]:
+        return self.base.choose(slots, families, entropy)
+
+    def reset(self, slots: torch.Tensor) -> None:
+        self.base.reset(slots)
+
+    def prune_with_index(self, tree: Tree, node_path_confidence: torch.Tensor) -> tuple[Tree, torch.Tensor]:
+        """The pruned tree and, per kept node, its index in `tree` (to gather drafted tokens)."""
+        if node_path_confidence.shape[0] != tree.num_nodes:
+            raise ValueError(f"{node_path_confidence.shape[0]} confidences for a tree of {tree.num_nodes} nodes")
+        return tree.restrict(node_path_confidence.detach().cpu() >= self.threshold)
+
+    def prune(self, tree: Tree, node_path_confidence: torch.Tensor) -> Tree:
+        """Drop nodes whose path confidence is below the threshold, with their descendants."""
+        return self.prune_with_index(tree, node_path_confidence)[0]
