@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 ALGORITHMS = ("ENTMTP", "STATIC", "NONE")
 DRAFTERS = ("medusa", "hydra", "mtp")
+SPEC_POLICIES = ("entmtp", "static", "confidence", "none")
 
 
 @dataclass
@@ -100,11 +101,32 @@ class Engine:
         sampling.validate()
         if not prompt_ids:
             raise ParamError("prompt", "the prompt is empty")
+        vocab = self.runner.config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ParamError("prompt", f"token id {bad[0]} is outside this model's vocabulary [0, {vocab})")
+        if spec is not None:
+            self._check_spec(spec)
         total = len(prompt_ids) + sampling.max_new_tokens
         if total > self.context_length:
             raise ParamError("max_tokens", f"this model's context length is {self.context_length} tokens; the prompt has "
                              f"{len(prompt_ids)} and max_tokens asks for {sampling.max_new_tokens} ({total} in all)")
         return Request(prompt_ids, sampling, spec, rid=rid, prompt_text=prompt_text)
+
+    def _check_spec(self, spec: SpecOptions) -> None:
+        from srt_entmtp.spec.classify import TASK_FAMILIES
+
+        if spec.task is not None and spec.task not in TASK_FAMILIES:
+            raise ParamError("entmtp.task", f"task {spec.task!r} is not one of {', '.join(TASK_FAMILIES)}")
+        if spec.policy is not None and spec.policy not in SPEC_POLICIES:
+            raise ParamError("entmtp.policy", f"policy {spec.policy!r} is not one of {', '.join(SPEC_POLICIES)}")
+        library = getattr(self.worker, "library", None)
+        if spec.tree is not None and library is not None:
+            try:
+                library.tree_by_name(spec.tree)
+            except (KeyError, ValueError):
+                names = ", ".join(sorted({e.name for f in library.families.values() for e in f.trees}))
+                raise ParamError("entmtp.tree", f"no tree named {spec.tree!r} in the tree library; known: {names}") from None
 
     # ---- offline ----------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams] | None = None,
@@ -175,13 +197,13 @@ class Engine:
                     self.scheduler.add(obj)
                 except QueueFullError:
                     obj.finish_reason = "abort"
-                    cb(StepOutput(obj, [], True))
+                    self._notify(cb, StepOutput(obj, [], True))
                     self._callbacks.pop(obj.rid, None)
             elif kind == "abort":
                 req = self.scheduler.abort(obj)
                 cb2 = self._callbacks.pop(obj, None)
                 if req is not None and cb2 is not None:
-                    cb2(StepOutput(req, [], True))
+                    self._notify(cb2, StepOutput(req, [], True))
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -204,6 +226,19 @@ class Engine:
             for o in outs:
                 cb = self._callbacks.get(o.req.rid)
                 if cb is not None:
-                    cb(o)
+                    self._notify(cb, o)
                 if o.finished:
                     self._callbacks.pop(o.req.rid, None)
+
+    @staticmethod
+    def _notify(cb: Callable[[StepOutput], None], out: StepOutput) -> None:
+        """A failing callback is the caller's bug: log it, never let it stop the loop."""
+        try:
+            cb(out)
+        except Exception:
+            log.exception("output callback for %s failed", out.req.rid)
+
+    @property
+    def alive(self) -> bool:
+        """True while the loop thread runs (the server's /health reads this)."""
+        return self._thread is not None and self._thread.is_alive()

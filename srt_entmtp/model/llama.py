@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from srt_entmtp.errors import ModelLoadError
 from srt_entmtp.model.attention.base import AttentionBackend
 from srt_entmtp.model.config import ModelConfig
+from srt_entmtp.model.linear import Linear, onednn_available
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -77,21 +78,26 @@ class LlamaModel:
         head = take("lm_head.weight", optional=True)
         self.lm_head = self.embed if head is None or cfg.tie_word_embeddings else head
         self.final_norm = take("model.norm.weight")
+        pack = onednn_available(self.device, dtype)
+        self.lm_head_linear = Linear(self.lm_head, pack=pack)  # plain self.lm_head stays for drafters
         self.layers = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
             a = p + "self_attn."
+            qkv_bias = None
+            if cfg.qkv_bias:
+                qkv_bias = torch.cat([take(a + "q_proj.bias"), take(a + "k_proj.bias"), take(a + "v_proj.bias")])
             layer = {
                 "ln1": take(p + "input_layernorm.weight"),
                 "ln2": take(p + "post_attention_layernorm.weight"),
-                "qkv": torch.cat([take(a + "q_proj.weight"), take(a + "k_proj.weight"), take(a + "v_proj.weight")]),
-                "o": take(a + "o_proj.weight"),
-                "gate_up": torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
-                "down": take(p + "mlp.down_proj.weight"),
-                "qkv_bias": None, "q_norm": None, "k_norm": None,
+                "qkv": Linear(torch.cat([take(a + "q_proj.weight"), take(a + "k_proj.weight"),
+                                         take(a + "v_proj.weight")]), qkv_bias, pack),
+                "o": Linear(take(a + "o_proj.weight"), pack=pack),
+                "gate_up": Linear(torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
+                                  pack=pack),
+                "down": Linear(take(p + "mlp.down_proj.weight"), pack=pack),
+                "q_norm": None, "k_norm": None,
             }
-            if cfg.qkv_bias:
-                layer["qkv_bias"] = torch.cat([take(a + "q_proj.bias"), take(a + "k_proj.bias"), take(a + "v_proj.bias")])
             if cfg.qk_norm:
                 layer["q_norm"] = take(a + "q_norm.weight")
                 layer["k_norm"] = take(a + "k_norm.weight")
@@ -116,7 +122,7 @@ class LlamaModel:
         h = F.embedding(input_ids, self.embed)
         for i, L in enumerate(self.layers):
             x = rms_norm(h, L["ln1"], eps)
-            qkv = F.linear(x, L["qkv"], L["qkv_bias"])
+            qkv = L["qkv"](x)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = q.view(n, H, d)
             k = k.view(n, Hk, d)
@@ -126,14 +132,14 @@ class LlamaModel:
                 k = rms_norm(k, L["k_norm"], eps)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            h = h + F.linear(attn.run(i, q, k, v), L["o"])
+            h = h + L["o"](attn.run(i, q, k, v))
             x = rms_norm(h, L["ln2"], eps)
-            g, u = F.linear(x, L["gate_up"]).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(g) * u, L["down"])
+            g, u = L["gate_up"](x).chunk(2, dim=-1)
+            h = h + L["down"](F.silu(g) * u)
         if hidden_indices is not None:
             h = h[hidden_indices]
         return rms_norm(h, self.final_norm, eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits (entropy and sampling want float32 anyway)."""
-        return F.linear(hidden, self.lm_head).float()
+        return self.lm_head_linear(hidden).float()

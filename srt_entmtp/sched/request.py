@@ -29,6 +29,8 @@ class SamplingParams:
             raise ParamError("top_k", f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.max_new_tokens < 1:
             raise ParamError("max_tokens", f"max_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.seed is not None and not (-(2**63) <= self.seed < 2**64):
+            raise ParamError("seed", f"seed must fit in 64 bits, got {self.seed}")
         if len(self.stop) > 16:
             raise ParamError("stop", "at most 16 stop strings")
 

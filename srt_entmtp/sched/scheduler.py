@@ -57,7 +57,9 @@ class Scheduler:
         left = len(req.prompt_ids) + req.sampling.max_new_tokens - int(req.kv_slots.numel())
         return max(left, 0) + self.worker.max_new_slots_per_step()
 
-    def _admit(self) -> None:
+    def _admit(self) -> list[StepOutput]:
+        """Move waiting requests into the running set; returns the ones rejected outright."""
+        rejected = []
         while self.waiting and len(self.running) < self.max_running:
             req = self.waiting[0]
             need = self._reserve(req)
@@ -67,12 +69,14 @@ class Scheduler:
                     log.error("%s needs %d KV slots, the pool has %d: rejected", req.rid, need, self.kv.num_free)
                     self.waiting.popleft()
                     self._finish(req, "abort")
+                    rejected.append(StepOutput(req, [], True))
                     continue
                 break
             self.waiting.popleft()
             req.status = Status.PREFILL
             self.worker.on_admit(req)
             self.running.append(req)
+        return rejected
 
     def abort(self, rid: str) -> Request | None:
         for q in (self.waiting, self.running):
@@ -94,9 +98,9 @@ class Scheduler:
 
     # ---- one step ----------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        self._admit()
+        rejected = self._admit()
         if not self.running:
-            return []
+            return rejected
         prefilling = [r for r in self.running if r.status is Status.PREFILL]
         if prefilling:
             budget, reqs, lens = self.chunk_tokens, [], []
@@ -117,7 +121,7 @@ class Scheduler:
             reqs = list(self.running)
             new = self.worker.decode(reqs)
             self.stats["decode_steps"] += 1
-        outputs = []
+        outputs = rejected
         for r in reqs:
             if r.rid in new:
                 outputs.append(self._append(r, new[r.rid]))
