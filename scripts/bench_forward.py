@@ -54,21 +54,26 @@ def hf_forward_latency(hf, T_list, context, repeats, warmup, dev):
 
 
 def hf_decode_tps(hf, prompt_ids, n, dev):
+    """Decode-only tokens/s: generate(n) minus generate(1) (the prefill and first token)."""
     x = torch.tensor([prompt_ids], device=dev)
-    with torch.no_grad():
-        hf.generate(x, max_new_tokens=4, do_sample=False, pad_token_id=0)
+
+    def timed(k):
         sync(dev)
         t0 = time.perf_counter()
-        out = hf.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        hf.generate(x, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=0)
         sync(dev)
-    return (out.shape[1] - x.shape[1]) / (time.perf_counter() - t0)
+        return time.perf_counter() - t0
+
+    with torch.no_grad():
+        timed(4)
+        return (n - 1) / (timed(n) - timed(1))
 
 
 def our_decode_tps(engine, prompt_ids, n):
+    """Decode-only tokens/s: from the first output token to the last."""
     engine.generate([prompt_ids], SamplingParams(max_new_tokens=4, ignore_eos=True))
-    t0 = time.perf_counter()
     req = engine.generate([prompt_ids], SamplingParams(max_new_tokens=n, ignore_eos=True))[0]
-    return len(req.output_ids) / (time.perf_counter() - t0)
+    return (len(req.output_ids) - 1) / (req.t_last_token - req.t_first_token)
 
 
 def main(argv=None):

@@ -138,7 +138,7 @@ class Engine:
         specs = spec if isinstance(spec, list) else [spec] * n
         reqs = [self.make_request(p, SamplingParams(**vars(s)), sp) for p, s, sp in zip(prompts, sps, specs)]
         for r in reqs:
-            self.scheduler.add(r)
+            self.scheduler.add(r, bounded=False)
         while not all(r.finished for r in reqs):
             self._step()
         return reqs

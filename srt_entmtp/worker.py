@@ -39,13 +39,13 @@ class Worker:
     def prefill(self, reqs: list[Request], chunk_lens: list[int]) -> dict[str, list[int]]:
         """Run prompt chunks for several requests in one forward; return the first token of each
         request whose prompt is now complete."""
-        tokens, prefixes, slots, done = [], [], [], []
+        tokens, prefixes, done = [], [], []
+        slots = self.kv.alloc_many(chunk_lens)
         last_index = 0
         for req, n in zip(reqs, chunk_lens):
             a = req.num_prefilled
             tokens.append(torch.tensor(req.prompt_ids[a:a + n], dtype=torch.long))
             prefixes.append(req.kv_slots)
-            slots.append(self.kv.alloc(n))
             last_index += n
             if a + n == len(req.prompt_ids):
                 done.append((req, last_index - 1))
@@ -70,7 +70,7 @@ class Worker:
     def decode(self, reqs: list[Request]) -> dict[str, list[int]]:
         """One autoregressive step: each request's pending token in, one new token out."""
         tokens = [torch.tensor([r.pending_token]) for r in reqs]
-        slots = [self.kv.alloc(1) for _ in reqs]
+        slots = self.kv.alloc_many([1] * len(reqs))
         fb = ForwardBatch.build(tokens, [r.kv_slots for r in reqs], slots, device=self.runner.device)
         out = self.runner.forward(fb)
         nxt = sample(out.logits, [r.sampling for r in reqs], [r.generator for r in reqs]).tolist()

@@ -29,13 +29,19 @@ class KVPool:
         return self._num_free
 
     def alloc(self, n: int) -> torch.Tensor:
-        """n free slots, lowest first, so a lone request's slots stay contiguous."""
-        if n > self._num_free:
-            raise KVCacheFullError(f"KV cache full: need {n} slots, {self._num_free} free of {self.num_slots}")
-        slots = torch.nonzero(self._free).view(-1)[:n]
+        """n free slots, lowest first, so a lone request's slots stay contiguous. Slot indices
+        are host tensors (bookkeeping); ForwardBatch moves them to the device once per step."""
+        return self.alloc_many([n])[0]
+
+    def alloc_many(self, counts: list[int]) -> list[torch.Tensor]:
+        """Slots for several requests with one scan of the free map (one call per step)."""
+        total = sum(counts)
+        if total > self._num_free:
+            raise KVCacheFullError(f"KV cache full: need {total} slots, {self._num_free} free of {self.num_slots}")
+        slots = torch.nonzero(self._free).view(-1)[:total]
         self._free[slots] = False
-        self._num_free -= n
-        return slots.to(self.k.device)
+        self._num_free -= total
+        return list(slots.split(counts))
 
     def free(self, slots: torch.Tensor) -> None:
         if slots.numel() == 0:

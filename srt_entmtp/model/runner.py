@@ -67,12 +67,19 @@ class ModelRunner:
     def _default_backend(self) -> str:
         if self.device.type != "cuda":
             return "sdpa"
-        try:
-            import flashinfer  # noqa: F401
-            return "flashinfer"
-        except ImportError:
+        import importlib.util
+
+        if importlib.util.find_spec("srt_entmtp.model.attention.flashinfer") is None:
+            return "sdpa"  # the FlashInfer backend is not part of this build yet
+        if importlib.util.find_spec("flashinfer") is None:
             log.warning("flashinfer is not installed; using the sdpa attention backend (pip install .[gpu])")
             return "sdpa"
+        return "flashinfer"
+
+    @property
+    def name(self) -> str:
+        """The served model's name (its directory), which draft heads and libraries are keyed on."""
+        return self.model_dir.name
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> ForwardOutput:

@@ -46,8 +46,9 @@ class Scheduler:
         self.stats = collections.Counter()
 
     # ---- admission -------------------------------------------------------------------------
-    def add(self, req: Request) -> None:
-        if len(self.waiting) >= self.max_waiting:
+    def add(self, req: Request, bounded: bool = True) -> None:
+        """Queue a request; online submissions are bounded by max_waiting (offline batches are not)."""
+        if bounded and len(self.waiting) >= self.max_waiting:
             raise QueueFullError(f"waiting queue full ({self.max_waiting} requests)")
         req.t_arrival = time.monotonic()
         self.waiting.append(req)

@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""Speculative decoding speed per task family at batch 1, in one run:
+NONE (plain decoding of the same engine), STATIC with each tree of the family's library entry,
+and ENTMTP, for each drafter.
+
+    python scripts/bench_spec.py [--drafters medusa hydra mtp] [--prompts 4] [--max-new-tokens 128]
+
+Decode tokens/s counts from the first output token to the last (prefill excluded); accepted
+tokens per step is SGLang's spec_accept_length (accepted drafts + bonus per verify step).
+Prints a table, writes JSON (default benchmarks/results/spec_cpu.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from srt_entmtp.bench_prompts import benchmark_prompts  # noqa: E402
+from srt_entmtp.engine import Engine, EngineArgs  # noqa: E402
+from srt_entmtp.sched.request import SamplingParams, SpecOptions  # noqa: E402
+
+FAMILIES = ("code", "math", "chat", "writing")
+
+
+def run_one(engine: Engine, ids: list[int], n: int, spec: SpecOptions | None) -> dict:
+    req = engine.generate([ids], SamplingParams(max_new_tokens=n), spec)[0]
+    m = req.meta_info()
+    k = len(req.output_ids)
+    dt = (req.t_last_token - req.t_first_token) if k > 1 else float("nan")
+    return {"tokens": k, "decode_s": dt, "accept_length": m["spec_accept_length"] or 1.0,
+            "verify_steps": m["spec_verify_ct"], "trees": m["tree_choices"], "output_ids": req.output_ids}
+
+
+def summarise(runs: list[dict]) -> dict:
+    toks = sum(r["tokens"] - 1 for r in runs)
+    secs = sum(r["decode_s"] for r in runs)
+    steps = sum(r["verify_steps"] for r in runs)
+    acc = sum(r["accept_length"] * r["verify_steps"] for r in runs) / steps if steps else 1.0
+    return {"tok_s": toks / secs if secs else float("nan"), "accept_length": acc, "tokens": toks, "seconds": secs}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--drafters", nargs="+", default=["medusa", "hydra", "mtp"])
+    p.add_argument("--families", nargs="+", default=list(FAMILIES))
+    p.add_argument("--prompts", type=int, default=4, help="prompts per family")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--tree-library", default=None)
+    p.add_argument("--no-static", action="store_true", help="skip the per-tree STATIC runs")
+    p.add_argument("--out", default="benchmarks/results/spec_cpu.json")
+    a = p.parse_args(argv)
+    torch.manual_seed(0)
+    common = dict(device=a.device, dtype=a.dtype, kv_slots=8192, context_length=2048, max_running_requests=1)
+    prompts = {f: benchmark_prompts(f, a.prompts) for f in a.families}
+    plain = Engine(EngineArgs(**common))
+    enc = {f: [plain.tokenize_chat([{"role": "user", "content": r["prompt"]}]) for r in rows]
+           for f, rows in prompts.items()}
+    plain.generate([enc[a.families[0]][0]], SamplingParams(max_new_tokens=4))  # warm-up
+    res = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "threads": torch.get_num_threads(),
+           "device": a.device, "max_new_tokens": a.max_new_tokens, "prompts_per_family": a.prompts,
+           "prompt_ids": {f: [r["id"] for r in rows] for f, rows in prompts.items()}, "results": {}}
+    none = {f: [run_one(plain, ids, a.max_new_tokens, None) for ids in enc[f]] for f in a.families}
+    res["results"]["NONE"] = {f: summarise(v) for f, v in none.items()}
+    del plain
+    for drafter in a.drafters:
+        eng = Engine(EngineArgs(**common, speculative_algorithm="ENTMTP", drafter=drafter,
+                                tree_library=a.tree_library))
+        lib = eng.worker.library
+        eng.generate([enc[a.families[0]][0]], SamplingParams(max_new_tokens=4))
+        block = {}
+        for f in a.families:
+            runs = [run_one(eng, ids, a.max_new_tokens, SpecOptions(task=f)) for ids in enc[f]]
+            for r, ref in zip(runs, none[f]):  # lossless: every run must equal plain decoding
+                r["matches_none"] = r["output_ids"] == ref["output_ids"]
+            row = {"ENTMTP": summarise(runs) | {"all_match_none": all(r["matches_none"] for r in runs),
+                                                "trees": _merge([r["trees"] for r in runs])}}
+            if not a.no_static:
+                for entry in lib.family(f).trees:
+                    st = [run_one(eng, ids, a.max_new_tokens, SpecOptions(task=f, tree=entry.name)) for ids in enc[f]]
+                    row[f"STATIC:{entry.name}"] = summarise(st) | {"nodes": entry.tree.num_nodes}
+            block[f] = row
+        res["results"][drafter] = block
+        del eng
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    print_table(res, a.families)
+    print(f"\nwrote {out}")
+
+
+def _merge(dicts):
+    out = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def print_table(res, families):
+    none = res["results"]["NONE"]
+    print(f"\nbatch 1, {res['device']} ({res['threads']} threads), {res['max_new_tokens']} new tokens, "
+          f"{res['prompts_per_family']} prompts per family; speedup vs NONE of the same engine")
+    print(f"{'drafter':<8} {'family':<8} {'config':<22} {'tok/s':>7} {'acc/step':>9} {'speedup':>8}")
+    for f in families:
+        print(f"{'-':<8} {f:<8} {'NONE':<22} {none[f]['tok_s']:>7.1f} {1.0:>9.2f} {1.0:>8.2f}")
+    for drafter, block in res["results"].items():
+        if drafter == "NONE":
+            continue
+        for f in families:
+            for cfg, s in block[f].items():
+                flag = "" if s.get("all_match_none", True) else "  MISMATCH"
+                print(f"{drafter:<8} {f:<8} {cfg:<22} {s['tok_s']:>7.1f} {s['accept_length']:>9.2f} "
+                      f"{s['tok_s'] / none[f]['tok_s']:>8.2f}{flag}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Shared MTP head (FastMTP-style): one block, weights shared across steps, applied recursively.
+
+s_0 = h_t;  u = P [norm(s_{d-1}); norm(E x_{t+d})];  s_d = u + Down(SiLU(Gate n(u)) * Up n(u));
+logits_d = LM_head(norm_f(s_d)) predicts x_{t+1+d}. Because the block is the same at every
+step it can be unrolled to any depth; `trained_depth` says how far training unrolled it. By
+default it projects onto a compressed draft vocabulary (rows of the base LM head gathered at
+load), which is most of its cost saved on CPU.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from srt_entmtp.spec.drafters.base import UNBOUNDED_DEPTH, Drafter, init_normal_, rms
+
+
+class MTPDrafter(Drafter):
+    kind = "mtp"
+    sequential = True
+
+    def __init__(self, base: Any, *, intermediate_size: int = 1024, train_depth: int = 5, seed: int = 0,
+                 draft_vocab: torch.Tensor | None = None, base_name: str | None = None):
+        super().__init__(base, draft_vocab=draft_vocab, base_name=base_name)
+        if intermediate_size < 1 or train_depth < 1:
+            raise ValueError(f"intermediate_size ({intermediate_size}) and train_depth ({train_depth}) must be >= 1")
+        H, I = self.hidden_size, intermediate_size
+        self.intermediate_size, self.train_depth, self.seed = I, train_depth, seed
+        dev = self.lm_head.device
+        g = torch.Generator(device=dev).manual_seed(seed)
+        self.norm_state = nn.Parameter(torch.ones(H, device=dev))
+        self.norm_emb = nn.Parameter(torch.ones(H, device=dev))
+        proj = torch.zeros(H, 2 * H, device=dev)
+        init_normal_(proj[:, H:], 2 * H, generator=g)
+        proj[:, :H] += torch.eye(H, device=dev)   # starts close to "carry the state over"
+        self.proj = nn.Parameter(proj)
+        self.norm_mlp = nn.Parameter(torch.ones(H, device=dev))
+        self.gate_up = nn.Parameter(torch.empty(2 * I, H, device=dev))
+        init_normal_(self.gate_up, H, generator=g)
+        self.down = nn.Parameter(torch.zeros(H, I, device=dev))
+        self.norm_out = nn.Parameter(self.base_final_norm.detach().float().clone())
+
+    @property
+    def max_depth(self) -> int:
+        return UNBOUNDED_DEPTH
+
+    @property
+    def trained_depth(self) -> int:
+        return self.train_depth
+
+    def arch(self) -> dict:
+        return {"intermediate_size": self.intermediate_size, "train_depth": self.train_depth}
+
+    def step(self, d: int, state: torch.Tensor, token_emb: torch.Tensor) -> torch.Tensor:
+        z = torch.cat([rms(state, self.norm_state, self.eps), rms(token_emb, self.norm_emb, self.eps)], dim=-1)
+        u = F.linear(z, self.proj)
+        g, v = F.linear(rms(u, self.norm_mlp, self.eps), self.gate_up).chunk(2, dim=-1)
+        return u + F.linear(F.silu(g) * v, self.down)
+
+    def state_logits(self, d: int, state: torch.Tensor) -> torch.Tensor:
+        return self.project(rms(state, self.norm_out, self.eps))

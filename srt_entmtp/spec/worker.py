@@ -1,0 +1,228 @@
+"""SpecWorker: one speculative decode step for the whole running batch.
+
+    choose trees  ->  draft  ->  one ragged verify forward  ->  accept  ->  compact KV  ->  update entropy
+
+Per request the step starts from its pending token (the tree's root, already known to be right)
+and the hidden state that produced it. The policy picks a tree from the request's entropy
+estimate and task family; the drafter fills every tree in one batched call; the target model
+scores all trees in one forward with a tree mask per request; verification keeps the longest
+accepted path plus a bonus token. The accepted nodes' KV is copied to the front of the slots the
+tree used (so a sequence's slots stay in order) and the rest of the tree's slots are freed.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from srt_entmtp.model.forward_batch import ForwardBatch
+from srt_entmtp.model.runner import ModelRunner
+from srt_entmtp.sched.request import Request
+from srt_entmtp.spec.classify import classify_task
+from srt_entmtp.spec.entropy import entropy_from_logits
+from srt_entmtp.spec.library import TreeLibrary
+from srt_entmtp.spec.policy import ConfidencePolicy, EntMTPPolicy, StaticPolicy
+from srt_entmtp.spec.ragged import RaggedTreeBatch
+from srt_entmtp.spec.tree import Tree
+from srt_entmtp.spec.verify import sample_verify
+from srt_entmtp.worker import Worker
+
+log = logging.getLogger(__name__)
+
+PACKAGE = Path(__file__).resolve().parents[1]
+ROOT_ONLY = Tree.from_paths([])
+
+
+def default_heads_dir(kind: str) -> Path:
+    return PACKAGE / "heads" / kind
+
+
+def default_library_path(kind: str, device: torch.device) -> Path:
+    """The calibrated library shipped for this drafter and device class, else the generic prior."""
+    libs = PACKAGE / "spec" / "libraries"
+    hw = "gpu" if device.type == "cuda" else "cpu"
+    for name in (f"{kind}_{hw}.json", "default.json"):
+        if (libs / name).is_file():
+            return libs / name
+    raise FileNotFoundError(f"no tree library in {libs}")
+
+
+class SpecWorker(Worker):
+    def __init__(self, runner: ModelRunner, drafter, library: TreeLibrary, algorithm: str = "ENTMTP",
+                 static_tree: Tree | None = None, capacity: int = 256, confidence_threshold: float = 0.05):
+        super().__init__(runner)
+        self.algorithm = algorithm
+        self.drafter = drafter
+        self.library = library
+        self.tracker = library.make_tracker(capacity)
+        if algorithm == "STATIC":
+            self.policy = StaticPolicy(static_tree or library.choose("general", None))
+        else:
+            self.policy = EntMTPPolicy(library, capacity=capacity)
+        # per-request `policy: confidence` prunes the chosen tree after drafting (ConfAdapt)
+        self.confidence = ConfidencePolicy(self.policy, confidence_threshold)
+        self._free_slots = list(range(capacity - 1, -1, -1))
+        self.max_nodes = max(library.max_tree_nodes, (static_tree.num_nodes if static_tree else 1))
+        self.step_info: dict[str, dict] = {}
+
+    @classmethod
+    def create(cls, runner: ModelRunner, algorithm: str, drafter: str, heads_path: str | None = None,
+               library_path: str | None = None, static_tree: str | None = None) -> "SpecWorker":
+        from srt_entmtp.spec.drafters import load_drafter
+
+        heads = Path(heads_path) if heads_path else default_heads_dir(drafter)
+        d = load_drafter(heads, runner)  # the runner carries the model's name for the heads' check
+        lib_file = Path(library_path) if library_path else default_library_path(drafter, runner.device)
+        library = TreeLibrary.load(lib_file, expect_drafter=drafter)
+        tree = None
+        if static_tree:
+            tree = library.tree_by_name(static_tree)
+        log.info("speculation: %s, %s drafter from %s, tree library %s (%d trees)", algorithm, drafter, heads,
+                 lib_file, len(library.all_trees()))
+        return cls(runner, d, library, algorithm=algorithm, static_tree=tree)
+
+    # ---- request lifecycle -------------------------------------------------------------------
+    def max_new_slots_per_step(self) -> int:
+        return self.max_nodes
+
+    def on_admit(self, req: Request) -> None:
+        req.slot = self._free_slots.pop()
+        slot = torch.tensor([req.slot])
+        self.tracker.reset(slot)
+        self.policy.reset(slot)
+        if req.spec.task is None:
+            req.task = classify_task(req.prompt_text) if req.prompt_text else "general"
+
+    def on_finish(self, req: Request) -> None:
+        super().on_finish(req)
+        if req.slot >= 0:
+            self._free_slots.append(req.slot)
+            req.slot = -1
+
+    def after_prefill(self, reqs: list[Request], logits: torch.Tensor) -> None:
+        """The prompt's last next-token entropy seeds each estimate."""
+        slots = torch.tensor([r.slot for r in reqs])
+        ent = entropy_from_logits(logits)
+        self.tracker.update(slots, ent, torch.arange(len(reqs) + 1))
+
+    # ---- one decode step ------------------------------------------------------------------------
+    def _trees(self, reqs: list[Request], slots: torch.Tensor, entropy: torch.Tensor) -> list[Tree]:
+        chosen = self.policy.choose(slots, [r.task for r in reqs], entropy)
+        trees = []
+        for r, t in zip(reqs, chosen):
+            if r.spec.policy == "none":
+                t = ROOT_ONLY
+            elif r.spec.tree:
+                t = self.library.tree_by_name(r.spec.tree)
+            if t.depth > self.drafter.max_depth:
+                t = t.truncate(self.drafter.max_depth)
+            trees.append(t)
+        return trees
+
+    def decode(self, reqs: list[Request]) -> dict[str, list[int]]:
+        dev = self.runner.device
+        slots = torch.tensor([r.slot for r in reqs])
+        entropy = self.tracker.value(slots)
+        trees = self._trees(reqs, slots, entropy)
+        prefix = [int(r.kv_slots.numel()) for r in reqs]
+        batch = RaggedTreeBatch.build(trees, torch.tensor(prefix), device=dev)
+        hidden = torch.stack([r.last_hidden for r in reqs])
+        roots = torch.tensor([r.pending_token for r in reqs], device=dev)
+        draft = self.drafter.propose(hidden, roots, batch)
+        node_tokens = draft.node_tokens
+        if any(r.spec.policy == "confidence" for r in reqs):
+            trees, batch, node_tokens = self._prune(reqs, trees, prefix, batch, draft, dev)
+
+        # one forward over every request's tree, each under its own tree mask
+        counts = batch.node_counts
+        new_slots = self.kv.alloc_many(counts)
+        tokens = list(node_tokens.split(counts))
+        positions = list(batch.positions.split(counts))
+        fb = ForwardBatch.build(tokens, [r.kv_slots for r in reqs], new_slots, positions=positions,
+                                custom_masks=[t.mask for t in trees], device=dev)
+        out = self.runner.forward(fb)
+
+        accept, accepted_flat, indptr, emitted = self._verify(reqs, trees, prefix, batch, node_tokens, out.logits)
+
+        # keep the accepted path's KV at the front of the tree's slots, free the rest
+        flat_slots = torch.cat(new_slots)
+        src = flat_slots[accepted_flat.cpu()]
+        dst = torch.cat([s[:a + 1] for s, a in zip(new_slots, accept)])
+        moved = src != dst
+        if bool(moved.any()):
+            self.kv.copy_slots(src[moved], dst[moved])
+        self.kv.free(torch.cat([s[a + 1:] for s, a in zip(new_slots, accept)]))
+
+        # entropy of the target at each accepted position feeds the estimate
+        ent = entropy_from_logits(out.logits[accepted_flat])
+        self.tracker.update(slots, ent.cpu(), indptr.cpu())
+        last = accepted_flat[indptr[1:] - 1]
+        est = self.tracker.value(slots).tolist()
+        self.step_info = {}
+        results = {}
+        for i, r in enumerate(reqs):
+            r.kv_slots = torch.cat([r.kv_slots, new_slots[i][:accept[i] + 1]])
+            r.last_hidden = out.hidden[last[i]]
+            r.verify_ct += 1
+            r.accepted_tokens += accept[i]
+            r.tree_counts[trees[i].name] = r.tree_counts.get(trees[i].name, 0) + 1
+            r.entropy_sum += est[i]
+            r.entropy_n += 1
+            results[r.rid] = emitted[i]
+            self.step_info[r.rid] = {"tree": trees[i].name, "task": r.task, "accepted": accept[i],
+                                     "entropy": est[i], "nodes": trees[i].num_nodes}
+        return results
+
+    def _prune(self, reqs, trees, prefix, batch, draft, dev):
+        """Drop drafted nodes whose path confidence is under the threshold (requests asking for it)."""
+        starts = batch.node_indptr.tolist()
+        rows, pruned = [], []
+        for i, (r, t) in enumerate(zip(reqs, trees)):
+            idx = torch.arange(starts[i], starts[i + 1], device=dev)
+            if r.spec.policy == "confidence":
+                t, keep = self.confidence.prune_with_index(t, draft.path_conf[idx])
+                idx = idx[keep.to(dev)]
+            pruned.append(t)
+            rows.append(idx)
+        rows = torch.cat(rows)
+        return pruned, RaggedTreeBatch.build(pruned, torch.tensor(prefix), device=dev), draft.node_tokens[rows]
+
+    def _verify(self, reqs, trees, prefix, batch, node_tokens, logits):
+        """Verify every tree; returns (accept counts, accepted flat node ids, their indptr, emitted
+        tokens per request). Unseeded requests share one draw; each seeded sampling request is
+        verified on its own with its own generator, so its output does not depend on its batch."""
+        dev = logits.device
+        groups, shared = [], []
+        for i, r in enumerate(reqs):
+            (groups.append([i]) if r.generator is not None and not r.sampling.greedy else shared.append(i))
+        if shared:
+            groups.insert(0, shared)
+        starts = batch.node_indptr.tolist()
+        accept = [0] * len(reqs)
+        emitted: list[list[int]] = [[] for _ in reqs]
+        flat_parts: list[torch.Tensor | None] = [None] * len(reqs)
+        for g in groups:
+            if len(groups) == 1:
+                sub, rows = batch, None
+            else:
+                sub = RaggedTreeBatch.build([trees[i] for i in g], torch.tensor([prefix[i] for i in g]), device=dev)
+                rows = torch.cat([torch.arange(starts[i], starts[i + 1], device=dev) for i in g])
+            sp = [reqs[i].sampling for i in g]
+            res = sample_verify(sub, node_tokens if rows is None else node_tokens[rows],
+                                logits if rows is None else logits[rows],
+                                temperature=torch.tensor([p.temperature for p in sp], device=dev),
+                                top_p=torch.tensor([p.top_p for p in sp], device=dev),
+                                top_k=torch.tensor([p.top_k for p in sp], device=dev),
+                                generator=reqs[g[0]].generator if len(g) == 1 else None)
+            ptr = res.accepted_indptr.tolist()
+            flat = res.accepted_flat if rows is None else rows[res.accepted_flat]
+            for j, i in enumerate(g):
+                accept[i] = int(res.accept_len[j])
+                flat_parts[i] = flat[ptr[j]:ptr[j + 1]]
+            for j, toks in enumerate(res.accepted_tokens):
+                emitted[g[j]] = toks
+        accepted_flat = torch.cat(flat_parts)
+        indptr = torch.zeros(len(reqs) + 1, dtype=torch.long)
+        indptr[1:] = torch.tensor([a + 1 for a in accept]).cumsum(0)
+        return accept, accepted_flat, indptr, emitted
