@@ -22,7 +22,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-waiting-requests", type=int, default=256)
     g.add_argument("--chunked-prefill-size", type=int, default=512)
     s = p.add_argument_group("speculative decoding")
-    s.add_argument("--speculative-algorithm", default="NONE", choices=["ENTMTP", "STATIC", "NONE"])
+    s.add_argument("--speculative-algorithm", default="ENTMTP", choices=["ENTMTP", "STATIC", "NONE"],
+                   help="ENTMTP: entropy-adaptive trees per request (default); STATIC: one library tree "
+                        "(--static-tree); NONE: plain autoregressive decoding of the same engine")
     s.add_argument("--drafter", default="medusa", choices=["medusa", "hydra", "mtp"])
     s.add_argument("--draft-heads", default=None, help="draft heads directory (default: the shipped heads)")
     s.add_argument("--tree-library", default=None, help="tree library JSON (default: the shipped library)")

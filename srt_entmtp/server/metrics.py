@@ -48,6 +48,8 @@ class ServerMetrics:
                                     ["task", "tree"], registry=r)
         self.entropy = Histogram(p + "entropy_nats", "Rolling next-token entropy estimate seen by the tree "
                                  "policy, per verify step", buckets=_ENTROPY, registry=r)
+        self.trees_per_step = Histogram(p + "spec_trees_per_step", "Distinct trees verified together in one "
+                                        "ragged verify step", buckets=(1, 2, 3, 4, 6, 8, 16), registry=r)
         self.step_latency = Histogram(p + "step_latency_seconds", "Duration of one engine step (one forward "
                                       "pass)", buckets=_LATENCY, registry=r)
 
@@ -57,6 +59,9 @@ class ServerMetrics:
         n = sum(len(o.new_ids) for o in outs)
         if n:
             self.gen_tokens.inc(n)
+        trees = {o.spec.get("tree") for o in outs if o.spec}
+        if trees:
+            self.trees_per_step.observe(len(trees))
         for o in outs:
             spec = o.spec
             if not spec:
