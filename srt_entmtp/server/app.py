@@ -450,7 +450,19 @@ def create_app(engine, served_model_name: str | None = None, *, start_engine: bo
                                     choices=[ChatChunkChoice(delta=delta, finish_reason=finish)], entmtp=entmtp)
             return _sse(c.model_dump_json(exclude=exclude | ({"entmtp"} if entmtp is None else set())))
 
+        def usage_chunk(usage) -> str:
+            c = ChatCompletionChunk(id=gen.rid, created=created, model=state.model_name, choices=[], usage=usage)
+            return _sse(c.model_dump_json(exclude={"entmtp"}))
+
+        def text_chunk(text: str, finish=None, entmtp=None) -> str:
+            return chunk(DeltaMessage(content=text) if text else DeltaMessage(), finish, entmtp)
+
         yield chunk(DeltaMessage(role="assistant", content=""))
+        async for line in _openai_stream(gen, include_usage, text_chunk, usage_chunk):
+            yield line
+
+    async def _openai_stream(gen: Generation, include_usage: bool, chunk, usage_chunk):
+        """The body of an OpenAI SSE stream: text deltas, the finish chunk, the usage chunk, [DONE]."""
         n_out = 0
         async for item in gen.items():
             n_out += len(item.new_ids)
@@ -458,13 +470,11 @@ def create_app(engine, served_model_name: str | None = None, *, start_engine: bo
                 yield _sse(_failure(item).body())
                 break
             if item.delta:
-                yield chunk(DeltaMessage(content=item.delta))
+                yield chunk(item.delta)
             if item.finished:
-                yield chunk(DeltaMessage(), item.finish_reason, _spec_stats(item.meta))
+                yield chunk("", item.finish_reason, _spec_stats(item.meta))
                 if include_usage:
-                    c = ChatCompletionChunk(id=gen.rid, created=created, model=state.model_name, choices=[],
-                                            usage=_usage(item.meta, len(gen.req.prompt_ids), n_out))
-                    yield _sse(c.model_dump_json(exclude={"entmtp"}))
+                    yield usage_chunk(_usage(item.meta, len(gen.req.prompt_ids), n_out))
         yield DONE
 
     # -- OpenAI completions --
@@ -505,21 +515,12 @@ def create_app(engine, served_model_name: str | None = None, *, start_engine: bo
                                    choices=[CompletionChoice(text=text, finish_reason=finish)], entmtp=entmtp)
             return _sse(c.model_dump_json(exclude=exclude | ({"entmtp"} if entmtp is None else set())))
 
-        n_out = 0
-        async for item in gen.items():
-            n_out += len(item.new_ids)
-            if item.finished and item.finish_reason not in ("stop", "length"):
-                yield _sse(_failure(item).body())
-                break
-            if item.delta:
-                yield chunk(item.delta)
-            if item.finished:
-                yield chunk("", item.finish_reason, _spec_stats(item.meta))
-                if include_usage:
-                    c = CompletionResponse(id=gen.rid, created=created, model=state.model_name, choices=[],
-                                           usage=_usage(item.meta, len(gen.req.prompt_ids), n_out))
-                    yield _sse(c.model_dump_json(exclude={"entmtp"}))
-        yield DONE
+        def usage_chunk(usage) -> str:
+            c = CompletionResponse(id=gen.rid, created=created, model=state.model_name, choices=[], usage=usage)
+            return _sse(c.model_dump_json(exclude={"entmtp"}))
+
+        async for line in _openai_stream(gen, include_usage, chunk, usage_chunk):
+            yield line
 
     # -- native (SGLang style) --
     @app.post("/generate", response_model=None,
