@@ -87,7 +87,8 @@ class Engine:
         from srt_entmtp.spec.worker import SpecWorker
 
         return SpecWorker.create(self.runner, algorithm=a.speculative_algorithm, drafter=a.drafter,
-                                 heads_path=a.draft_heads, library_path=a.tree_library, static_tree=a.static_tree)
+                                 heads_path=a.draft_heads, library_path=a.tree_library, static_tree=a.static_tree,
+                                 capacity=max(256, a.max_running_requests))
 
     # ---- building requests --------------------------------------------------------------------
     def tokenize_chat(self, messages: list[dict]) -> list[int]:

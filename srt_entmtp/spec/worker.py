@@ -68,7 +68,8 @@ class SpecWorker(Worker):
 
     @classmethod
     def create(cls, runner: ModelRunner, algorithm: str, drafter: str, heads_path: str | None = None,
-               library_path: str | None = None, static_tree: str | None = None) -> "SpecWorker":
+               library_path: str | None = None, static_tree: str | None = None,
+               capacity: int = 256) -> "SpecWorker":
         from srt_entmtp.spec.drafters import load_drafter
 
         heads = Path(heads_path) if heads_path else default_heads_dir(drafter)
@@ -80,7 +81,7 @@ class SpecWorker(Worker):
             tree = library.tree_by_name(static_tree)
         log.info("speculation: %s, %s drafter from %s, tree library %s (%d trees)", algorithm, drafter, heads,
                  lib_file, len(library.all_trees()))
-        return cls(runner, d, library, algorithm=algorithm, static_tree=tree)
+        return cls(runner, d, library, algorithm=algorithm, static_tree=tree, capacity=capacity)
 
     # ---- request lifecycle -------------------------------------------------------------------
     def max_new_slots_per_step(self) -> int:
