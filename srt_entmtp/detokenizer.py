@@ -1,4 +1,11 @@
-"""Incremental detokenisation for streaming, and stop-string matching."""
+"""Incremental detokenisation for streaming, and stop-string matching.
+
+Each step decodes only the tokens since the last confirmed character boundary (the offsets
+trick vLLM and SGLang use): decode ids[prefix:] and ids[prefix:read], and the difference is
+the new text. A step whose new text ends in U+FFFD (a UTF-8 character split across tokens) is
+not confirmed yet, so its bytes are retried with the next token. Cost per step is O(new
+tokens), not O(output length).
+"""
 from __future__ import annotations
 
 from srt_entmtp.sched.request import Request
@@ -8,9 +15,26 @@ class Detokenizer:
     def __init__(self, tokenizer):
         self.tok = tokenizer
 
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def _advance(self, req: Request) -> str:
+        """Confirmed text plus, once the request has finished, any unconfirmed tail."""
+        ids = req.output_ids
+        if req.detok_read < len(ids):
+            before = self._decode(ids[req.detok_prefix:req.detok_read])
+            after = self._decode(ids[req.detok_prefix:])
+            if len(after) > len(before) and not after.endswith("\ufffd"):
+                req.detok_text += after[len(before):]
+                req.detok_prefix, req.detok_read = req.detok_read, len(ids)
+        text = req.detok_text
+        if req.finished and req.detok_read < len(ids):
+            text += self._decode(ids[req.detok_prefix:])[len(self._decode(ids[req.detok_prefix:req.detok_read])):]
+        return text
+
     def text(self, req: Request) -> str:
         """Output text so far, cut at the first stop string (which is not included)."""
-        text = self.tok.decode(req.output_ids, skip_special_tokens=True)
+        text = self._advance(req)
         for s in req.sampling.stop:
             i = text.find(s)
             if i >= 0:
@@ -19,7 +43,7 @@ class Detokenizer:
 
     def hits_stop(self, req: Request) -> bool:
         # a stop string lies within the last few tokens, so only the tail needs decoding
-        tail = self.tok.decode(req.output_ids[-64:], skip_special_tokens=True)
+        tail = self._decode(req.output_ids[-64:])
         return any(s in tail for s in req.sampling.stop)
 
     def delta(self, req: Request) -> str:

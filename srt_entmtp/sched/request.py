@@ -93,6 +93,10 @@ class Request:
         self.t_first_token: float | None = None
         self.t_last_token: float | None = None
         self.stream_text_sent = 0                      # characters of text already streamed
+        # incremental detokenisation (detokenizer.py): confirmed text and its token offsets
+        self.detok_text = ""
+        self.detok_prefix = 0
+        self.detok_read = 0
         self.aborted = False
 
     @property

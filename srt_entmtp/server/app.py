@@ -135,8 +135,7 @@ class Generation:
 
     def _lost(self) -> Item | None:
         """A final item that the engine will never send (its thread died, or it dropped the request)."""
-        thread = getattr(self.engine, "_thread", None)
-        if self.state.engine_started and thread is not None and not thread.is_alive():
+        if self.state.start_engine and self.state.engine_started and not self.engine.alive:
             return Item("", [], True, "abort", error="the engine loop has stopped")
         if self.req.finished and self.req.finish_reason == "abort" and self.q.empty():
             self._strikes += 1
@@ -377,12 +376,11 @@ def create_app(engine, served_model_name: str | None = None, *, start_engine: bo
     # -- info --
     @app.get("/health")
     async def health():
-        thread = getattr(engine, "_thread", None)
         if state.draining:
             raise unavailable("the server is shutting down", "shutting_down")
         if not state.ready:
             raise unavailable("the server is starting", "starting")
-        if state.engine_started and start_engine and (thread is None or not thread.is_alive()):
+        if state.engine_started and start_engine and not engine.alive:
             return JSONResponse(error_body("the engine loop has stopped", SERVER_ERROR, code="engine_dead"),
                                 status_code=503)
         return {"status": "ok", "model": state.model_name}
