@@ -91,6 +91,9 @@ def sample_verify(batch: RaggedTreeBatch, node_tokens: torch.Tensor, target_logi
     dev = target_logits.device
     B, D = batch.batch_size, batch.max_depth
     temperature = torch.as_tensor(temperature, dtype=torch.float32, device=dev).reshape(-1).expand(B)
+    greedy = temperature <= 0
+    if bool(greedy.all()):
+        return greedy_verify(batch, node_tokens, target_logits)  # the common case: skip the sampling loop
     kids = batch.children_global()
     starts = batch.node_indptr[:-1]
     cur = starts.clone()
@@ -118,7 +121,6 @@ def sample_verify(batch: RaggedTreeBatch, node_tokens: torch.Tensor, target_logi
         cur = nxt
         if step < D:
             nodes[:, step + 1] = torch.where(active, cur - starts, -1)
-    greedy = temperature <= 0
     if bool(greedy.any()):
         pred = target_logits.argmax(dim=-1)
         g_nodes, g_last = _greedy_path(batch, node_tokens, pred)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from srt_entmtp.errors import ModelLoadError
+from srt_entmtp.model.linear import Linear, onednn_available
 
 if TYPE_CHECKING:
     from srt_entmtp.model.llama import LlamaModel
@@ -197,6 +198,7 @@ class Drafter(nn.Module):
         self.embed = model.embed
         self.lm_head = model.lm_head
         self.base_final_norm = model.final_norm
+        self._base_lm_head_linear = getattr(model, "lm_head_linear", None)
         if draft_vocab is not None:
             dv = torch.as_tensor(draft_vocab, dtype=torch.long).flatten().to(model.lm_head.device)
             if dv.numel() == 0 or int(dv.min()) < 0 or int(dv.max()) >= self.vocab_size:
@@ -235,12 +237,39 @@ class Drafter(nn.Module):
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Logits over the draft vocabulary (the base LM head, or its gathered rows)."""
+        if not torch.is_grad_enabled() and onednn_available(x.device, x.dtype):
+            # inference on CPU fp32: oneDNN pre-packed weights, ~6x faster than F.linear's MKL
+            # GEMM for the few rows drafting asks for (34 ms -> 6 ms for 3 rows of the 49k head)
+            return self._packed_out(x)
         w = self.out_weight
         if w.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
             w = w.to(x.dtype)
         if x.dim() == 2:
             return F.linear(x, w)
         return F.linear(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])  # one GEMM, not a batch
+
+    def _packed_out(self, x: torch.Tensor) -> torch.Tensor:
+        lin = getattr(self, "_out_linear", None)
+        if lin is None:
+            base_lin = getattr(self, "_base_lm_head_linear", None)
+            if self.draft_vocab is None and base_lin is not None and base_lin.packed:
+                lin = base_lin  # the full head is the base model's: share its packed copy
+            else:
+                lin = Linear(self.out_weight.contiguous(), pack=True)
+            self._out_linear = lin
+        return lin(x)
+
+    def linear(self, key: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        """F.linear, or in CPU fp32 inference a pre-packed oneDNN copy of `w` cached under `key`
+        (rebuilt when training has changed the weight since: tensors count in-place updates)."""
+        if torch.is_grad_enabled() or not onednn_available(x.device, x.dtype) or w.dtype != x.dtype:
+            return F.linear(x, w, b)
+        cache = self.__dict__.setdefault("_packed", {})
+        hit = cache.get(key)
+        if hit is None or hit[0] != w._version:
+            hit = (w._version, Linear(w.detach().contiguous(), None if b is None else b.detach().contiguous(), pack=True))
+            cache[key] = hit
+        return hit[1](x)
 
     def embed_tokens(self, tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         e = F.embedding(tokens, self.embed)

@@ -48,7 +48,8 @@ class HydraDrafter(Drafter):
     def step(self, d: int, state: torch.Tensor, token_emb: torch.Tensor) -> torch.Tensor:
         i = d - 1
         z = torch.cat([rms(state, self.norm_state[i], self.eps), rms(token_emb, self.norm_emb[i], self.eps)], dim=-1)
-        return state + F.linear(F.silu(F.linear(z, self.w1[i], self.b1[i])), self.w2[i])
+        h = F.silu(self.linear(f"w1.{i}", z, self.w1[i], self.b1[i]))
+        return state + self.linear(f"w2.{i}", h, self.w2[i])
 
     def state_logits(self, d: int, state: torch.Tensor) -> torch.Tensor:
         return self.project(state)

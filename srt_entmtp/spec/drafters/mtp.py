@@ -55,9 +55,9 @@ class MTPDrafter(Drafter):
 
     def step(self, d: int, state: torch.Tensor, token_emb: torch.Tensor) -> torch.Tensor:
         z = torch.cat([rms(state, self.norm_state, self.eps), rms(token_emb, self.norm_emb, self.eps)], dim=-1)
-        u = F.linear(z, self.proj)
-        g, v = F.linear(rms(u, self.norm_mlp, self.eps), self.gate_up).chunk(2, dim=-1)
-        return u + F.linear(F.silu(g) * v, self.down)
+        u = self.linear("proj", z, self.proj)
+        g, v = self.linear("gate_up", rms(u, self.norm_mlp, self.eps), self.gate_up).chunk(2, dim=-1)
+        return u + self.linear("down", F.silu(g) * v, self.down)
 
     def state_logits(self, d: int, state: torch.Tensor) -> torch.Tensor:
         return self.project(rms(state, self.norm_out, self.eps))
