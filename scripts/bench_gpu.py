@@ -1,0 +1,309 @@
+#!/usr/bin/env python3
+"""GPU benchmark, one run end to end (issue 6):
+
+  (a) forward latency vs new tokens per request and batch size (the cost curve calibration
+      reads; `--cost-out` writes it in calibrate's format);
+  (b) autoregressive decode step at batch 1, 8, 64: our engine (forward alone and the whole
+      engine step) beside transformers' eager forward with its KV cache, and beside the
+      memory-bandwidth floor measured in the same run (weight + KV bytes read per step over a
+      measured device-to-device copy rate);
+  (c) offline throughput at concurrency 1, 8, 64 over prompts of all four task families:
+      tokens/s and accepted tokens per step for NONE, the best single STATIC tree and ENTMTP, per
+      drafter. With --library-dir, the library for concurrency C is <dir>/<drafter>_gpu_b<C>.json
+      (from `entmtp calibrate trees --batch-size C`), and STATIC uses that library's pooled best
+      single tree (its report's general.static_best); else the shipped library.
+
+    python scripts/bench_gpu.py --out bench_gpu.json [--parts a b c] [--library-dir DIR]
+
+Prints a table last, writes JSON (with date and GPU name).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from srt_entmtp.bench_prompts import benchmark_prompts
+from srt_entmtp.calibrate.cost import measure_step_latency
+from srt_entmtp.engine import Engine, EngineArgs
+from srt_entmtp.sched.request import SamplingParams, SpecOptions
+
+FAMILIES = ("code", "math", "chat", "writing")
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def timed(fn, dev, repeats=20, warmup=3):
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        sync(dev)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+# ---- (a) -------------------------------------------------------------------------------------------
+
+def part_a(eng, ns):
+    rows = measure_step_latency(eng.runner, ns.tokens, ns.batch_sizes, context_len=ns.context, repeats=ns.repeats)
+    return rows
+
+
+# ---- (b) -------------------------------------------------------------------------------------------
+
+def copy_rate(dev) -> float:
+    """Bytes moved per second (read + write) by a large device-to-device copy."""
+    n = 512 * 2**20 if dev.type == "cuda" else 64 * 2**20
+    a = torch.empty(n, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    t = timed(lambda: b.copy_(a), dev, repeats=10)
+    return 2 * n / t
+
+
+def ours_decode(eng, B, ctx, dev):
+    """(forward-only seconds, whole engine step seconds) for one decode token of B requests."""
+    from srt_entmtp.model.forward_batch import ForwardBatch
+
+    r = eng.runner
+    slots = [r.kv.alloc(ctx + 1) for _ in range(B)]
+    try:
+        r.forward(ForwardBatch.build([torch.randint(100, 1000, (ctx,)) for _ in range(B)],
+                                     [torch.empty(0, dtype=torch.long)] * B, [s[:ctx] for s in slots], device=dev,
+                                     logits_indices=torch.tensor([0])))
+        fb = ForwardBatch.build([torch.randint(100, 1000, (1,)) for _ in range(B)], [s[:ctx] for s in slots],
+                                [s[ctx:] for s in slots], device=dev)
+        fwd = timed(lambda: r.forward(fb), dev)
+    finally:
+        for s in slots:
+            r.kv.free(s)
+    # the whole engine step: scheduler + ForwardBatch + forward + sampling + bookkeeping
+    reqs = [eng.make_request(torch.randint(100, 1000, (ctx,)).tolist(), SamplingParams(max_new_tokens=40, ignore_eos=True))
+            for _ in range(B)]
+    for q in reqs:
+        eng.scheduler.add(q, bounded=False)
+    times = []
+    while not all(q.finished for q in reqs):
+        decoding = all(q.status.name == "DECODE" for q in reqs)
+        sync(dev)
+        t0 = time.perf_counter()
+        eng.scheduler.step()
+        sync(dev)
+        if decoding:
+            times.append(time.perf_counter() - t0)
+    return fwd, statistics.median(times[3:] or times)
+
+
+def hf_decode(model_dir, B, ctx, dev, dtype):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=dtype).to(dev).eval()
+    ids = torch.randint(100, 1000, (B, ctx), device=dev)
+    with torch.inference_mode():
+        out = m(ids, use_cache=True)
+        past = out.past_key_values
+        nxt = torch.randint(100, 1000, (B, 1), device=dev)
+
+        def step():
+            # one token on top of the same cache (the cache grows by one each call; negligible at ctx)
+            m(nxt, past_key_values=past, use_cache=True)
+        t = timed(step, dev, repeats=10)
+    return t
+
+
+def model_weight_bytes(runner) -> int:
+    """Bytes of weights one forward reads: every checkpoint tensor once, in the runtime dtype."""
+    from safetensors import safe_open
+
+    n = 0
+    for f in sorted(Path(runner.model_dir).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():  # noqa: SIM118 (safe_open is not a dict)
+                n += math.prod(st.get_slice(k).get_shape())
+    return n * torch.tensor([], dtype=runner.dtype).element_size()
+
+
+def part_b(ns, dev):
+    eng = Engine(EngineArgs(device=ns.device, speculative_algorithm="NONE", max_running_requests=max(ns.batch_sizes),
+                            context_length=2048, kv_slots=ns.kv_slots))
+    cfg = eng.runner.config
+    rate = copy_rate(dev)
+    weight_bytes = model_weight_bytes(eng.runner)
+    rows = []
+    for B in ns.batch_sizes:
+        fwd, step = ours_decode(eng, B, ns.context, dev)
+        kv_bytes = B * (ns.context + 1) * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * eng.runner.kv.k.element_size()
+        floor = (weight_bytes + kv_bytes) / (rate / 2)   # each byte read once; copy rate counts read + write
+        hf = hf_decode(eng.runner.model_dir, B, ns.context, dev, eng.runner.dtype) if not ns.no_hf else None
+        rows.append({"batch": B, "context": ns.context, "ours_forward_s": fwd, "ours_engine_step_s": step,
+                     "transformers_s": hf, "floor_s": floor, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes,
+                     "copy_rate_Bps": rate})
+    return rows
+
+
+# ---- (c) -------------------------------------------------------------------------------------------
+
+def library_for(ns, drafter, C):
+    if not ns.library_dir:
+        return None, None
+    p = Path(ns.library_dir) / f"{drafter}_gpu_b{C}.json"
+    rep = p.with_suffix(".report.json")
+    static = None
+    if rep.is_file():
+        static = json.loads(rep.read_text())["families"]["general"]["static_best"]
+    return str(p), static
+
+
+def throughput(eng, prompts, n_tokens, specs=None):
+    sync(eng.runner.device)
+    t0 = time.perf_counter()
+    reqs = eng.generate([p[1] for p in prompts], SamplingParams(max_new_tokens=n_tokens, ignore_eos=True), specs)
+    sync(eng.runner.device)
+    dt = time.perf_counter() - t0
+    toks = sum(len(r.output_ids) for r in reqs)
+    steps = sum(r.verify_ct for r in reqs)
+    acc = sum(r.accepted_tokens + r.verify_ct for r in reqs) / steps if steps else 1.0
+    return {"tokens": toks, "seconds": dt, "tokens_per_s": toks / dt, "accept_per_step": acc,
+            "outputs": [r.output_ids for r in reqs]}
+
+
+def part_c(ns, dev):
+    base = Engine(EngineArgs(device=ns.device, speculative_algorithm="NONE", max_running_requests=max(ns.concurrency),
+                             context_length=2048, kv_slots=ns.kv_slots))
+    per = max(ns.concurrency) // len(FAMILIES) + 1
+    by_fam = {fam: [(fam, base.tokenize_chat([{"role": "user", "content": p["prompt"]}]))
+                    for p in benchmark_prompts(fam, per, prompts_dir=ns.prompts_dir)] for fam in FAMILIES}
+    pool = [by_fam[f][i] for i in range(per) for f in FAMILIES if i < len(by_fam[f])]  # families interleaved
+    rows = []
+    for C in ns.concurrency:
+        prompts = [pool[i % len(pool)] for i in range(C)]
+        throughput(base, prompts[:1], 8)  # warm-up (kernels compiled, caches allocated)
+        ref = throughput(base, prompts, ns.max_new_tokens)
+        rows.append({"concurrency": C, "config": "NONE", "drafter": None, **{k: v for k, v in ref.items() if k != "outputs"}})
+        for drafter in ns.drafters:
+            lib, static = library_for(ns, drafter, C)
+            for cfg in ("STATIC", "ENTMTP"):
+                kw = {"tree_library": lib} if lib else {}
+                eng = Engine(EngineArgs(device=ns.device, speculative_algorithm="ENTMTP", drafter=drafter,
+                                        max_running_requests=C, context_length=2048, kv_slots=ns.kv_slots, **kw))
+                specs = [SpecOptions(task=f) for f, _ in prompts]
+                if cfg == "STATIC":
+                    name = _static_name(eng, static)
+                    specs = [SpecOptions(task=f, tree=name) for f, _ in prompts]
+                throughput(eng, prompts[:1], 8, specs[:1])
+                res = throughput(eng, prompts, ns.max_new_tokens, specs)
+                same = sum(a == b for a, b in zip(res.pop("outputs"), ref["outputs"]))
+                rows.append({"concurrency": C, "config": cfg, "drafter": drafter, **res,
+                             "speedup": res["tokens_per_s"] / ref["tokens_per_s"], "outputs_equal_none": same,
+                             "requests": C})
+                del eng
+                free_memory()
+    return rows
+
+
+def free_memory():
+    gc.collect()  # engines hold reference cycles; free their KV pools before the next one
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _static_name(eng, static_paths):
+    """The library's pooled best single tree, added to the worker's library under a fixed name."""
+    from srt_entmtp.spec.library import TreeEntry
+    from srt_entmtp.spec.tree import Tree
+
+    lib = eng.worker.library
+    gen = lib.families["general"]
+    if static_paths is None:  # no report: the general family's tree for the prior's entropy
+        return lib.choose("general", None).name
+    tree = Tree.from_paths([tuple(p) for p in static_paths])
+    entry = TreeEntry("bench-static", tree, tuple(0.0 for _ in gen.bucket_tree))
+    lib.families["general"] = type(gen)(gen.name, gen.trees + (entry,), gen.bucket_edges, gen.bucket_tree)
+    eng.worker.max_nodes = max(eng.worker.max_nodes, tree.num_nodes)
+    return "bench-static"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--parts", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--drafters", nargs="+", default=["medusa", "hydra", "mtp"])
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--library-dir", default=None)
+    ap.add_argument("--prompts-dir", default=None)
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--kv-slots", type=int, default=131072)
+    ap.add_argument("--out", default="benchmarks/results/bench_gpu.json")
+    ap.add_argument("--cost-out", default=None, help="also write part (a) as a calibrate cost file")
+    ns = ap.parse_args()
+    dev = torch.device(ns.device)
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
+    res = {"date": datetime.date.today().isoformat(), "gpu": gpu, "torch": torch.__version__, "args": vars(ns)}
+    eng = Engine(EngineArgs(device=ns.device, speculative_algorithm="NONE", context_length=2048,
+                            max_running_requests=max(ns.batch_sizes), kv_slots=ns.kv_slots))
+    res["backend"] = eng.runner.backend_name
+    res["dtype"] = str(eng.runner.dtype).replace("torch.", "")
+    if "a" in ns.parts:
+        res["forward"] = part_a(eng, ns)
+        if ns.cost_out:
+            Path(ns.cost_out).write_text(json.dumps({"format": "entmtp-cost-curve", "hardware": f"{gpu}, {res['dtype']}, "
+                                                     f"{res['backend']} attention", "forward": res["forward"]}, indent=1))
+    del eng
+    free_memory()
+    if "b" in ns.parts:
+        res["decode"] = part_b(ns, dev)
+    if "c" in ns.parts:
+        res["throughput"] = part_c(ns, dev)
+    Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(ns.out).write_text(json.dumps(res, indent=1) + "\n")
+    print_tables(res)
+    print(f"wrote {ns.out}")
+
+
+def print_tables(res):
+    print(f"\n{res['gpu']}, {res['dtype']}, {res['backend']} attention, {res['date']}")
+    if "forward" in res:
+        print("\n(a) forward ms (rows: batch; columns: new tokens per request), context", res["args"]["context"])
+        Ts = sorted({r["tokens_per_request"] for r in res["forward"]})
+        print("batch " + " ".join(f"{t:>7d}" for t in Ts))
+        for B in sorted({r["batch"] for r in res["forward"]}):
+            cells = {r["tokens_per_request"]: r["latency_s"] for r in res["forward"] if r["batch"] == B}
+            print(f"{B:5d} " + " ".join(f"{cells[t] * 1e3:7.2f}" for t in Ts))
+    if "decode" in res:
+        print("\n(b) decode step ms: ours forward | ours engine step | transformers eager | bandwidth floor")
+        for r in res["decode"]:
+            hf = f"{r['transformers_s'] * 1e3:8.2f}" if r["transformers_s"] else "       -"
+            print(f"batch {r['batch']:3d}: {r['ours_forward_s'] * 1e3:8.3f} {r['ours_engine_step_s'] * 1e3:8.3f} {hf} "
+                  f"{r['floor_s'] * 1e3:8.3f}   (forward / floor = {r['ours_forward_s'] / r['floor_s']:.1f}x)")
+    if "throughput" in res:
+        print("\n(c) offline throughput: tokens/s (accepted tokens per step) [speedup vs NONE]")
+        for r in res["throughput"]:
+            sp = f"[{r['speedup']:.2f}x]" if "speedup" in r else ""
+            eq = f" equal-to-NONE {r['outputs_equal_none']}/{r['requests']}" if "outputs_equal_none" in r else ""
+            print(f"C={r['concurrency']:3d} {r['config']:7s} {r['drafter'] or '':7s} {r['tokens_per_s']:9.1f} "
+                  f"({r['accept_per_step']:.2f}) {sp}{eq}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Attention with FlashInfer's paged kernels (CUDA; `pip install .[gpu]`).
+
+The KV pool is already FlashInfer's paged layout with page_size = 1: per layer, k and v are
+[slots, kv_heads, head_dim] (NHD), and `unsqueeze(1)` makes them [pages, 1, kv_heads, head_dim]
+without a copy. A request's page table is its slot list (ForwardBatch.kv_indices), every last
+page holds one token.
+
+plan() picks one of two wrappers per forward:
+  * decode (BatchDecodeWithPagedKVCacheWrapper, tensor cores for GQA) when every request brings
+    one new token: plain autoregressive steps and root-only trees;
+  * prefill (BatchPrefillWithPagedKVCacheWrapper) otherwise: causal for prompt chunks, and with a
+    custom mask when any request verifies a tree. FlashInfer's mask is per request [q_len, kv_len]
+    over prefix + new tokens; the ForwardBatch carries only the [q_len, q_len] block over the new
+    tokens, so the prefix columns (all visible) are filled in on the device in one gather.
+Both wrappers share one workspace, allocated once. Planning reads host copies of the lengths
+(ForwardBatch keeps them), so it never waits on the GPU.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+
+import torch
+
+from srt_entmtp.model.attention.base import AttentionBackend
+from srt_entmtp.model.forward_batch import ForwardBatch
+
+log = logging.getLogger(__name__)
+
+WORKSPACE_BYTES = 128 * 1024 * 1024
+
+
+class FlashInferBackend(AttentionBackend):
+    def __init__(self, kv, num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__(kv, num_heads, num_kv_heads, head_dim)
+        import flashinfer
+
+        dev = kv.k.device
+        if dev.type != "cuda":
+            raise ValueError("the flashinfer attention backend needs a CUDA device; use --attention-backend sdpa")
+        self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
+        # FA2 kernels: the SM90 (FA3) path rejects custom masks on this model's shapes ("operation not
+        # supported", seen on an H100 with 0.2.14.post1)
+        kw = {"backend": "fa2"} if "backend" in inspect.signature(
+            flashinfer.BatchPrefillWithPagedKVCacheWrapper.__init__).parameters else {}
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", **kw)
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=True)
+        # keyword names moved between releases (0.2.x: head_dim_qk; older: head_dim); ask the signature
+        params = inspect.signature(self.prefill.plan).parameters
+        self._prefill_head_kw = "head_dim_qk" if "head_dim_qk" in params else "head_dim"
+        self._last_page = torch.ones(0, dtype=torch.int32)
+        self.wrapper = None
+        self._out_slots = None
+
+    def _last_page_len(self, B: int) -> torch.Tensor:
+        if self._last_page.numel() < B:
+            self._last_page = torch.ones(max(B, 2 * self._last_page.numel()), dtype=torch.int32)
+        return self._last_page[:B]
+
+    def plan(self, fb: ForwardBatch) -> None:
+        dev = self.kv.k.device
+        B = fb.batch_size
+        kv_indptr = _host_indptr(fb.kv_lens)
+        kv_indices = fb.kv_indices.to(device=dev, dtype=torch.int32)
+        last = self._last_page_len(B)
+        dtype = self.kv.k.dtype
+        self._out_slots = fb.out_slots
+        if max(fb.q_lens) == 1:
+            self.decode.plan(kv_indptr, kv_indices, last, self.num_heads, self.num_kv_heads, self.head_dim, 1,
+                             q_data_type=dtype, kv_data_type=dtype, sm_scale=self.scale)
+            self.wrapper = self.decode
+            return
+        qo_indptr = _host_indptr(fb.q_lens)
+        kw = {self._prefill_head_kw: self.head_dim}
+        if fb.custom_mask is None:
+            self.prefill.plan(qo_indptr, kv_indptr, kv_indices, last, self.num_heads, self.num_kv_heads, page_size=1,
+                              causal=True, q_data_type=dtype, kv_data_type=dtype, sm_scale=self.scale, **kw)
+        else:
+            mask = full_kv_mask(fb)
+            # the mask is bit-packed on the device, per request: FlashInfer wants these indptrs there too
+            qo_indptr, kv_indptr, last = qo_indptr.to(dev), kv_indptr.to(dev), last.to(dev)
+            self.prefill.plan(qo_indptr, kv_indptr, kv_indices, last, self.num_heads, self.num_kv_heads, page_size=1,
+                              custom_mask=mask, q_data_type=dtype, kv_data_type=dtype, sm_scale=self.scale, **kw)
+        self.wrapper = self.prefill
+
+    def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        kc, vc = self.kv.k[layer], self.kv.v[layer]
+        kc[self._out_slots] = k
+        vc[self._out_slots] = v
+        out = self.wrapper.run(q.contiguous(), (kc.unsqueeze(1), vc.unsqueeze(1)))
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+
+def _host_indptr(lens: list[int]) -> torch.Tensor:
+    out = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    out[1:] = torch.tensor(lens, dtype=torch.int32).cumsum(0)
+    return out
+
+
+def full_kv_mask(fb: ForwardBatch) -> torch.Tensor:
+    """Flat bool: per request the row-major [q_len, kv_len] mask FlashInfer's custom_mask wants:
+    prefix columns all True, then the request's [q_len, q_len] block from fb.custom_mask."""
+    dev = fb.custom_mask.device
+    q = torch.tensor(fb.q_lens, device=dev)
+    kv = torch.tensor(fb.kv_lens, device=dev)
+    sizes = q * kv
+    total = int(sum(a * b for a, b in zip(fb.q_lens, fb.kv_lens)))
+    req = torch.repeat_interleave(torch.arange(len(fb.q_lens), device=dev), sizes, output_size=total)
+    start = torch.cumsum(sizes, 0) - sizes
+    block_start = torch.cumsum(q * q, 0) - q * q
+    e = torch.arange(total, device=dev) - start[req]
+    kv_r, q_r = kv[req], q[req]
+    row, col = e // kv_r, e % kv_r
+    rel = col - (kv_r - q_r)                                  # column among the new tokens (< 0: prefix)
+    idx = block_start[req] + row * q_r + rel.clamp(min=0)
+    return (rel < 0) | fb.custom_mask[idx]
