@@ -1,4 +1,4 @@
-"""`entmtp` command line: prepare, generate, serve (and later train-heads, calibrate)."""
+"""`entmtp` command line: prepare, generate, serve, calibrate."""
 from __future__ import annotations
 
 import argparse
@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", default=None)
     add_engine_args(s)
     s.set_defaults(func=cmd_serve)
+    from srt_entmtp.calibrate.cli import add_parser as add_calibrate
+
+    add_calibrate(sub)
     return p
 
 

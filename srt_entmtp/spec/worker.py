@@ -160,6 +160,7 @@ class SpecWorker(Worker):
         self.tracker.update(slots, ent.cpu(), indptr.cpu())
         last = accepted_flat[indptr[1:] - 1]
         est = self.tracker.value(slots).tolist()
+        est_in = entropy.tolist()  # the estimate the policy saw (calibration checks predictions per bucket)
         self.step_info = {}
         results = {}
         for i, r in enumerate(reqs):
@@ -172,7 +173,8 @@ class SpecWorker(Worker):
             r.entropy_n += 1
             results[r.rid] = emitted[i]
             self.step_info[r.rid] = {"tree": trees[i].name, "task": r.task, "accepted": accept[i],
-                                     "entropy": est[i], "nodes": trees[i].num_nodes}
+                                     "entropy": est[i], "entropy_in": est_in[i],
+                                     "nodes": trees[i].num_nodes}
         return results
 
     def _prune(self, reqs, trees, prefix, batch, draft, dev):

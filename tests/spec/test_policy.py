@@ -59,6 +59,10 @@ def test_min_steps_between_switches():
     assert buckets == [0, 0, 2, 2, 2, 0, 0, 0, 2, 2]
 
 
+def _f32(x: float) -> float:
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
 def reference_policy(seq, edges, hyst, min_steps):
     """One slot's bucket sequence, written from the definition."""
     bucket, since, out = None, 0, []
@@ -70,7 +74,9 @@ def reference_policy(seq, edges, hyst, min_steps):
         else:
             lo = edges[bucket - 1] if bucket > 0 else -math.inf
             hi = edges[bucket] if bucket < len(edges) else math.inf
-            if (h < lo - hyst or h > hi + hyst) and since >= min_steps:
+            # the policy keeps entropies and margins in float32: compare at that precision, or an
+            # entropy of float32(1.1) sits on different sides of 1.0 + 0.1 in the two
+            if (_f32(h) < _f32(lo - hyst) or _f32(h) > _f32(hi + hyst)) and since >= min_steps:
                 bucket, since = target, 0
         out.append(bucket)
     return out

@@ -1,0 +1,158 @@
+"""Tree search (`entmtp calibrate trees`): acceptance statistics + a cost curve -> a tree library.
+
+For each task family and entropy bucket: the acceptance table of the positions in that bucket,
+the Pareto front of trees (non-root nodes vs expected accepted drafts) from the core's exact
+search, and the tree on the front that maximises predicted tokens per second
+
+    (1 + E[accepted]) / step_latency(batch, nodes)
+
+(the 1 is the bonus token every step emits; nodes = 0 is the root-only tree, i.e. no drafting).
+Buckets are quantiles of the estimator over the collected positions. Buckets whose best trees
+are within `merge_tolerance` of each other's rate share one tree, so a family keeps a handful.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from srt_entmtp.calibrate.cost import step_cost_fn
+from srt_entmtp.calibrate.stats import HEAD_FAMILIES, AcceptanceStats
+from srt_entmtp.spec.builders import expected_accept_length, optimal_tree, pareto_front
+from srt_entmtp.spec.library import EstimatorConfig, Family, PolicyConfig, TreeEntry, TreeLibrary
+from srt_entmtp.spec.tree import Tree
+
+
+@dataclass
+class BucketChoice:
+    lo: float
+    hi: float
+    positions: int
+    acc: torch.Tensor
+    front: list[tuple[int, float, float]]   # (nodes, E[accepted], predicted tokens/s)
+    best: Tree
+    best_rate: float
+
+
+def predicted_rate(tree: Tree, acc: torch.Tensor, cost) -> float:
+    return (1.0 + expected_accept_length(tree, acc)) / cost(tree.num_nodes - 1)
+
+
+def quantile_edges(values: torch.Tensor, buckets: int, min_count: int) -> list[float]:
+    """Edges at equal quantiles, dropping any that would leave fewer than `min_count` positions
+    in a bucket (sparse data gets fewer, wider buckets)."""
+    n = values.numel()
+    buckets = max(1, min(buckets, n // max(min_count, 1)))
+    if buckets <= 1:
+        return []
+    qs = torch.linspace(0, 1, buckets + 1, dtype=torch.float64)[1:-1]
+    edges = sorted({round(float(e), 3) for e in torch.quantile(values, qs)})
+    return [e for e in edges if math.isfinite(e)]
+
+
+def search_family(stats: AcceptanceStats, family: str | None, edges: list[float], cost, max_nodes: int,
+                  max_depth: int) -> list[BucketChoice]:
+    bounds = [float("-inf")] + list(edges) + [float("inf")]
+    out = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        acc, counts = stats.table(family, lo, hi)
+        front = pareto_front(acc, max_nodes, max_depth)
+        scored = [(n, e, (1.0 + e) / cost(n), t) for n, e, t in front]
+        _, _, rate, tree = max(scored, key=lambda x: x[2])
+        out.append(BucketChoice(lo, hi, int(counts[0]), acc, [(a, b, c) for a, b, c, _ in scored], tree, rate))
+    return out
+
+
+def merge_choices(choices: list[BucketChoice], cost, tolerance: float, max_trees: int) -> tuple[list[Tree], list[int]]:
+    """A small set of trees and each bucket's index into it: repeatedly drop the tree whose
+    removal costs least (each of its buckets takes the best remaining tree), while no bucket
+    loses more than `tolerance` of its best rate, or while there are more than `max_trees`."""
+    trees = list(dict.fromkeys(c.best for c in choices))
+
+    def assign(pool):
+        return [max(range(len(pool)), key=lambda i: predicted_rate(pool[i], c.acc, cost)) for c in choices]
+
+    while len(trees) > 1:
+        best_drop, best_loss = None, None
+        for j in range(len(trees)):
+            pool = trees[:j] + trees[j + 1:]
+            idx = assign(pool)
+            loss = max(1.0 - predicted_rate(pool[i], c.acc, cost) / c.best_rate for i, c in zip(idx, choices))
+            if best_loss is None or loss < best_loss:
+                best_drop, best_loss = j, loss
+        if best_loss is not None and (best_loss <= tolerance or len(trees) > max_trees):
+            trees.pop(best_drop)
+        else:
+            break
+    return trees, assign(trees)
+
+
+def build_library(stats: AcceptanceStats, cost: dict, batch: int, *, buckets: int = 4, min_bucket: int = 300,
+                  max_nodes: int = 64, max_depth: int | None = None, merge_tolerance: float = 0.02,
+                  max_trees: int = 5, hysteresis: float = 0.1, min_steps_between_switches: int = 2,
+                  hardware: str | None = None) -> tuple[TreeLibrary, dict]:
+    """The library and a report (per family and bucket: counts, front, choice, predicted rates)."""
+    cost_fn = step_cost_fn(cost, batch, stats.drafter)
+    depth = min(stats.depth, max_depth or stats.depth)
+    node_cap = max_nodes
+    fams: dict[str, Family] = {}
+    report: dict = {"batch": batch, "families": {}}
+    for fam in list(HEAD_FAMILIES) + ["general"]:
+        key = None if fam == "general" else fam
+        if key is not None and (fam not in stats.families or not stats.families[fam].ranks):
+            continue
+        edges = quantile_edges(stats.entropies(key), buckets, min_bucket)
+        choices = search_family(stats, key, edges, cost_fn, node_cap, depth)
+        trees, idx = merge_choices(choices, cost_fn, merge_tolerance, max_trees)
+        # the pooled (single static) best for this family, for the report and the ablation
+        pooled_acc, _ = stats.table(key)
+        static = max((t for _, _, t in pareto_front(pooled_acc, node_cap, depth)),
+                     key=lambda t: predicted_rate(t, pooled_acc, cost_fn))
+        entries = []
+        for j, t in enumerate(trees):
+            eal = tuple(expected_accept_length(t, c.acc) for c in choices)
+            entries.append(TreeEntry(f"{fam}-{j}-n{t.num_nodes - 1}", t, eal, round(cost_fn(t.num_nodes - 1) * 1e3, 3)))
+        fams[fam] = Family(fam, tuple(entries), tuple(edges), tuple(idx))
+        rep_b = []
+        for c, i in zip(choices, idx):
+            rep_b.append({"lo": c.lo, "hi": c.hi, "positions": c.positions,
+                          "acc_top1": [round(float(x), 4) for x in c.acc[:, 0]],
+                          "best_nodes": c.best.num_nodes - 1, "best_rate": c.best_rate,
+                          "chosen": entries[i].name, "chosen_rate": predicted_rate(trees[i], c.acc, cost_fn),
+                          "root_only_rate": 1.0 / cost_fn(0), "front": c.front})
+        expected_entmtp = _mix_rate(choices, idx, trees, cost_fn)
+        expected_static = _mix_rate(choices, [0] * len(choices), [static], cost_fn)
+        report["families"][fam] = {"edges": edges, "buckets": rep_b, "static_best": static.to_json(),
+                                   "static_best_nodes": static.num_nodes - 1,
+                                   "predicted_tokens_per_s": {"entmtp": expected_entmtp, "best_static": expected_static,
+                                                              "none": 1.0 / cost_fn(0)}}
+    est = stats.estimator
+    policy = PolicyConfig(estimator=EstimatorConfig(mode=est.mode, ema_decay=est.ema_decay, window=est.window,
+                                                    init=est.init),
+                          hysteresis=hysteresis, min_steps_between_switches=min_steps_between_switches)
+    hw = hardware or cost.get("hardware", "unknown hardware")
+    desc = (f"Calibrated by `entmtp calibrate trees` for batch {batch}: acceptance statistics of "
+            f"{stats.drafter} heads ({sum(len(f.ranks) for f in stats.families.values())} positions), "
+            f"step costs measured on {hw}.")
+    lib = TreeLibrary(stats.model, stats.drafter, f"{hw}, batch {batch}", policy, fams, description=desc)
+    return lib, report
+
+
+def _mix_rate(choices: list[BucketChoice], idx: list[int], trees: list[Tree], cost) -> float:
+    """Predicted tokens/s over a family's positions when bucket b verifies trees[idx[b]]: total
+    tokens over total time, weighting each bucket by its share of positions (steps)."""
+    tok = tim = 0.0
+    for c, i in zip(choices, idx):
+        t = trees[i]
+        w = c.positions
+        tok += w * (1.0 + expected_accept_length(t, c.acc))
+        tim += w * cost(t.num_nodes - 1)
+    return tok / tim if tim else 0.0
+
+
+def medusa_style_tree(stats: AcceptanceStats, num_nodes: int = 63, max_depth: int = 5) -> Tree:
+    """A Medusa-style default: the best `num_nodes`-node tree for the drafter's pooled statistics
+    over every family (how Medusa derived mc_sim_7b_63 from its heads' accuracies)."""
+    acc, _ = stats.table(None)
+    return optimal_tree(acc, num_nodes, min(max_depth, stats.depth))

@@ -1,0 +1,223 @@
+"""Calibration stages on tiny runs: collect (real model, real heads), cost (real engine steps),
+trees (library the core loads; the choice beats alternatives), validate (real speculation equals
+plain decoding), and the errors for bad stats and cost files."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from srt_entmtp.calibrate.cost import CostError, load_cost, measure_spec_steps, step_cost_fn
+from srt_entmtp.calibrate.stats import (
+    AcceptanceStats,
+    FamilyData,
+    StatsError,
+    acceptance_table,
+    collect,
+    estimator_trace,
+)
+from srt_entmtp.calibrate.trees import build_library, predicted_rate
+from srt_entmtp.engine import Engine, EngineArgs
+from srt_entmtp.sched.request import SamplingParams
+from srt_entmtp.spec.entropy import EntropyTracker
+from srt_entmtp.spec.library import EstimatorConfig, TreeLibrary
+from srt_entmtp.spec.policy import StaticPolicy
+from srt_entmtp.spec.tree import Tree, chain
+from tests.conftest import prompts_dir
+
+# ---- statistics -----------------------------------------------------------------------------------
+
+def test_acceptance_table_conditions_on_accepted_prefix():
+    K = 3
+    # rank per depth; K = miss, -1 = past the end of the answer
+    ranks = torch.tensor([[0, 0, 1],
+                          [0, 2, -1],
+                          [1, K, 0],     # depth 3 not counted: depth 2 missed
+                          [K, 0, 0]])    # depths 2, 3 not counted: depth 1 missed
+    acc, counts = acceptance_table(ranks, torch.zeros(4), K)
+    assert counts.tolist() == [4, 3, 1]
+    assert acc[0].tolist() == [0.5, 0.25, 0.0]
+    assert acc[1].tolist() == pytest.approx([1 / 3, 0.0, 1 / 3])
+    assert acc[2].tolist() == [0.0, 1.0, 0.0]
+    acc_hi, counts_hi = acceptance_table(ranks, torch.tensor([0.0, 0.0, 5.0, 5.0]), K, lo=1.0)
+    assert counts_hi[0] == 2 and acc_hi[0].tolist() == [0.0, 0.5, 0.0]
+
+
+@pytest.mark.parametrize("mode", ["ema", "window", "max"])
+def test_estimator_trace_matches_tracker_whatever_the_step_grouping(mode):
+    """The calibration assumes the estimate does not depend on how tokens were grouped into steps."""
+    est = EstimatorConfig(mode=mode, ema_decay=0.7, window=4, init=1.5)
+    h = torch.rand(40) * 4
+    trace = estimator_trace(h, est)
+    tr = EntropyTracker(3, mode=mode, ema_decay=0.7, window=4, init=1.5)
+    slot, i, rng = torch.tensor([2]), 0, random.Random(0)
+    while i < 40:
+        k = min(rng.randint(1, 5), 40 - i)   # an accepted path of k tokens
+        tr.update(slot, h[i:i + k], torch.tensor([0, k]))
+        i += k
+        assert float(tr.value(slot)[0]) == pytest.approx(float(trace[i - 1]), abs=1e-5)
+
+
+def _synthetic_stats(n: int = 4000, depth: int = 5, K: int = 4, seed: int = 0) -> AcceptanceStats:
+    """Low entropy (< 2): the true token is the top candidate 85% of the time; high: 5%."""
+    g = random.Random(seed)
+    fams = {}
+    for fam in ("code", "math"):
+        data = FamilyData()
+        for _ in range(n):
+            h = g.random() * 4
+            top, other = (0.85, 0.10) if h < 2 else (0.05, 0.03)
+            chars = []
+            for _ in range(depth):
+                u = g.random()
+                chars.append("0" if u < top else str(g.randint(1, K - 1)) if u < top + other else "x")
+            data.entropy.append(h)
+            data.ranks.append("".join(chars))
+        fams[fam] = data
+    return AcceptanceStats("SmolLM2-135M-Instruct", "medusa", depth, K, 0.0, EstimatorConfig(), fams)
+
+
+STEEP_COST = {"format": "entmtp-cost-curve", "hardware": "synthetic",
+              "spec_steps": {"medusa": [{"batch": 1, "nodes": 0, "latency_s": 0.050},
+                                        {"batch": 1, "nodes": 4, "latency_s": 0.070},
+                                        {"batch": 1, "nodes": 16, "latency_s": 0.100},
+                                        {"batch": 1, "nodes": 63, "latency_s": 0.200}]}}
+
+
+def test_stats_file_round_trip_and_errors(tmp_path):
+    st = _synthetic_stats(n=50)
+    st.save(tmp_path / "s.json")
+    back = AcceptanceStats.load(tmp_path / "s.json")
+    assert torch.equal(back.table("code")[0], st.table("code")[0])
+    d = json.loads((tmp_path / "s.json").read_text())
+    d["families"]["math"]["ranks"][3] = "00"
+    (tmp_path / "bad.json").write_text(json.dumps(d))
+    with pytest.raises(StatsError, match=r"bad\.json: families\.math\.ranks\[3\]"):
+        AcceptanceStats.load(tmp_path / "bad.json")
+    (tmp_path / "other.json").write_text(json.dumps({"format": "entmtp-tree-library"}))
+    with pytest.raises(StatsError, match=r"other\.json: format"):
+        AcceptanceStats.load(tmp_path / "other.json")
+
+
+def test_cost_file_errors_name_the_field(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"format": "entmtp-cost-curve", "forward": [{"batch": 1, "tokens_per_request": "x",
+                                                                         "latency_s": 0.1}]}))
+    with pytest.raises(CostError, match=r"c\.json: forward\[0\]\.tokens_per_request"):
+        load_cost(p)
+    p.write_text("{not json")
+    with pytest.raises(CostError, match=r"c\.json: invalid JSON"):
+        load_cost(p)
+    # a forward-only file (what the GPU benchmark writes) prices trees from its forward rows
+    p.write_text(json.dumps({"rows": [{"batch": 1, "tokens_per_request": 1, "latency_s": 0.001},
+                                      {"batch": 1, "tokens_per_request": 9, "latency_s": 0.002}]}))
+    f = step_cost_fn(load_cost(p), 1, "medusa")
+    assert f(0) == pytest.approx(0.001) and f(4) == pytest.approx(0.0015)
+
+
+# ---- tree search ------------------------------------------------------------------------------------
+
+def test_trees_library_loads_and_choice_beats_alternatives(tmp_path):
+    st = _synthetic_stats()
+    lib, report = build_library(st, STEEP_COST, batch=1, buckets=4, min_bucket=200, merge_tolerance=0.0)
+    lib.save(tmp_path / "lib.json")
+    loaded = TreeLibrary.load(tmp_path / "lib.json", expect_drafter="medusa")
+    cost = step_cost_fn(STEEP_COST, 1, "medusa")
+    alternatives = [Tree.from_paths([])] + [chain(k) for k in range(1, 6)] + \
+        [Tree.from_paths([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)])]
+    for fam in ("code", "math"):
+        f = loaded.families[fam]
+        assert 1 <= len(f.trees) <= 5
+        bounds = [float("-inf")] + list(f.bucket_edges) + [float("inf")]
+        for b, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+            acc, _ = st.table(fam, lo, hi)
+            chosen = f.tree_for_bucket(b)
+            for alt in alternatives:
+                assert predicted_rate(chosen, acc, cost) >= predicted_rate(alt, acc, cost) - 1e-12
+        # steep costs: nothing is worth drafting where the heads are mostly wrong (entropy >= 2)
+        assert f.tree_for_bucket(f.bucket_of(3.5)).num_nodes == 1
+        assert f.tree_for_bucket(f.bucket_of(0.5)).depth >= 3
+    assert report["families"]["code"]["predicted_tokens_per_s"]["entmtp"] > \
+        report["families"]["code"]["predicted_tokens_per_s"]["best_static"]
+
+
+# ---- real model: collect, cost, validate ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def none_engine(runner):
+    return Engine(EngineArgs(model_path=str(runner.model_dir), kv_slots=8192, context_length=2048,
+                             max_running_requests=8))
+
+
+@pytest.mark.parametrize("kind", ["medusa", "mtp"])
+def test_collect_ranks_predict_real_chain_acceptance(runner, none_engine, kind):
+    """Teacher-forced ranks say exactly how many drafts a real greedy step with a top-1 chain accepts."""
+    if prompts_dir() is None:
+        pytest.skip("shared/data/prompts not found beside the repo (set ENTMTP_PROMPTS_DIR)")
+    spec = Engine(EngineArgs(model_path=str(runner.model_dir), kv_slots=8192, context_length=2048,
+                             speculative_algorithm="ENTMTP", drafter=kind))
+    stats = collect(none_engine, {kind: spec.worker.drafter}, ["math"], 1, 24, top_k=5, prompts_dir=prompts_dir())[kind]
+    data = stats.families["math"]
+    assert len(data.ranks) == 24 and all(len(s) == stats.depth for s in data.ranks)
+    acc, counts = stats.table("math")
+    assert counts[0] == 23 and bool(((acc >= 0) & (acc <= 1)).all()) and float(acc.sum(1).max()) <= 1 + 1e-9
+
+    chain3 = chain(3)
+    spec.worker.policy = spec.worker.confidence.base = StaticPolicy(chain3)
+    steps = []
+    spec.step_listeners.append(lambda outs, dt: steps.extend(o.spec["accepted"] for o in outs if o.spec))
+    from srt_entmtp.calibrate.stats import calibration_prompts
+
+    p = calibration_prompts("math", 1, prompts_dir())[0]
+    ids = spec.tokenize_chat([{"role": "user", "content": p.prompt}])
+    out = spec.generate([ids], SamplingParams(max_new_tokens=24))[0]
+    j, checked = 0, 0
+    for a in steps:
+        if j + 4 >= len(out.output_ids):
+            break  # the last steps can be cut by max_new_tokens
+        s = data.ranks[j]
+        lead = len(s[:3]) - len(s[:3].lstrip("0"))
+        assert a == lead, f"step rooted at output {j}: accepted {a}, ranks {s!r}"
+        j += a + 1
+        checked += 1
+    assert checked >= 4
+
+
+def test_cost_measures_whole_steps_and_leaves_engine_clean(runner):
+    eng = Engine(EngineArgs(model_path=str(runner.model_dir), kv_slots=4096, context_length=1024,
+                            speculative_algorithm="STATIC", drafter="medusa"))
+    free0 = eng.runner.kv.num_free
+    policy = eng.worker.policy
+    rows = measure_spec_steps(eng, [0, 3], [1, 2], steps=2, prompt_len=32)
+    assert [(r["batch"], r["nodes"]) for r in rows] == [(1, 0), (1, 3), (2, 0), (2, 3)]
+    assert all(r["samples"] == 2 and r["latency_s"] > 0 for r in rows)
+    assert eng.runner.kv.num_free == free0 and not eng.scheduler.has_work()
+    assert eng.worker.policy is policy
+
+
+def test_validate_tiny_run(tmp_path, runner):
+    if prompts_dir() is None:
+        pytest.skip("shared/data/prompts not found beside the repo (set ENTMTP_PROMPTS_DIR)")
+    import argparse
+
+    from srt_entmtp.calibrate.validate import validate
+
+    st = _synthetic_stats(n=400)
+    st.model = runner.name
+    st.save(tmp_path / "stats.json")
+    lib, report = build_library(st, STEEP_COST, batch=1, min_bucket=50)
+    lib.save(tmp_path / "medusa_cpu.json")
+    (tmp_path / "medusa_cpu.report.json").write_text(json.dumps(report))
+    ns = argparse.Namespace(model_path=str(runner.model_dir), device="cpu", dtype="auto", max_running_requests=4,
+                            drafter="medusa", library=str(tmp_path / "medusa_cpu.json"), stats=str(tmp_path / "stats.json"),
+                            families=["code", "math"], prompts=1, max_new_tokens=10, prompts_dir=str(prompts_dir()))
+    res = validate(ns)
+    assert res["output_mismatches"] == []
+    assert [r["family"] for r in res["ablation"]] == ["code", "math"]
+    for r in res["ablation"]:
+        assert r["NONE"]["accept_per_step"] == 1.0 and r["NONE"]["tokens_per_s"] > 0
+        assert r["medusa-63"]["accept_per_step"] >= 1.0
+    assert res["trees"]["medusa-63"] == 63
+    assert all(row["steps"] > 0 for row in res["prediction"])
