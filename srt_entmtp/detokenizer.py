@@ -51,8 +51,7 @@ class Detokenizer:
         tail that could still become a stop string."""
         text = self.text(req)
         if not req.finished:
-            if text.endswith("\ufffd"):
-                text = text[:-1]
+            text = text.removesuffix("\ufffd")
             for s in req.sampling.stop:  # hold back a suffix that is a prefix of a stop string
                 for k in range(min(len(s) - 1, len(text)), 0, -1):
                     if text.endswith(s[:k]):
