@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from srt_entmtp.calibrate import CalibrationFileError, read_json
 from srt_entmtp.model.forward_batch import ForwardBatch
 from srt_entmtp.model.runner import ModelRunner
 
@@ -59,11 +60,8 @@ def measure_step_latency(runner: ModelRunner, query_lens: list[int], batch_sizes
 COST_FORMAT = "entmtp-cost-curve"
 
 
-class CostError(ValueError):
+class CostError(CalibrationFileError):
     """A cost file is unreadable or invalid; the message names the file and the field."""
-
-    def __init__(self, source: str, where: str, message: str):
-        super().__init__(f"{source}: {where}: {message}" if where else f"{source}: {message}")
 
 
 def chain_like_tree(num_nodes: int, max_depth: int):
@@ -156,16 +154,8 @@ def step_cost_fn(cost: dict, batch: int, drafter: str | None = None):
 
 
 def load_cost(path) -> dict:
-    import json
-    from pathlib import Path
-
     src = str(path)
-    try:
-        d = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise CostError(src, "", f"cannot read file: {e.strerror or e}") from None
-    except json.JSONDecodeError as e:
-        raise CostError(src, "", f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    d = read_json(path, CostError)
     if not isinstance(d, dict):
         raise CostError(src, "", "top level must be an object")
     if d.get("format") not in (COST_FORMAT, None):

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from srt_entmtp.calibrate import CalibrationFileError, read_json
 from srt_entmtp.model.forward_batch import ForwardBatch
 from srt_entmtp.spec.entropy import entropy_from_logits
 from srt_entmtp.spec.library import EstimatorConfig
@@ -43,11 +44,8 @@ HEAD_FAMILIES = ("code", "math", "chat", "writing")
 TRAINED_PROMPTS_PER_FAMILY = 800  # the shipped heads were trained on the first 800 (train/data.py)
 
 
-class StatsError(ValueError):
+class StatsError(CalibrationFileError):
     """A stats file is unreadable or invalid; the message names the file and the field."""
-
-    def __init__(self, source: str, where: str, message: str):
-        super().__init__(f"{source}: {where}: {message}" if where else f"{source}: {message}")
 
 
 @dataclass
@@ -111,12 +109,7 @@ class AcceptanceStats:
     @classmethod
     def load(cls, path: str | Path) -> AcceptanceStats:
         src = str(path)
-        try:
-            d = json.loads(Path(path).read_text())
-        except OSError as e:
-            raise StatsError(src, "", f"cannot read file: {e.strerror or e}") from None
-        except json.JSONDecodeError as e:
-            raise StatsError(src, "", f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        d = read_json(path, StatsError)
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise StatsError(src, "format", f"must be {FORMAT!r} (is this an acceptance-stats file?)")
         for key, typ in (("model", str), ("drafter", str), ("depth", int), ("top_k", int),
