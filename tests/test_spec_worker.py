@@ -19,6 +19,7 @@ from srt_entmtp.spec.worker import ROOT_ONLY, default_heads_dir
 from tests.conftest import load_prompts
 
 N_TOKENS = 24
+PRIOR_LIBRARY = default_heads_dir("medusa").parents[1] / "spec" / "libraries" / "default.json"
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,9 @@ def _spec_engine(runner, algorithm, drafter, **kw):
 @pytest.mark.parametrize("drafter", ["medusa", "hydra", "mtp"])
 def test_entmtp_greedy_equals_plain_decoding_with_mixed_trees(runner, prompts, reference, drafter):
     rows, ids = prompts
-    eng = _spec_engine(runner, "ENTMTP", drafter)
+    # the prior library has several trees per family; a calibrated one may hold a single tree
+    # for every family (docs/calibration.md), and this test is about mixing trees in one step
+    eng = _spec_engine(runner, "ENTMTP", drafter, tree_library=str(PRIOR_LIBRARY))
     free0 = eng.runner.kv.num_free
     trees_per_step = []
     eng.step_listeners.append(lambda outs, dt: trees_per_step.append({o.spec["tree"] for o in outs if o.spec}))
