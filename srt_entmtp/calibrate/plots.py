@@ -26,7 +26,7 @@ def plot_all(stats: AcceptanceStats, report: dict, out_dir: Path, prefix: str) -
             line, = top.plot(nodes, [x[1] for x in bk["front"]], label=label)
             bottom.plot(nodes, [x[2] for x in bk["front"]], color=line.get_color())
             chosen = int(bk["chosen"].split("-n")[-1])
-            pick = next(x for x in bk["front"] if x[0] == chosen) if any(x[0] == chosen for x in bk["front"]) else None
+            pick = next((x for x in bk["front"] if x[0] == chosen), None)
             if pick:
                 top.plot([pick[0]], [pick[1]], "o", color=line.get_color())
                 bottom.plot([pick[0]], [pick[2]], "o", color=line.get_color())
@@ -38,11 +38,7 @@ def plot_all(stats: AcceptanceStats, report: dict, out_dir: Path, prefix: str) -
         bottom.set_ylabel(f"predicted tokens/s (batch {report['batch']})")
         bottom.set_title("dots: the tree chosen for the bucket", fontsize=9)
     fig.suptitle(f"{stats.drafter} heads on {stats.model}")
-    fig.tight_layout()
-    p = out_dir / f"{prefix}_pareto.png"
-    fig.savefig(p, dpi=90)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save(fig, out_dir / f"{prefix}_pareto.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for fam in fams:
@@ -51,9 +47,12 @@ def plot_all(stats: AcceptanceStats, report: dict, out_dir: Path, prefix: str) -
     ax.set_ylabel("density")
     ax.legend()
     ax.set_title(f"entropy distribution per family ({stats.drafter} stats)")
-    fig.tight_layout()
-    p = out_dir / f"{prefix}_entropy.png"
-    fig.savefig(p, dpi=90)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save(fig, out_dir / f"{prefix}_entropy.png"))
     return paths
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

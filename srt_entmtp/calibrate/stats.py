@@ -220,18 +220,26 @@ def _ranks(drafter, hidden: torch.Tensor, seq: list[int], rows: torch.Tensor, de
     reach = (t.unsqueeze(1) + 2 + torch.arange(depth)) < S                       # inside the answer
     logits = drafter.path_logits(hidden.to(drafter.param_dtype), path.to(hidden.device))
     if drafter.draft_vocab is not None:
-        inv = torch.full((drafter.vocab_size,), -1, dtype=torch.long)
-        inv[drafter.draft_vocab.cpu()] = torch.arange(drafter.draft_vocab.numel())
-        target = inv[target]
+        target = _draft_index(drafter)[target]
     cols = []
     for d, lg in enumerate(logits):
         lg = lg.float().cpu()
         tgt = target[:, d]
         true_logit = lg.gather(1, tgt.clamp(min=0).unsqueeze(1))
         rank = torch.where(tgt >= 0, (lg > true_logit).sum(dim=1), K).clamp(max=K)
-        cols.append([BEYOND if not reach[i, d] else (MISS if int(rank[i]) >= K else RANK_CHARS[int(rank[i])])
-                     for i in range(rank.numel())])
-    return ["".join(c[i] for c in cols) for i in range(rows.numel())]
+        cols.append([RANK_CHARS[r] if ok and r < K else (MISS if ok else BEYOND)
+                     for r, ok in zip(rank.tolist(), reach[:, d].tolist())])
+    return ["".join(chars) for chars in zip(*cols)]
+
+
+def _draft_index(drafter) -> torch.Tensor:
+    """Full-vocabulary id -> index in the drafter's draft vocabulary (-1 outside it), built once."""
+    inv = drafter.__dict__.get("_calibration_draft_index")
+    if inv is None:
+        inv = torch.full((drafter.vocab_size,), -1, dtype=torch.long)
+        inv[drafter.draft_vocab.cpu()] = torch.arange(drafter.draft_vocab.numel())
+        drafter.__dict__["_calibration_draft_index"] = inv
+    return inv
 
 
 RANK_CHARS = "0123456789abcdefghijklmnopqrstuvwxyz"
