@@ -78,7 +78,8 @@ def copy_rate(dev) -> float:
 
 
 def ours_decode(eng, B, ctx, dev):
-    """(forward-only seconds, whole engine step seconds) for one decode token of B requests."""
+    """(forward seconds, eager forward seconds, whole engine step seconds) for one decode token
+    of B requests; the first replays the CUDA graph when the engine captured one."""
     from srt_entmtp.model.forward_batch import ForwardBatch
 
     r = eng.runner
@@ -90,6 +91,9 @@ def ours_decode(eng, B, ctx, dev):
         fb = ForwardBatch.build([torch.randint(100, 1000, (1,)) for _ in range(B)], [s[:ctx] for s in slots],
                                 [s[ctx:] for s in slots], device=dev)
         fwd = timed(lambda: r.forward(fb), dev)
+        graphs, r.graphs = r.graphs, None
+        fwd_eager = timed(lambda: r.forward(fb), dev)
+        r.graphs = graphs
     finally:
         for s in slots:
             r.kv.free(s)
@@ -107,7 +111,7 @@ def ours_decode(eng, B, ctx, dev):
         sync(dev)
         if decoding:
             times.append(time.perf_counter() - t0)
-    return fwd, statistics.median(times[3:] or times)
+    return fwd, fwd_eager, statistics.median(times[3:] or times)
 
 
 def hf_decode(model_dir, B, ctx, dev, dtype):
@@ -141,17 +145,18 @@ def model_weight_bytes(runner) -> int:
 
 def part_b(ns, dev):
     eng = Engine(EngineArgs(device=ns.device, speculative_algorithm="NONE", max_running_requests=max(ns.batch_sizes),
-                            context_length=2048, kv_slots=ns.kv_slots))
+                            context_length=2048, kv_slots=ns.kv_slots, cuda_graph=not ns.eager))
     cfg = eng.runner.config
     rate = copy_rate(dev)
     weight_bytes = model_weight_bytes(eng.runner)
     rows = []
     for B in ns.batch_sizes:
-        fwd, step = ours_decode(eng, B, ns.context, dev)
+        fwd, fwd_eager, step = ours_decode(eng, B, ns.context, dev)
         kv_bytes = B * (ns.context + 1) * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * eng.runner.kv.k.element_size()
         floor = (weight_bytes + kv_bytes) / (rate / 2)   # each byte read once; copy rate counts read + write
         hf = hf_decode(eng.runner.model_dir, B, ns.context, dev, eng.runner.dtype) if not ns.no_hf else None
-        rows.append({"batch": B, "context": ns.context, "ours_forward_s": fwd, "ours_engine_step_s": step,
+        rows.append({"batch": B, "context": ns.context, "ours_forward_s": fwd, "ours_eager_forward_s": fwd_eager,
+                     "ours_engine_step_s": step, "graphs": graph_info(eng),
                      "transformers_s": hf, "floor_s": floor, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes,
                      "copy_rate_Bps": rate})
     return rows
@@ -170,6 +175,13 @@ def library_for(ns, drafter, C):
     return str(p), static
 
 
+def graph_info(eng) -> dict | None:
+    g = eng.runner.graphs
+    if g is None:
+        return None
+    return {"graphs": len(g.graphs), "capture_s": g.capture_seconds, "memory_bytes": g.memory_bytes}
+
+
 def throughput(eng, prompts, n_tokens, specs=None):
     sync(eng.runner.device)
     t0 = time.perf_counter()
@@ -185,7 +197,7 @@ def throughput(eng, prompts, n_tokens, specs=None):
 
 def part_c(ns, dev):
     base = Engine(EngineArgs(device=ns.device, speculative_algorithm="NONE", max_running_requests=max(ns.concurrency),
-                             context_length=2048, kv_slots=ns.kv_slots))
+                             context_length=2048, kv_slots=ns.kv_slots, cuda_graph=not ns.eager))
     per = max(ns.concurrency) // len(FAMILIES) + 1
     by_fam = {fam: [(fam, base.tokenize_chat([{"role": "user", "content": p["prompt"]}]))
                     for p in benchmark_prompts(fam, per, prompts_dir=ns.prompts_dir)] for fam in FAMILIES}
@@ -195,13 +207,15 @@ def part_c(ns, dev):
         prompts = [pool[i % len(pool)] for i in range(C)]
         throughput(base, prompts[:1], 8)  # warm-up (kernels compiled, caches allocated)
         ref = throughput(base, prompts, ns.max_new_tokens)
-        rows.append({"concurrency": C, "config": "NONE", "drafter": None, **{k: v for k, v in ref.items() if k != "outputs"}})
+        rows.append({"concurrency": C, "config": "NONE", "drafter": None, "graphs": graph_info(base),
+                     **{k: v for k, v in ref.items() if k != "outputs"}})
         for drafter in ns.drafters:
             lib, static = library_for(ns, drafter, C)
             for cfg in ("STATIC", "ENTMTP"):
                 kw = {"tree_library": lib} if lib else {}
                 eng = Engine(EngineArgs(device=ns.device, speculative_algorithm="ENTMTP", drafter=drafter,
-                                        max_running_requests=C, context_length=2048, kv_slots=ns.kv_slots, **kw))
+                                        max_running_requests=C, context_length=2048, kv_slots=ns.kv_slots,
+                                        cuda_graph=not ns.eager, **kw))
                 specs = [SpecOptions(task=f) for f, _ in prompts]
                 if cfg == "STATIC":
                     name = _static_name(eng, static)
@@ -209,7 +223,7 @@ def part_c(ns, dev):
                 throughput(eng, prompts[:1], 8, specs[:1])
                 res = throughput(eng, prompts, ns.max_new_tokens, specs)
                 same = sum(a == b for a, b in zip(res.pop("outputs"), ref["outputs"]))
-                rows.append({"concurrency": C, "config": cfg, "drafter": drafter, **res,
+                rows.append({"concurrency": C, "config": cfg, "drafter": drafter, **res, "graphs": graph_info(eng),
                              "speedup": res["tokens_per_s"] / ref["tokens_per_s"], "outputs_equal_none": same,
                              "requests": C})
                 del eng
@@ -253,6 +267,7 @@ def main():
     ap.add_argument("--library-dir", default=None)
     ap.add_argument("--prompts-dir", default=None)
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--eager", action="store_true", help="no CUDA graphs (every forward eager)")
     ap.add_argument("--kv-slots", type=int, default=131072)
     ap.add_argument("--out", default="benchmarks/results/bench_gpu.json")
     ap.add_argument("--cost-out", default=None, help="also write part (a) as a calibrate cost file")
@@ -261,7 +276,10 @@ def main():
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
     res = {"date": datetime.date.today().isoformat(), "gpu": gpu, "torch": torch.__version__, "args": vars(ns)}
     eng = Engine(EngineArgs(device=ns.device, speculative_algorithm="NONE", context_length=2048,
-                            max_running_requests=max(ns.batch_sizes), kv_slots=ns.kv_slots))
+                            max_running_requests=max(ns.batch_sizes), kv_slots=ns.kv_slots, cuda_graph=False))
+    if not ns.eager:  # decode graphs for T = 1, tree-verify graphs for T > 1: what the engines replay
+        eng.runner.capture_cuda_graphs(max(ns.batch_sizes), max(ns.tokens), decode=True)
+        res["graphs_a"] = graph_info(eng)
     res["backend"] = eng.runner.backend_name
     res["dtype"] = str(eng.runner.dtype).replace("torch.", "")
     if "a" in ns.parts:
@@ -291,10 +309,12 @@ def print_tables(res):
             cells = {r["tokens_per_request"]: r["latency_s"] for r in res["forward"] if r["batch"] == B}
             print(f"{B:5d} " + " ".join(f"{cells[t] * 1e3:7.2f}" for t in Ts))
     if "decode" in res:
-        print("\n(b) decode step ms: ours forward | ours engine step | transformers eager | bandwidth floor")
+        print("\n(b) decode step ms: ours forward (graph) | ours forward eager | ours engine step | "
+              "transformers eager | bandwidth floor")
         for r in res["decode"]:
             hf = f"{r['transformers_s'] * 1e3:8.2f}" if r["transformers_s"] else "       -"
-            print(f"batch {r['batch']:3d}: {r['ours_forward_s'] * 1e3:8.3f} {r['ours_engine_step_s'] * 1e3:8.3f} {hf} "
+            print(f"batch {r['batch']:3d}: {r['ours_forward_s'] * 1e3:8.3f} {r['ours_eager_forward_s'] * 1e3:8.3f} "
+                  f"{r['ours_engine_step_s'] * 1e3:8.3f} {hf} "
                   f"{r['floor_s'] * 1e3:8.3f}   (forward / floor = {r['ours_forward_s'] / r['floor_s']:.1f}x)")
     if "throughput" in res:
         print("\n(c) offline throughput: tokens/s (accepted tokens per step) [speedup vs NONE]")

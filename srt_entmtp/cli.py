@@ -21,6 +21,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-running-requests", type=int, default=16)
     g.add_argument("--max-waiting-requests", type=int, default=256)
     g.add_argument("--chunked-prefill-size", type=int, default=512)
+    g.add_argument("--disable-cuda-graph", action="store_true",
+                   help="run every forward eagerly (default on CUDA + flashinfer: decode / verify forwards are "
+                        "captured at start-up per batch and tree-size bucket, then replayed)")
+    g.add_argument("--cuda-graph-max-bs", type=int, default=64,
+                   help="largest batch that gets a CUDA graph; larger batches run eagerly")
     s = p.add_argument_group("speculative decoding")
     s.add_argument("--speculative-algorithm", default="ENTMTP", choices=["ENTMTP", "STATIC", "NONE"],
                    help="ENTMTP: entropy-adaptive trees per request (default); STATIC: one library tree "
@@ -39,7 +44,8 @@ def engine_args_from(ns: argparse.Namespace):
                       max_running_requests=ns.max_running_requests, max_waiting_requests=ns.max_waiting_requests,
                       chunked_prefill_size=ns.chunked_prefill_size, speculative_algorithm=ns.speculative_algorithm,
                       drafter=ns.drafter, draft_heads=ns.draft_heads, tree_library=ns.tree_library,
-                      static_tree=ns.static_tree)
+                      static_tree=ns.static_tree, cuda_graph=not ns.disable_cuda_graph,
+                      cuda_graph_max_bs=ns.cuda_graph_max_bs)
 
 
 def cmd_prepare(ns) -> int:

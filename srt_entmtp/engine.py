@@ -47,6 +47,8 @@ class EngineArgs:
     draft_heads: str | None = None       # heads directory; None = the shipped default for the drafter
     tree_library: str | None = None      # library JSON; None = the shipped default
     static_tree: str | None = None       # tree name for STATIC (None = the library's general default)
+    cuda_graph: bool = True              # capture decode / verify forwards on CUDA (flashinfer backend)
+    cuda_graph_max_bs: int = 64          # largest batch with a graph; bigger batches run eagerly
     extra: dict = field(default_factory=dict)
 
 
@@ -62,6 +64,13 @@ class Engine:
         self.model_name = self.runner.model_dir.name
         self.context_length = self.runner.context_length
         self.worker = self._make_worker()
+        if args.cuda_graph and self.runner.device.type == "cuda":
+            # graphs for the one forward shape family this worker decodes with: plain decode
+            # steps, or tree verification bounded by the library's largest tree
+            plain = args.speculative_algorithm == "NONE"
+            self.runner.capture_cuda_graphs(min(args.max_running_requests, args.cuda_graph_max_bs),
+                                            max_tree_nodes=0 if plain else self.worker.max_new_slots_per_step(),
+                                            decode=plain)
         cfg = self.runner.config
         eos = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:

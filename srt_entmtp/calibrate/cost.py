@@ -24,7 +24,9 @@ def _sync(device: torch.device) -> None:
 def measure_step_latency(runner: ModelRunner, query_lens: list[int], batch_sizes: list[int] = (1,),
                          context_len: int = 512, repeats: int = 5, warmup: int = 2) -> list[dict]:
     """Median seconds of one forward where each of B requests has `context_len` cached tokens
-    and `T` new tokens (causal mask; a tree mask costs the same in the sdpa backend)."""
+    and `T` new tokens: T = 1 is a plain decode step; T > 1 is verified as a tree (a chain's mask
+    given as a custom mask), so the forward takes the verify path, CUDA graph included, as
+    speculative steps do."""
     dev = runner.device
     rows = []
     for B in batch_sizes:
@@ -36,7 +38,9 @@ def measure_step_latency(runner: ModelRunner, query_lens: list[int], batch_sizes
                                               logits_indices=torch.tensor([0])))
             for T in query_lens:
                 new = [runner.kv.alloc(T) for _ in range(B)]
-                fb = ForwardBatch.build([torch.randint(100, 1000, (T,)) for _ in range(B)], ctx, new, device=dev)
+                masks = [torch.ones(T, T, dtype=torch.bool).tril()] * B if T > 1 else None
+                fb = ForwardBatch.build([torch.randint(100, 1000, (T,)) for _ in range(B)], ctx, new, device=dev,
+                                        custom_masks=masks)
                 times = []
                 for i in range(warmup + repeats):
                     _sync(dev)

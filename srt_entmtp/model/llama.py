@@ -15,16 +15,9 @@ import torch.nn.functional as F
 from srt_entmtp.errors import ModelLoadError
 from srt_entmtp.model.attention.base import AttentionBackend
 from srt_entmtp.model.config import ModelConfig
+from srt_entmtp.model import fused
+from srt_entmtp.model.fused import add_rms_norm, rms_norm, rope_qk, rope_torch, silu_mul
 from srt_entmtp.model.linear import Linear, onednn_available
-
-
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), w, eps)
-    # as transformers: normalise in float32, cast back, then scale (bit-compatible in bf16)
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return w * x32.to(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -47,11 +40,6 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
         scaled = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
         return scaled.float(), 1.0
     raise ModelLoadError(f"config.json: rope_scaling type {kind!r} is not supported (default, linear, llama3)")
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 class LlamaModel:
@@ -107,7 +95,9 @@ class LlamaModel:
         ang = torch.outer(pos, inv)
         emb = torch.cat([ang, ang], dim=-1)
         self.cos = emb.cos().to(self.device)
-        self.sin = emb.sin().to(self.device)
+        sin = emb.sin()
+        half = cfg.head_dim // 2
+        self.sin_signed = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1).to(self.device)
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
 
@@ -117,28 +107,33 @@ class LlamaModel:
         cfg = self.cfg
         H, Hk, d, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
         n = input_ids.shape[0]
-        cos = self.cos[positions].to(self.dtype).unsqueeze(1)  # [N, 1, d], shared by all heads
-        sin = self.sin[positions].to(self.dtype).unsqueeze(1)
         h = F.embedding(input_ids, self.embed)
+        qk_size = self.q_size + self.kv_size
+        fused_rope = fused.enabled(h) and not self.cfg.qk_norm
+        if not fused_rope:
+            cos = self.cos[positions].to(self.dtype).unsqueeze(1)  # [N, 1, d], shared by all heads
+            sin = self.sin_signed[positions].to(self.dtype).unsqueeze(1)
+        pending = None  # the last MLP's output, added to h inside the next norm (one kernel on GPU)
         for i, L in enumerate(self.layers):
-            x = rms_norm(h, L["ln1"], eps)
+            if pending is None:
+                x = rms_norm(h, L["ln1"], eps)
+            else:
+                x, h = add_rms_norm(pending, h, L["ln1"], eps)
             qkv = L["qkv"](x)
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = q.view(n, H, d)
-            k = k.view(n, Hk, d)
-            v = v.view(n, Hk, d)
-            if L["q_norm"] is not None:
-                q = rms_norm(q, L["q_norm"], eps)
-                k = rms_norm(k, L["k_norm"], eps)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            h = h + L["o"](attn.run(i, q, k, v))
-            x = rms_norm(h, L["ln2"], eps)
-            g, u = L["gate_up"](x).chunk(2, dim=-1)
-            h = h + L["down"](F.silu(g) * u)
+            v = qkv[:, qk_size:].view(n, Hk, d)
+            if fused_rope:  # q and k heads side by side in qkv: one kernel rotates both
+                q, k = rope_qk(qkv[:, :qk_size].view(n, H + Hk, d), H, positions, self.cos, self.sin_signed)
+            elif L["q_norm"] is None:
+                qk = rope_torch(qkv[:, :qk_size].view(n, H + Hk, d), cos, sin)
+                q, k = qk[:, :H], qk[:, H:]
+            else:
+                q = rope_torch(rms_norm(qkv[:, :self.q_size].view(n, H, d), L["q_norm"], eps), cos, sin)
+                k = rope_torch(rms_norm(qkv[:, self.q_size:qk_size].view(n, Hk, d), L["k_norm"], eps), cos, sin)
+            x, h = add_rms_norm(L["o"](attn.run(i, q, k, v)), h, L["ln2"], eps)
+            pending = L["down"](silu_mul(L["gate_up"](x)))
         if hidden_indices is not None:
-            h = h[hidden_indices]
-        return rms_norm(h, self.final_norm, eps)
+            return rms_norm((h + pending)[hidden_indices], self.final_norm, eps)
+        return add_rms_norm(pending, h, self.final_norm, eps)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits (entropy and sampling want float32 anyway)."""

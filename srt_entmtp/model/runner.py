@@ -61,6 +61,7 @@ class ModelRunner:
             attention_backend = self._default_backend()
         self.backend_name = attention_backend
         self.attn = create_backend(attention_backend, self.kv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        self.graphs = None  # CudaGraphRunner once capture_cuda_graphs() ran
         log.info("loaded %s (%s, %s, %s attention) in %.1fs; KV pool %d slots (%.0f MiB)", self.model_dir,
                  cfg.model_type, self.dtype, attention_backend, self.load_seconds, kv_slots, self.kv.bytes() / 2**20)
 
@@ -81,8 +82,28 @@ class ModelRunner:
         """The served model's name (its directory), which draft heads and libraries are keyed on."""
         return self.model_dir.name
 
+    def capture_cuda_graphs(self, max_batch: int, max_tree_nodes: int = 0, decode: bool = True) -> bool:
+        """Capture decode graphs (if `decode`) and tree-verify graphs for trees of up to
+        max_tree_nodes nodes (if > 0), for batches up to max_batch. CUDA with FlashInfer only."""
+        if self.device.type != "cuda" or self.backend_name != "flashinfer":
+            log.info("CUDA graphs are off: they need a CUDA device and the flashinfer backend (have %s, %s)",
+                     self.device, self.backend_name)
+            return False
+        from srt_entmtp.model.cuda_graph import CudaGraphRunner
+
+        graphs = CudaGraphRunner(self, max_batch, max_tree_nodes, decode)
+        graphs.capture()
+        self.graphs = graphs
+        return True
+
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> ForwardOutput:
+        """Hidden states and logits of one ForwardBatch. After a graph replay they are views of
+        static buffers, valid until the next forward: copy what must outlive the step."""
+        if self.graphs is not None:
+            out = self.graphs.forward(batch)
+            if out is not None:
+                return ForwardOutput(hidden=out[0], logits=out[1])
         self.attn.plan(batch)
         hidden = self.model.forward(batch.input_ids, batch.positions, self.attn, batch.logits_indices)
         return ForwardOutput(hidden=hidden, logits=self.model.logits(hidden))

@@ -158,14 +158,14 @@ class SpecWorker(Worker):
         # entropy of the target at each accepted position feeds the estimate
         ent = entropy_from_logits(out.logits[accepted_flat])
         self.tracker.update(slots, ent.cpu(), indptr.cpu())
-        last = accepted_flat[indptr[1:] - 1]
+        last_hidden = out.hidden[accepted_flat[indptr[1:] - 1]]  # a copy: out may be a graph's static buffer
         est = self.tracker.value(slots).tolist()
         est_in = entropy.tolist()  # the estimate the policy saw (calibration checks predictions per bucket)
         self.step_info = {}
         results = {}
         for i, r in enumerate(reqs):
             r.kv_slots = torch.cat([r.kv_slots, new_slots[i][:accept[i] + 1]])
-            r.last_hidden = out.hidden[last[i]]
+            r.last_hidden = last_hidden[i]
             r.verify_ct += 1
             r.accepted_tokens += accept[i]
             r.tree_counts[trees[i].name] = r.tree_counts.get(trees[i].name, 0) + 1

@@ -3,8 +3,11 @@
 CI has no GPU: every test here is skipped there, saying why.
   * FlashInfer's paged attention (decode, causal prefill, ragged tree masks) matches the SDPA
     backend on the same KV pool within bfloat16 tolerance;
+  * a replayed CUDA graph (decode, and ragged tree verification padded to its bucket) matches
+    the eager forward on the same batch;
   * ENTMTP equals NONE token for token at temperature 0 with mixed trees in one batch, on the GPU:
-    exactly in float32 (SDPA backend), and in bfloat16 with FlashInfer up to near-ties (a greedy
+    exactly in float32 (SDPA backend), and in bfloat16 with FlashInfer, with and without CUDA
+    graphs, up to near-ties (a greedy
     choice between two tokens whose logits differ by less than bf16 can resolve is not a bug of
     speculation; the test checks that every divergence starts at such a near-tie).
 """
@@ -74,6 +77,60 @@ def test_flashinfer_matches_sdpa_on_ragged_trees_prefill_and_decode():
             kv.free(s)
 
 
+@needs_flashinfer
+def test_cuda_graph_replay_matches_eager_forward_decode_and_mixed_trees():
+    """The same batches through a replayed graph (padded to its bucket) and eagerly: the same
+    logits up to bf16 rounding and the same K/V written to the real slots."""
+    from srt_entmtp.model.attention.sdpa import SdpaBackend
+    from srt_entmtp.spec.drafters.bench import bench_tree
+
+    eng = _engine(cuda_graph=False)
+    r = eng.runner
+    assert r.capture_cuda_graphs(8, 26, decode=True)
+    graphs = r.graphs
+    g = torch.Generator().manual_seed(0)
+    cases = [("decode", [1] * 3, None), ("decode", [1] * 8, None),
+             ("tree", [t.num_nodes for t in (bench_tree(26), bench_tree(1), bench_tree(9))],
+              [bench_tree(26), bench_tree(1), bench_tree(9)])]
+    for name, qlens, trees in cases:
+        prefixes = [40 + 17 * i for i in range(len(qlens))]
+        pre = [r.kv.alloc(p) for p in prefixes]
+        r.forward(ForwardBatch.build([torch.randint(100, 5000, (p,), generator=g) for p in prefixes],
+                                     [torch.empty(0, dtype=torch.long)] * len(pre), pre, device="cuda",
+                                     logits_indices=torch.tensor([0])))
+        new = [r.kv.alloc(q) for q in qlens]
+        toks = [torch.randint(100, 5000, (q,), generator=g) for q in qlens]
+        pos = None if trees is None else [p + t.depths for p, t in zip(prefixes, trees)]
+        fb = ForwardBatch.build(toks, pre, new, positions=pos, custom_masks=None if trees is None else
+                                [t.mask for t in trees], device="cuda")
+        before = graphs.replays
+        out = r.forward(fb)
+        assert graphs.replays == before + 1, f"{name}: no graph replayed"
+        logits_g = out.logits.clone()
+        flat = torch.cat(new).cuda()
+        k_g = r.kv.k[:, flat].clone()
+        r.graphs = None
+        logits_e = r.forward(fb).logits.clone()
+        r.graphs = graphs
+        # an independent reference: the SDPA backend on the same batch and KV pool
+        sdpa = SdpaBackend(r.kv, r.config.num_heads, r.config.num_kv_heads, r.config.head_dim)
+        sdpa.plan(fb)
+        logits_s = r.model.logits(r.model.forward(fb.input_ids, fb.positions, sdpa))
+        # FlashInfer's graph mode fixes its tiling by the bucket's size, so the graph sums in another
+        # order than the eager plan: both must sit as close to SDPA as bf16 lets eager FlashInfer
+        err_g = (logits_g - logits_s).abs().max().item()
+        err_e = (logits_e - logits_s).abs().max().item()
+        print(f"{name}: max |logit diff| graph-sdpa {err_g:.3f}, eager-sdpa {err_e:.3f}, "
+              f"graph-eager {(logits_g - logits_e).abs().max().item():.3f}")
+        assert err_g <= 2 * err_e + 0.25, f"{name}: graph is {err_g} from SDPA, eager FlashInfer {err_e}"
+        assert bool((logits_g.argmax(-1) == logits_s.argmax(-1)).float().mean() >= 0.95)
+        k_err = (k_g.float() - r.kv.k[:, flat].float()).abs().max().item()
+        assert k_err <= 0.02 * k_g.float().abs().max().item() + 0.05, f"{name}: K written differs by {k_err}"
+        for s in pre + new:
+            r.kv.free(s)
+    print(f"captured {len(graphs.graphs)} graphs in {graphs.capture_seconds:.1f}s, {graphs.memory_bytes / 2**20:.0f} MiB")
+
+
 @pytest.fixture(scope="module")
 def prompt_ids():
     rows = load_prompts(per_family=3, seed=1)
@@ -116,14 +173,19 @@ def _first_divergence_is_near_tie(engine, prompt, ref_ids, out_ids, margin):
 
 
 @needs_flashinfer
+@pytest.mark.parametrize("graphs", [True, False], ids=["cuda-graphs", "eager"])
 @pytest.mark.parametrize("drafter", ["medusa", "mtp"])
-def test_entmtp_matches_none_bf16_flashinfer_up_to_near_ties(prompt_ids, drafter):
+def test_entmtp_matches_none_bf16_flashinfer_up_to_near_ties(prompt_ids, drafter, graphs):
     rows, ids = prompt_ids
     sp = SamplingParams(max_new_tokens=N_TOKENS, ignore_eos=True)
-    none = _engine(attention_backend="flashinfer")
+    none = _engine(attention_backend="flashinfer", cuda_graph=graphs)
     assert none.runner.backend_name == "flashinfer"
     ref = none.generate(ids, sp)
-    eng = _engine("ENTMTP", drafter, attention_backend="flashinfer")
+    eng = _engine("ENTMTP", drafter, attention_backend="flashinfer", cuda_graph=graphs)
+    if graphs:
+        assert none.runner.graphs.replays > 0
+    else:
+        assert none.runner.graphs is None and eng.runner.graphs is None
     trees = []
     eng.step_listeners.append(lambda outs, dt: trees.append({o.spec["tree"] for o in outs if o.spec}))
     out = eng.generate(ids, sp, [SpecOptions(task=r["task"]) for r in rows])
@@ -135,3 +197,71 @@ def test_entmtp_matches_none_bf16_flashinfer_up_to_near_ties(prompt_ids, drafter
     # bf16 batches of different shapes round differently; every divergence must start at a near-tie (above)
     assert identical >= len(rows) // 2, f"only {identical}/{len(rows)} outputs identical"
     assert max(len(s) for s in trees) > 1
+    if graphs:
+        assert eng.runner.graphs.replays > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_fused_kernels_round_like_the_torch_forms():
+    """The Triton kernels of model/fused.py against the torch ops they replace, in bfloat16."""
+    from srt_entmtp.model import fused
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    bf = dict(device="cuda", dtype=torch.bfloat16, generator=g)
+    x, r = torch.randn(37, 576, **bf), torch.randn(37, 576, **bf) * 4
+    w = torch.randn(576, **bf)
+    assert fused.enabled(x)
+    out, h = fused.add_rms_norm(x, r, w, 1e-5)
+    ref_h = r + x
+    ref = fused.rms_norm_torch(ref_h, w, 1e-5)
+    assert torch.equal(h, ref_h)
+    diff = (out.float() - ref.float()).abs()
+    assert (diff > 0).float().mean().item() < 0.01 and diff.max().item() <= 0.02 * ref.float().abs().max().item()
+    gu = torch.randn(37, 2 * 1536, **bf) * 3
+    got = fused.silu_mul(gu)
+    gate, up = gu.chunk(2, dim=-1)
+    want = torch.nn.functional.silu(gate) * up
+    assert (got != want).float().mean().item() < 0.01
+    qkv = torch.randn(37, (9 + 2 * 3) * 64, **bf) * 3
+    qk = qkv[:, :12 * 64].view(37, 12, 64)
+    pos = torch.randint(0, 4000, (37,), device="cuda", generator=g)
+    ang = torch.outer(torch.arange(4096, device="cuda").float(), 1.0 / 10000 ** (torch.arange(0, 64, 2, device="cuda") / 64))
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+    sin_signed = torch.cat([-sin[:, :32], sin[:, 32:]], -1)
+    q, k = fused.rope_qk(qk, 9, pos, cos, sin_signed)
+    want = fused.rope_torch(qk, cos[pos].bfloat16().unsqueeze(1), sin_signed[pos].bfloat16().unsqueeze(1))
+    assert q.is_contiguous() and k.is_contiguous()
+    # the kernel rounds once (x*cos + roll(x)*sin in float32) where torch rounds after each op, so
+    # about a quarter of the values differ by a bf16 step; a wrong rotation would differ by their size
+    # (steps measured at the size of the two products, since their sum may cancel)
+    c, s_ = cos[pos].bfloat16().float().unsqueeze(1), sin_signed[pos].bfloat16().float().unsqueeze(1)
+    size = qk.float().abs() * c.abs() + torch.roll(qk, 32, dims=-1).float().abs() * s_.abs()
+    step = 2.0 ** (torch.floor(torch.log2(size.clamp(min=1e-3))) - 7)
+    for got, ref, st in ((q, want[:, :9], step[:, :9]), (k, want[:, 9:], step[:, 9:])):
+        diff = (got.float() - ref.float()).abs()
+        assert bool((diff <= 2 * st).all()), f"rope differs by {float((diff / st).max()):.1f} bf16 steps"
+
+
+def test_fused_forward_matches_the_torch_forward():
+    """The whole model with the Triton kernels against the same model with the torch forms."""
+    from srt_entmtp.model import fused
+
+    eng = _engine(cuda_graph=False, attention_backend="flashinfer")
+    r = eng.runner
+    rows = load_prompts(per_family=1, seed=3)
+    seqs = [torch.tensor(eng.tokenize_chat([{"role": "user", "content": row["prompt"]}])) for row in rows]
+    slots = [r.kv.alloc(len(s)) for s in seqs]
+    fb = ForwardBatch.build(seqs, [torch.empty(0, dtype=torch.long)] * len(seqs), slots, device="cuda")
+    try:
+        got = r.forward(fb).logits.clone()
+        fused.DISABLED = True
+        want = r.forward(fb).logits.clone()
+    finally:
+        fused.DISABLED = False
+        for s in slots:
+            r.kv.free(s)
+    err = (got - want).abs().max().item()
+    agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    print(f"fused vs torch forward: max |logit diff| {err:.3f}, argmax agreement {agree:.3f}")
+    # next-token choices over real prompts: rounding flips only near-ties
+    assert agree >= 0.97, f"fused and torch forwards pick the same next token at only {agree:.1%} of positions"

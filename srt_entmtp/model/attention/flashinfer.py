@@ -14,6 +14,10 @@ plan() picks one of two wrappers per forward:
     tokens, so the prefix columns (all visible) are filled in on the device in one gather.
 Both wrappers share one workspace, allocated once. Planning reads host copies of the lengths
 (ForwardBatch keeps them), so it never waits on the GPU.
+
+`GraphAttention` is the same pair of kernels in FlashInfer's CUDA-graph mode, for one captured
+shape (a fixed number of requests and tokens): its index, mask and output-slot buffers keep
+their addresses for the wrapper's lifetime, and plan() rewrites their contents before a replay.
 """
 from __future__ import annotations
 
@@ -82,6 +86,77 @@ class FlashInferBackend(AttentionBackend):
             self.prefill.plan(qo_indptr, kv_indptr, kv_indices, last, self.num_heads, self.num_kv_heads, page_size=1,
                               custom_mask=mask, q_data_type=dtype, kv_data_type=dtype, sm_scale=self.scale, **kw)
         self.wrapper = self.prefill
+
+    def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        kc, vc = self.kv.k[layer], self.kv.v[layer]
+        kc[self._out_slots] = k
+        vc[self._out_slots] = v
+        out = self.wrapper.run(q.contiguous(), (kc.unsqueeze(1), vc.unsqueeze(1)))
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+
+class GraphAttention(AttentionBackend):
+    """FlashInfer attention for one CUDA-graph shape: `batch` requests, `tokens` new tokens.
+
+    tree=False: the decode wrapper (every request one token, tokens == batch); tree=True: the
+    paged prefill wrapper with a custom mask per request (ragged tree verification). Buffers are
+    sized for the worst case the engine can send: kv_capacity slots in all, and a mask of at
+    most mask_bits bits (bit-packed per request, each request rounded up to a byte).
+    """
+
+    def __init__(self, kv, num_heads: int, num_kv_heads: int, head_dim: int, workspace: torch.Tensor,
+                 out_slots: torch.Tensor, batch: int, tokens: int, kv_capacity: int, tree: bool, mask_bits: int = 0):
+        super().__init__(kv, num_heads, num_kv_heads, head_dim)
+        import flashinfer
+
+        dev = kv.k.device
+        self.batch, self.tokens, self.tree = batch, tokens, tree
+        self.kv_capacity, self.mask_bits = kv_capacity, mask_bits
+        self._out_slots = out_slots  # [tokens] view of the graph runner's static buffer
+        i32 = {"dtype": torch.int32, "device": dev}
+        self.kv_indptr = torch.zeros(batch + 1, **i32)
+        self.kv_indices = torch.zeros(kv_capacity, **i32)
+        self.last_page = torch.ones(batch, **i32)
+        if tree:
+            kw = {"backend": "fa2"} if "backend" in inspect.signature(
+                flashinfer.BatchPrefillWithPagedKVCacheWrapper.__init__).parameters else {}
+            self.qo_indptr = torch.zeros(batch + 1, **i32)
+            self.mask = torch.zeros(mask_bits // 8 + batch + 1, dtype=torch.uint8, device=dev)
+            self.mask_indptr = torch.zeros(batch + 1, **i32)
+            self.wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+                workspace, "NHD", use_cuda_graph=True, qo_indptr_buf=self.qo_indptr, paged_kv_indptr_buf=self.kv_indptr,
+                paged_kv_indices_buf=self.kv_indices, paged_kv_last_page_len_buf=self.last_page,
+                custom_mask_buf=self.mask, mask_indptr_buf=self.mask_indptr, **kw)
+            params = inspect.signature(self.wrapper.plan).parameters
+            self._head_kw = "head_dim_qk" if "head_dim_qk" in params else "head_dim"
+        else:
+            self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True, paged_kv_indptr_buffer=self.kv_indptr,
+                paged_kv_indices_buffer=self.kv_indices, paged_kv_last_page_len_buffer=self.last_page)
+
+    def fits(self, fb: ForwardBatch) -> bool:
+        """Whether a batch already padded to this shape fits the buffers."""
+        if fb.batch_size != self.batch or fb.num_tokens != self.tokens or sum(fb.kv_lens) > self.kv_capacity:
+            return False
+        return not self.tree or sum(q * k for q, k in zip(fb.q_lens, fb.kv_lens)) <= self.mask_bits
+
+    def plan(self, fb: ForwardBatch) -> None:
+        """Rewrite the buffers for `fb`, which is padded to exactly this shape (see cuda_graph.py).
+        The token-side inputs (ids, positions, out slots) are the graph runner's to fill."""
+        dev = self.kv.k.device
+        dtype = self.kv.k.dtype
+        kv_indptr = _host_indptr(fb.kv_lens)
+        kv_indices = fb.kv_indices.to(device=dev, dtype=torch.int32)
+        last = torch.ones(fb.batch_size, dtype=torch.int32)
+        if not self.tree:
+            self.wrapper.plan(kv_indptr, kv_indices, last, self.num_heads, self.num_kv_heads, self.head_dim, 1,
+                              q_data_type=dtype, kv_data_type=dtype, sm_scale=self.scale)
+            return
+        mask = full_kv_mask(fb)
+        qo_indptr = _host_indptr(fb.q_lens).to(dev)
+        self.wrapper.plan(qo_indptr, kv_indptr.to(dev), kv_indices, last.to(dev), self.num_heads, self.num_kv_heads,
+                          page_size=1, custom_mask=mask, q_data_type=dtype, kv_data_type=dtype, sm_scale=self.scale,
+                          **{self._head_kw: self.head_dim})
 
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kc, vc = self.kv.k[layer], self.kv.v[layer]

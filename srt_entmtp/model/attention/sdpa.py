@@ -85,7 +85,7 @@ class SdpaBackend(AttentionBackend):
             qp[self.pad_index] = q
             q = qp
         # [B*Tq, H, d] -> [B, Hk, G*Tq, d]: the G heads of a KV group as extra query rows
-        qg = q.view(B, Tq, Hk, G, d).permute(0, 2, 3, 1, 4).reshape(B, Hk, G * Tq, d)
+        qg = q.reshape(B, Tq, Hk, G, d).permute(0, 2, 3, 1, 4).reshape(B, Hk, G * Tq, d)
         mask = self.mask
         if mask is not None:
             mask = mask.unsqueeze(2).expand(B, 1, G, Tq, S).reshape(B, 1, G * Tq, S)

@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""Where one engine decode step spends its wall time, NONE against ENTMTP, at batch 1 and 8.
+
+Each part of the step (tree choice, drafting, batch building, the verify forward, acceptance,
+KV compaction, entropy update) is wrapped with a device sync before and after, so the parts add
+up to the step; the rest is scheduler and bookkeeping. Also reports the profiler's kernel count
+and GPU-busy time for one step. Run on a CUDA machine:
+
+    python scripts/profile_gpu_step.py [--drafter medusa] [--batch-sizes 1 8] [--out step.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from srt_entmtp.bench_prompts import benchmark_prompts
+from srt_entmtp.engine import Engine, EngineArgs
+from srt_entmtp.sched.request import SamplingParams, SpecOptions
+
+FAMILIES = ("code", "math", "chat", "writing")
+
+
+class PartTimer:
+    def __init__(self):
+        self.total = defaultdict(float)
+        self.on = False
+
+    def wrap(self, obj, attr, label):
+        fn = getattr(obj, attr)
+
+        def timed(*a, **kw):
+            if not self.on:
+                return fn(*a, **kw)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = fn(*a, **kw)
+            torch.cuda.synchronize()
+            self.total[label] += time.perf_counter() - t0
+            return out
+        setattr(obj, attr, timed)
+
+
+def profile_engine(algorithm, drafter, B, n_tokens, prompts):
+    eng = Engine(EngineArgs(device="cuda", speculative_algorithm=algorithm, drafter=drafter, max_running_requests=B,
+                            context_length=2048, kv_slots=65536))
+    pt = PartTimer()
+    w = eng.worker
+    pt.wrap(eng.runner, "forward", "forward (target model)")
+    if algorithm != "NONE":
+        import srt_entmtp.spec.worker as sw
+
+        pt.wrap(w, "_trees", "policy: choose trees")
+        pt.wrap(w.drafter, "propose", "drafter.propose")
+        pt.wrap(w, "_verify", "verify (accept)")
+        pt.wrap(w.kv, "copy_slots", "KV compaction")
+        pt.wrap(w.tracker, "update", "entropy update")
+        pt.wrap(sw.RaggedTreeBatch, "build", "RaggedTreeBatch.build")
+        pt.wrap(sw.ForwardBatch, "build", "ForwardBatch.build")
+    specs = [SpecOptions(task=f) for f, _ in prompts[:B]]
+    sp = SamplingParams(max_new_tokens=n_tokens, ignore_eos=True)
+    eng.generate([p for _, p in prompts[:B]], sp, specs)  # warm-up
+    reqs = [eng.make_request(p, SamplingParams(max_new_tokens=n_tokens, ignore_eos=True), s)
+            for (_, p), s in zip(prompts[:B], specs)]
+    for r in reqs:
+        eng.scheduler.add(r, bounded=False)
+    steps, times = 0, []
+    while not all(r.finished for r in reqs):
+        decoding = all(r.status.name == "DECODE" for r in reqs)
+        pt.on = decoding
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        eng.scheduler.step()
+        torch.cuda.synchronize()
+        if decoding:
+            times.append(time.perf_counter() - t0)
+            steps += 1
+        pt.on = False
+    tokens = sum(len(r.output_ids) for r in reqs)
+    # kernels and GPU-busy time of one more step
+    from torch.profiler import ProfilerActivity, profile
+    more = [eng.make_request(p, SamplingParams(max_new_tokens=4, ignore_eos=True), s)
+            for (_, p), s in zip(prompts[:B], specs)]
+    for r in more:
+        eng.scheduler.add(r, bounded=False)
+    while not all(r.status.name == "DECODE" for r in more):
+        eng.scheduler.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        eng.scheduler.step()
+        torch.cuda.synchronize()
+    ev = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in ev) / 1e6
+    kernels = sum(e.count for e in ev if e.self_device_time_total > 0)
+    while not all(r.finished for r in more):
+        eng.scheduler.step()
+    total = sum(times)
+    row = {"algorithm": algorithm, "drafter": drafter if algorithm != "NONE" else None, "batch": B, "steps": steps,
+           "step_ms": 1e3 * statistics.median(times), "mean_step_ms": 1e3 * total / steps,
+           "tokens_per_step": tokens / steps, "tokens_per_s": tokens / total,
+           "parts_ms_per_step": {k: 1e3 * v / steps for k, v in pt.total.items()},
+           "profiled_step_gpu_busy_ms": busy * 1e3, "profiled_step_kernels": kernels,
+           "graph_replays": eng.runner.graphs.replays if eng.runner.graphs else 0}
+    row["parts_ms_per_step"]["other (scheduler, bookkeeping)"] = row["mean_step_ms"] - sum(
+        row["parts_ms_per_step"].values())
+    del eng
+    torch.cuda.empty_cache()
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--drafter", default="medusa")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--prompts-dir", default=None)
+    ap.add_argument("--out", default="profile_gpu_step.json")
+    ns = ap.parse_args()
+    import gc
+
+    probe = Engine(EngineArgs(device="cuda", speculative_algorithm="NONE", kv_slots=4096, cuda_graph=False))
+    prompts = [(f, probe.tokenize_chat([{"role": "user", "content": p["prompt"]}]))
+               for i in range(max(ns.batch_sizes)) for f in FAMILIES
+               for p in benchmark_prompts(f, i + 1, prompts_dir=ns.prompts_dir)[i:i + 1]]
+    del probe
+    gc.collect()
+    rows = []
+    for B in ns.batch_sizes:
+        for alg in ("NONE", "ENTMTP"):
+            rows.append(profile_engine(alg, ns.drafter, B, ns.max_new_tokens, prompts))
+            gc.collect()
+    Path(ns.out).write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+    for r in rows:
+        print(f"\n{r['algorithm']} {r['drafter'] or ''} batch {r['batch']}: step {r['step_ms']:.2f} ms median, "
+              f"{r['tokens_per_step']:.2f} tokens/step, {r['tokens_per_s']:.0f} tok/s, GPU busy "
+              f"{r['profiled_step_gpu_busy_ms']:.2f} ms, {r['profiled_step_kernels']} kernels, "
+              f"{r['graph_replays']} graph replays")
+        for k, v in sorted(r["parts_ms_per_step"].items(), key=lambda kv: -kv[1]):
+            print(f"   {k:34s} {v:7.3f} ms")
+
+
+if __name__ == "__main__":
+    main()

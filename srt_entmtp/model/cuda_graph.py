@@ -1,0 +1,197 @@
+"""CUDA graphs of the target model's forward: decode steps and ragged tree verification.
+
+At batch 1 an eager forward of a small model is ~1,100 kernel launches and almost no GPU work;
+a graph replays them in one launch. Graphs need fixed shapes, so forwards are captured per
+bucket and a live batch is padded up to the nearest one:
+
+  * decode (NONE engines): B requests x 1 token, for B in `decode_batches` (1, 2, 4, 8, 16, 24, ...);
+  * verify (speculative engines): B requests + 1 padding request, N tokens in all, tree masks,
+    for B in powers of two and N in powers of two from B + 1 up to B x the largest tree.
+
+Padding is dummy requests that read and write only the KV pool's reserved slot 0 (one token
+each, the last one taking every spare token, each with slot 0 as its one key), so a padded
+batch's real rows are computed exactly as the eager path computes them. Everything else (prompt chunks, forwards that ask for
+a subset of logits, shapes beyond the buckets) runs eagerly.
+
+All graphs share one memory pool and write their outputs into one pair of static buffers
+(hidden [N, d] and float32 logits [N, vocab]): the outputs of a replay are views, valid until
+the next forward, which is how the workers use them.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from srt_entmtp.model.forward_batch import ForwardBatch, _indptr
+
+log = logging.getLogger(__name__)
+
+
+def decode_batches(max_batch: int) -> list[int]:
+    sizes = [b for b in (1, 2, 4) if b < max_batch] + list(range(8, max_batch, 8))
+    return sorted(set(sizes) | {max_batch})
+
+
+def verify_shapes(max_batch: int, max_nodes: int) -> list[tuple[int, int]]:
+    """(requests incl. the padding one, tokens) for every verify graph."""
+    batches = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < max_batch] + [max_batch]
+    shapes = []
+    for b in batches:
+        lo, hi = b + 1, b * max_nodes + 1
+        n = 1 << (lo - 1).bit_length()
+        while True:
+            shapes.append((b + 1, n))
+            if n >= hi:
+                break
+            n *= 2
+    return shapes
+
+
+def pad_batch(fb: ForwardBatch, batch: int, tokens: int) -> ForwardBatch:
+    """fb plus dummy requests up to `batch` requests and `tokens` tokens (fb's rows come first).
+    Dummies attend to and write only slot 0; each has one token, the last all spare tokens, and
+    one key (slot 0) however many tokens it has."""
+    pad_reqs, pad_toks = batch - fb.batch_size, tokens - fb.num_tokens
+    if pad_reqs < 0 or pad_toks < pad_reqs or (pad_toks and not pad_reqs):
+        raise ValueError(f"cannot pad {fb.batch_size} requests / {fb.num_tokens} tokens to {batch} / {tokens}")
+    if pad_reqs == 0:
+        return fb
+    pad_q = [1] * pad_reqs
+    pad_q[-1] += pad_toks - pad_reqs
+    dev = fb.input_ids.device
+    # every dummy attends to one key: a sink of q tokens over q keys would cost q^2 attention
+    q_lens, kv_lens = fb.q_lens + pad_q, fb.kv_lens + [1] * pad_reqs
+
+    def zeros(t: torch.Tensor, n: int) -> torch.Tensor:
+        return torch.cat([t, torch.zeros(n, dtype=t.dtype, device=t.device)])
+
+    mask = fb.custom_mask
+    if mask is not None:  # ForwardBatch's [q, q] block per request; a dummy's only key is its block's last column
+        mask = torch.cat([mask, torch.ones(sum(q * q for q in pad_q), dtype=torch.bool, device=mask.device)])
+    return ForwardBatch(
+        input_ids=zeros(fb.input_ids, pad_toks), positions=zeros(fb.positions, pad_toks),
+        out_slots=zeros(fb.out_slots, pad_toks), qo_indptr=_indptr(q_lens, dev), kv_indptr=_indptr(kv_lens, dev),
+        kv_indices=zeros(fb.kv_indices, pad_reqs), q_lens=q_lens, kv_lens=kv_lens, custom_mask=mask)
+
+
+@dataclass
+class CapturedForward:
+    attn: object                 # GraphAttention: the shape's FlashInfer wrapper and buffers
+    graph: torch.cuda.CUDAGraph
+
+
+class CudaGraphRunner:
+    """Captures the runner's model for every bucket at start-up; `forward` replays or says None."""
+
+    def __init__(self, runner, max_batch: int, max_tree_nodes: int = 0, decode: bool = True):
+        self.runner = runner
+        self.model = runner.model
+        self.max_batch = max_batch
+        self.max_tree_nodes = max_tree_nodes
+        dev = runner.device
+        cfg = runner.config
+        self.shapes = [(b, b, False) for b in decode_batches(max_batch)] if decode else []
+        if max_tree_nodes:
+            self.shapes += [(b, n, True) for b, n in verify_shapes(max_batch, max_tree_nodes)]
+        if not self.shapes:
+            raise ValueError("CudaGraphRunner: nothing to capture (no decode graphs and no tree size)")
+        n_max = max(n for _, n, _ in self.shapes)
+        self.input_ids = torch.zeros(n_max, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(n_max, dtype=torch.long, device=dev)
+        self.out_slots = torch.zeros(n_max, dtype=torch.long, device=dev)
+        self.hidden = torch.zeros(n_max, cfg.hidden_size, dtype=runner.dtype, device=dev)
+        self.logits = torch.zeros(n_max, cfg.vocab_size, dtype=torch.float32, device=dev)
+        self.workspace = None  # FlashInfer's float workspace, allocated at capture
+        self.graphs: dict[tuple[int, int], CapturedForward] = {}
+        self.capture_seconds = 0.0
+        self.memory_bytes = 0
+        self.replays = 0  # forwards served by a graph (the rest ran eagerly)
+
+    # ---- capture -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def capture(self) -> None:
+        from srt_entmtp.model.attention.flashinfer import WORKSPACE_BYTES, GraphAttention
+
+        r, cfg = self.runner, self.runner.config
+        self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=r.device)
+        torch.cuda.synchronize()
+        free0 = torch.cuda.mem_get_info()[0]
+        t0 = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        ctx = r.context_length
+        for batch, tokens, tree in sorted(self.shapes, key=lambda s: -s[1]):  # largest first: the pool fits all
+            kv_cap = batch * ctx + tokens
+            bits = tokens * (ctx + tokens) if tree else 0
+            attn = GraphAttention(r.kv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.workspace,
+                                  self.out_slots[:tokens], batch, tokens, kv_cap, tree, bits)
+            attn.plan(self._dummy(batch, tokens, tree))
+            self.input_ids[:tokens].zero_()
+            self.positions[:tokens].zero_()
+            self.out_slots[:tokens].zero_()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside capture: cuBLAS handles, lazy inits
+                for _ in range(2):
+                    self._forward(attn, tokens)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._forward(attn, tokens)
+            self.graphs[(batch, tokens)] = CapturedForward(attn, graph)
+        torch.cuda.synchronize()
+        self.capture_seconds = time.perf_counter() - t0
+        self.memory_bytes = free0 - torch.cuda.mem_get_info()[0]
+        kinds = ["decode"] * any(not t for _, _, t in self.shapes) + [f"verify <= {self.max_tree_nodes} nodes per tree"] * (
+            self.max_tree_nodes > 0)
+        log.info("captured %d CUDA graphs (%s; batch <= %d) in %.1fs, holding %.0f MiB", len(self.graphs),
+                 ", ".join(kinds), self.max_batch, self.capture_seconds, self.memory_bytes / 2**20)
+
+    def _forward(self, attn, tokens: int) -> None:
+        hidden = self.model.forward(self.input_ids[:tokens], self.positions[:tokens], attn)
+        self.hidden[:tokens].copy_(hidden)
+        self.logits[:tokens].copy_(self.model.logits(hidden))
+
+    def _dummy(self, batch: int, tokens: int, tree: bool) -> ForwardBatch:
+        """An all-padding batch of this shape (what capture plans with)."""
+        empty = torch.empty(0, dtype=torch.long, device=self.runner.device)
+        fb = ForwardBatch(input_ids=empty, positions=empty, out_slots=empty, qo_indptr=_indptr([], "cpu"),
+                          kv_indptr=_indptr([], "cpu"), kv_indices=empty, q_lens=[], kv_lens=[],
+                          custom_mask=torch.empty(0, dtype=torch.bool, device=self.runner.device) if tree else None)
+        return pad_batch(fb, batch, tokens)
+
+    # ---- replay ------------------------------------------------------------------------------------
+    def _pick(self, fb: ForwardBatch) -> CapturedForward | None:
+        b, n = fb.batch_size, fb.num_tokens
+        tree = fb.custom_mask is not None
+        if fb.logits_indices is not None or (not tree and n != b):
+            return None
+        best = None
+        for batch, tokens, is_tree in self.shapes:
+            if is_tree != tree or batch < b + tree:  # verify shapes always hold one dummy request
+                continue
+            if tokens < n + (batch - b) or (not tree and batch != tokens):
+                continue
+            if best is None or (tokens, batch) < (best[1], best[0]):
+                best = (batch, tokens)
+        return None if best is None else self.graphs.get(best)
+
+    def forward(self, fb: ForwardBatch):
+        """Replay the graph that fits `fb` and return (hidden, logits) views; None = run eagerly."""
+        entry = self._pick(fb)
+        if entry is None:
+            return None
+        attn = entry.attn
+        fbp = pad_batch(fb, attn.batch, attn.tokens)
+        if not attn.fits(fbp):
+            return None
+        attn.plan(fbp)
+        N, n = attn.tokens, fb.num_tokens
+        self.input_ids[:N].copy_(fbp.input_ids)
+        self.positions[:N].copy_(fbp.positions)
+        self.out_slots[:N].copy_(fbp.out_slots)
+        entry.graph.replay()
+        self.replays += 1
+        return self.hidden[:n], self.logits[:n]

@@ -1,0 +1,95 @@
+"""CUDA-graph bucketing and padding, checked on CPU (the capture itself runs in tests/gpu).
+
+A replayed graph computes a batch padded with dummy requests that read and write only the
+reserved KV slot 0. Here the padded batch runs through the real model with the SDPA backend:
+the real rows must equal the unpadded forward, and no real KV slot may change. And every batch
+the engine can send within the limits must find a captured shape.
+"""
+from __future__ import annotations
+
+import torch
+
+from srt_entmtp.model.cuda_graph import CudaGraphRunner, decode_batches, pad_batch, verify_shapes
+from srt_entmtp.model.forward_batch import ForwardBatch
+from srt_entmtp.spec.drafters.bench import bench_tree
+
+
+def _tree_batch(runner, prefixes, trees, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    kv = runner.kv
+    pre = [kv.alloc(p) for p in prefixes]
+    runner.forward(ForwardBatch.build([torch.randint(100, 5000, (p,), generator=g) for p in prefixes],
+                                      [torch.empty(0, dtype=torch.long)] * len(prefixes), pre,
+                                      logits_indices=torch.tensor([0])))
+    new = [kv.alloc(t.num_nodes) for t in trees]
+    toks = [torch.randint(100, 5000, (t.num_nodes,), generator=g) for t in trees]
+    pos = [p + t.depths for p, t in zip(prefixes, trees)]
+    fb = ForwardBatch.build(toks, pre, new, positions=pos, custom_masks=[t.mask for t in trees])
+    return fb, pre + new
+
+
+def test_padded_tree_batch_gives_the_same_rows_and_touches_only_slot_0(runner):
+    trees = [bench_tree(n) for n in (7, 1, 12)]
+    fb, slots = _tree_batch(runner, [20, 9, 33], trees)
+    try:
+        ref = runner.forward(fb)
+        ref_h, ref_l = ref.hidden.clone(), ref.logits.clone()
+        k_before = runner.kv.k[:, 1:].clone()
+        padded = pad_batch(fb, batch=6, tokens=32)
+        assert padded.batch_size == 6 and padded.num_tokens == 32
+        assert padded.q_lens[3:] == [1, 1, 32 - fb.num_tokens - 2] and padded.kv_lens[3:] == [1, 1, 1]
+        assert bool((padded.out_slots[fb.num_tokens:] == 0).all())
+        out = runner.forward(padded)
+        torch.testing.assert_close(out.hidden[:fb.num_tokens], ref_h, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.logits[:fb.num_tokens], ref_l, rtol=1e-4, atol=1e-4)
+        # real slots hold exactly what they held (the same K was rewritten by the same tokens)
+        torch.testing.assert_close(runner.kv.k[:, 1:], k_before, rtol=0, atol=1e-6)
+    finally:
+        for s in slots:
+            runner.kv.free(s)
+
+
+def test_pad_batch_rejects_shapes_it_cannot_reach(runner):
+    fb, slots = _tree_batch(runner, [5, 6], [bench_tree(4), bench_tree(4)])
+    try:
+        for batch, tokens in [(1, 16), (3, 8), (2, 9)]:  # fewer requests; too few tokens; spare tokens, no dummy
+            try:
+                pad_batch(fb, batch, tokens)
+            except ValueError:
+                continue
+            raise AssertionError(f"pad_batch accepted {batch} requests / {tokens} tokens")
+    finally:
+        for s in slots:
+            runner.kv.free(s)
+
+
+def test_every_batch_within_the_limits_finds_a_graph_shape(runner):
+    assert decode_batches(64)[:5] == [1, 2, 4, 8, 16] and decode_batches(64)[-1] == 64
+    assert decode_batches(3) == [1, 2, 3]
+    max_nodes = 63
+    for max_batch in (1, 8, 64):
+        shapes = verify_shapes(max_batch, max_nodes)
+        assert all(n >= b for b, n in shapes)
+        graphs = CudaGraphRunner(runner, max_batch, max_nodes, decode=False)
+        graphs.graphs = {(b, n): (b, n) for b, n, _ in graphs.shapes}  # stand-ins: _pick only looks shapes up
+        for b in range(1, max_batch + 1):
+            for n in sorted({b, 2 * b, b * max_nodes // 2, b * max_nodes}):
+                mask = torch.ones(1, dtype=torch.bool)
+                fb = ForwardBatch(input_ids=torch.zeros(n, dtype=torch.long), positions=None, out_slots=None,
+                                  qo_indptr=None, kv_indptr=None, kv_indices=None, q_lens=[1] * b, kv_lens=[1] * b,
+                                  custom_mask=mask)
+                got = graphs._pick(fb)
+                assert got is not None, f"no verify graph for {b} requests / {n} tokens (max batch {max_batch})"
+                batch, tokens = got
+                assert batch > b and tokens >= n + batch - b and tokens < 2 * (n + batch - b) + 2
+        decode = CudaGraphRunner(runner, max_batch, 0, decode=True)
+        decode.graphs = {(b, n): (b, n) for b, n, _ in decode.shapes}
+        for b in range(1, max_batch + 1):
+            fb = ForwardBatch(input_ids=torch.zeros(b, dtype=torch.long), positions=None, out_slots=None,
+                              qo_indptr=None, kv_indptr=None, kv_indices=None, q_lens=[1] * b, kv_lens=[1] * b)
+            assert decode._pick(fb) is not None
+        # beyond the limits: eager
+        fb = ForwardBatch(input_ids=torch.zeros(max_batch + 1, dtype=torch.long), positions=None, out_slots=None,
+                          qo_indptr=None, kv_indptr=None, kv_indices=None, q_lens=[1] * (max_batch + 1),
+                          kv_lens=[1] * (max_batch + 1))
+        assert decode._pick(fb) is None
