@@ -65,12 +65,11 @@ class Engine:
         self.context_length = self.runner.context_length
         self.worker = self._make_worker()
         if args.cuda_graph and self.runner.device.type == "cuda":
-            # graphs for the one forward shape family this worker decodes with: plain decode
-            # steps, or tree verification bounded by the library's largest tree
+            # plain decode steps (NONE, and speculative steps where no request drafts), and tree
+            # verification bounded by the library's largest tree
             plain = args.speculative_algorithm == "NONE"
             self.runner.capture_cuda_graphs(min(args.max_running_requests, args.cuda_graph_max_bs),
-                                            max_tree_nodes=0 if plain else self.worker.max_new_slots_per_step(),
-                                            decode=plain)
+                                            max_tree_nodes=0 if plain else self.worker.max_new_slots_per_step())
         cfg = self.runner.config
         eos = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:

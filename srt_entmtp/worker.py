@@ -69,6 +69,10 @@ class Worker:
 
     def decode(self, reqs: list[Request]) -> dict[str, list[int]]:
         """One autoregressive step: each request's pending token in, one new token out."""
+        return self.plain_step(reqs)[0]
+
+    def plain_step(self, reqs: list[Request]):
+        """The autoregressive step; also returns the forward's output (valid until the next forward)."""
         tokens = [torch.tensor([r.pending_token]) for r in reqs]
         slots = self.kv.alloc_many([1] * len(reqs))
         fb = ForwardBatch.build(tokens, [r.kv_slots for r in reqs], slots, device=self.runner.device)
@@ -76,4 +80,4 @@ class Worker:
         nxt = sample(out.logits, [r.sampling for r in reqs], [r.generator for r in reqs]).tolist()
         for r, s in zip(reqs, slots):
             r.kv_slots = torch.cat([r.kv_slots, s])
-        return {r.rid: [t] for r, t in zip(reqs, nxt)}
+        return {r.rid: [t] for r, t in zip(reqs, nxt)}, out

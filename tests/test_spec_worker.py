@@ -83,6 +83,57 @@ def test_static_and_per_request_overrides_equal_plain_decoding(runner, prompts, 
     assert pruned - {static}, "confidence pruning never removed a node"
 
 
+def test_steps_where_no_request_drafts_take_the_plain_decode_path(runner, prompts, reference):
+    """All requests on root-only trees: a plain decode forward (no tree mask, one KV slot each),
+    the same tokens, and the entropy estimates and counters still kept."""
+    rows, ids = prompts
+    eng = _spec_engine(runner, "ENTMTP", "medusa")
+    calls = collections.Counter()
+    forward = eng.runner.forward
+
+    def counting(fb):
+        calls["tree" if fb.custom_mask is not None else ("decode" if max(fb.q_lens) == 1 else "prefill")] += 1
+        return forward(fb)
+    eng.runner.forward = counting
+    free0 = eng.runner.kv.num_free
+    out = eng.generate(ids[:6], SamplingParams(max_new_tokens=N_TOKENS, ignore_eos=True),
+                       [SpecOptions(task=r["task"], policy="none") for r in rows[:6]])
+    for r, o in zip(reference, out):
+        assert o.output_ids == r
+    assert calls["tree"] == 0 and calls["decode"] >= N_TOKENS - 1
+    for o in out:
+        m = o.meta_info()
+        assert m["spec_verify_ct"] >= N_TOKENS - 1 and m["spec_accept_length"] == 1.0
+        assert set(o.tree_counts) == {ROOT_ONLY.name} and o.entropy_n > 0
+    assert eng.runner.kv.num_free == free0
+    # one request drafting puts the whole batch back on tree verification
+    calls.clear()
+    out = eng.generate(ids[:3], SamplingParams(max_new_tokens=8, ignore_eos=True),
+                       [SpecOptions(task=rows[0]["task"])] + [SpecOptions(task=r["task"], policy="none")
+                                                              for r in rows[1:3]])
+    assert calls["tree"] > 0
+    for r, o in zip(reference, out):
+        assert o.output_ids == r[:8]
+
+
+def test_a_library_that_never_drafts_decodes_plainly_without_asking_the_policy(runner, prompts, reference):
+    """The H200 library (calibrated with CUDA graphs: drafting does not pay there) holds only
+    root-only trees: ENTMTP then runs plain decode steps, skips the policy, equals NONE."""
+    rows, ids = prompts
+    lib = default_heads_dir("medusa").parents[1] / "spec" / "libraries" / "medusa_gpu.json"
+    eng = _spec_engine(runner, "ENTMTP", "medusa", tree_library=str(lib))
+    assert set(eng.worker._never_drafts) >= {"code", "math", "chat", "writing", "general"}
+
+    def no_policy(*a, **kw):
+        raise AssertionError("the policy was asked although no family drafts")
+    eng.worker.policy.choose = no_policy
+    out = eng.generate(ids[:5], SamplingParams(max_new_tokens=N_TOKENS, ignore_eos=True),
+                       [SpecOptions(task=r["task"]) for r in rows[:5]])
+    for r, o in zip(reference, out):
+        assert o.output_ids == r
+        assert o.meta_info()["spec_accept_length"] == 1.0 and o.entropy_n > 0
+
+
 def _two_sample_chi2_p(a: collections.Counter, b: collections.Counter) -> float:
     """p-value of a two-sample chi-square test of homogeneity (categories pooled below 5)."""
     from scipy.stats import chi2

@@ -62,6 +62,11 @@ class SpecWorker(Worker):
             self.policy = EntMTPPolicy(library, capacity=capacity)
         # per-request `policy: confidence` prunes the chosen tree after drafting (ConfAdapt)
         self.confidence = ConfidencePolicy(self.policy, confidence_threshold)
+        # families whose every bucket holds a root-only tree (a library calibrated where drafting
+        # does not pay): their requests skip the policy and take plain decode steps
+        self._never_drafts = {} if algorithm == "STATIC" else {
+            name: fam.tree_for_bucket(0) for name, fam in library.families.items()
+            if all(fam.tree_for_bucket(b).num_nodes == 1 for b in range(fam.num_buckets))}
         self._free_slots = list(range(capacity - 1, -1, -1))
         self.max_nodes = max(library.max_tree_nodes, (static_tree.num_nodes if static_tree else 1))
         self.step_info: dict[str, dict] = {}
@@ -109,6 +114,10 @@ class SpecWorker(Worker):
 
     # ---- one decode step ------------------------------------------------------------------------
     def _trees(self, reqs: list[Request], slots: torch.Tensor, entropy: torch.Tensor) -> list[Tree]:
+        never = self._never_drafts
+        if never and all(r.task in never and not r.spec.tree and r.spec.policy in (None, "entmtp", "none")
+                         for r in reqs):
+            return [ROOT_ONLY if r.spec.policy == "none" else never[r.task] for r in reqs]
         chosen = self.policy.choose(slots, [r.task for r in reqs], entropy)
         trees = []
         for r, t in zip(reqs, chosen):
@@ -126,6 +135,9 @@ class SpecWorker(Worker):
         slots = torch.tensor([r.slot for r in reqs])
         entropy = self.tracker.value(slots)
         trees = self._trees(reqs, slots, entropy)
+        if all(t.num_nodes == 1 for t in trees) and not any(
+                r.generator is not None and not r.sampling.greedy for r in reqs):
+            return self._decode_root_only(reqs, slots, trees, entropy)
         prefix = [int(r.kv_slots.numel()) for r in reqs]
         batch = RaggedTreeBatch.build(trees, torch.tensor(prefix), device=dev)
         hidden = torch.stack([r.last_hidden for r in reqs])
@@ -175,6 +187,27 @@ class SpecWorker(Worker):
             self.step_info[r.rid] = {"tree": trees[i].name, "task": r.task, "accepted": accept[i],
                                      "entropy": est[i], "entropy_in": est_in[i],
                                      "nodes": trees[i].num_nodes}
+        return results
+
+    def _decode_root_only(self, reqs, slots, trees, entropy):
+        """No request drafts this step (the library chose root-only trees, or `policy: none`):
+        a plain decode step (the decode CUDA graph on GPU), with the estimates still updated.
+        The same tokens as a root-only tree verify; seeded sampling requests never come here,
+        since their random stream must not depend on which path their batch took."""
+        results, out = self.plain_step(reqs)
+        ent = entropy_from_logits(out.logits)
+        self.tracker.update(slots, ent.cpu(), torch.arange(len(reqs) + 1))
+        hidden = out.hidden.clone()  # out may be a graph's static buffer
+        est, est_in = self.tracker.value(slots).tolist(), entropy.tolist()
+        self.step_info = {}
+        for i, r in enumerate(reqs):
+            r.last_hidden = hidden[i]
+            r.verify_ct += 1
+            r.tree_counts[trees[i].name] = r.tree_counts.get(trees[i].name, 0) + 1
+            r.entropy_sum += est[i]
+            r.entropy_n += 1
+            self.step_info[r.rid] = {"tree": trees[i].name, "task": r.task, "accepted": 0, "entropy": est[i],
+                                     "entropy_in": est_in[i], "nodes": 1}
         return results
 
     def _prune(self, reqs, trees, prefix, batch, draft, dev):
