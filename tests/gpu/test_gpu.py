@@ -7,9 +7,11 @@ CI has no GPU: every test here is skipped there, saying why.
     the eager forward on the same batch;
   * ENTMTP equals NONE token for token at temperature 0 with mixed trees in one batch, on the GPU:
     exactly in float32 (SDPA backend), and in bfloat16 with FlashInfer, with and without CUDA
-    graphs, up to near-ties (a greedy
-    choice between two tokens whose logits differ by less than bf16 can resolve is not a bug of
-    speculation; the test checks that every divergence starts at such a near-tie).
+    graphs, up to near-ties (a greedy choice between two tokens whose logits differ by less than
+    bf16 can resolve is not a bug of speculation; the test checks that every divergence starts
+    at such a near-tie);
+  * the Triton kernels of model/fused.py round like the torch forms they replace, and the fused
+    forward picks the same next tokens as the torch forward over real prompts.
 """
 from __future__ import annotations
 
