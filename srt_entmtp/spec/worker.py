@@ -113,11 +113,16 @@ class SpecWorker(Worker):
         self.tracker.update(slots, ent, torch.arange(len(reqs) + 1))
 
     # ---- one decode step ------------------------------------------------------------------------
-    def _trees(self, reqs: list[Request], slots: torch.Tensor, entropy: torch.Tensor) -> list[Tree]:
+    def _never_draft(self, reqs: list[Request]) -> bool:
+        """Whether no request of this batch can draft whatever its entropy: each is in a family
+        whose library trees are all root-only, with no per-request tree or policy that drafts."""
         never = self._never_drafts
-        if never and all(r.task in never and not r.spec.tree and r.spec.policy in (None, "entmtp", "none")
-                         for r in reqs):
-            return [ROOT_ONLY if r.spec.policy == "none" else never[r.task] for r in reqs]
+        return bool(never) and all(r.task in never and not r.spec.tree and r.spec.policy in (None, "entmtp", "none")
+                                   for r in reqs)
+
+    def _trees(self, reqs: list[Request], slots: torch.Tensor, entropy: torch.Tensor) -> list[Tree]:
+        if self._never_draft(reqs):
+            return [ROOT_ONLY if r.spec.policy == "none" else self._never_drafts[r.task] for r in reqs]
         chosen = self.policy.choose(slots, [r.task for r in reqs], entropy)
         trees = []
         for r, t in zip(reqs, chosen):
@@ -191,23 +196,28 @@ class SpecWorker(Worker):
 
     def _decode_root_only(self, reqs, slots, trees, entropy):
         """No request drafts this step (the library chose root-only trees, or `policy: none`):
-        a plain decode step (the decode CUDA graph on GPU), with the estimates still updated.
-        The same tokens as a root-only tree verify; seeded sampling requests never come here,
-        since their random stream must not depend on which path their batch took."""
+        a plain decode step (the decode CUDA graph on GPU). The same tokens as a root-only tree
+        verify; seeded sampling requests never come here, since their random stream must not
+        depend on which path their batch took. The entropy estimates are updated unless no
+        request could ever draft (`_never_draft`): then nothing reads them, and the step costs
+        what a NONE step costs (their `mean_entropy` stays null)."""
         results, out = self.plain_step(reqs)
-        ent = entropy_from_logits(out.logits)
-        self.tracker.update(slots, ent.cpu(), torch.arange(len(reqs) + 1))
+        track = not self._never_draft(reqs)
+        if track:
+            self.tracker.update(slots, entropy_from_logits(out.logits).cpu(), torch.arange(len(reqs) + 1))
+            est = self.tracker.value(slots).tolist()
         hidden = out.hidden.clone()  # out may be a graph's static buffer
-        est, est_in = self.tracker.value(slots).tolist(), entropy.tolist()
+        est_in = entropy.tolist()
         self.step_info = {}
         for i, r in enumerate(reqs):
             r.last_hidden = hidden[i]
             r.verify_ct += 1
             r.tree_counts[trees[i].name] = r.tree_counts.get(trees[i].name, 0) + 1
-            r.entropy_sum += est[i]
-            r.entropy_n += 1
-            self.step_info[r.rid] = {"tree": trees[i].name, "task": r.task, "accepted": 0, "entropy": est[i],
-                                     "entropy_in": est_in[i], "nodes": 1}
+            if track:
+                r.entropy_sum += est[i]
+                r.entropy_n += 1
+            self.step_info[r.rid] = {"tree": trees[i].name, "task": r.task, "accepted": 0,
+                                     "entropy": est[i] if track else None, "entropy_in": est_in[i], "nodes": 1}
         return results
 
     def _prune(self, reqs, trees, prefix, batch, draft, dev):
