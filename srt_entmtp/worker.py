@@ -73,11 +73,11 @@ class Worker:
 
     def plain_step(self, reqs: list[Request]):
         """The autoregressive step; also returns the forward's output (valid until the next forward)."""
-        tokens = [torch.tensor([r.pending_token]) for r in reqs]
-        slots = self.kv.alloc_many([1] * len(reqs))
-        fb = ForwardBatch.build(tokens, [r.kv_slots for r in reqs], slots, device=self.runner.device)
+        slots = self.kv.alloc(len(reqs))
+        fb = ForwardBatch.build_decode([r.pending_token for r in reqs], [r.kv_slots for r in reqs], slots,
+                                       device=self.runner.device)
         out = self.runner.forward(fb)
         nxt = sample(out.logits, [r.sampling for r in reqs], [r.generator for r in reqs]).tolist()
-        for r, s in zip(reqs, slots):
+        for r, s in zip(reqs, slots.split(1)):
             r.kv_slots = torch.cat([r.kv_slots, s])
         return {r.rid: [t] for r, t in zip(reqs, nxt)}, out

@@ -120,7 +120,7 @@ def prediction_table(steps: list[dict], lib: TreeLibrary) -> list[dict]:
     """Per family and bucket, ENTMTP steps only: mean predicted vs observed accepted drafts."""
     groups = defaultdict(lambda: {"pred": [], "obs": []})
     for s in steps:
-        if s.get("config") != "ENTMTP":
+        if s.get("config") != "ENTMTP" or s.get("entropy_in") is None:  # None: a library that never drafts
             continue
         fam = lib.family(s["task"])
         b = fam.bucket_of(s["entropy_in"])

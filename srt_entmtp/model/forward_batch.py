@@ -63,6 +63,32 @@ class ForwardBatch:
             logits_indices=None if logits_indices is None else logits_indices.to(device),
         )
 
+    @classmethod
+    def build_decode(cls, tokens: list[int], prefix_slots: list[torch.Tensor], new_slots: torch.Tensor,
+                     device: torch.device | str = "cpu") -> "ForwardBatch":
+        """One new token per request (a plain decode step): the same batch as `build`, assembled
+        with a fixed number of tensor ops whatever the batch size (no per-request tensors)."""
+        B = len(tokens)
+        prefix_lens = [int(p.numel()) for p in prefix_slots]
+        kv_lens = [n + 1 for n in prefix_lens]
+        kv_indptr = _indptr(kv_lens, "cpu")
+        # each request's slots are its prefix then its new slot: put the new slots at the ends
+        is_new = torch.zeros(int(kv_indptr[-1]), dtype=torch.bool)
+        is_new[kv_indptr[1:] - 1] = True
+        kv_indices = torch.empty(is_new.numel(), dtype=torch.long)
+        kv_indices[is_new] = new_slots
+        kv_indices[~is_new] = torch.cat(prefix_slots) if B else kv_indices[:0]
+        return cls(
+            input_ids=torch.tensor(tokens, dtype=torch.long).to(device),
+            positions=torch.tensor(prefix_lens, dtype=torch.long).to(device),
+            out_slots=new_slots.to(device),
+            qo_indptr=torch.arange(B + 1).to(device),
+            kv_indptr=kv_indptr.to(device),
+            kv_indices=kv_indices.to(device),
+            q_lens=[1] * B,
+            kv_lens=kv_lens,
+        )
+
 
 def _indptr(lens: list[int], device) -> torch.Tensor:
     out = torch.zeros(len(lens) + 1, dtype=torch.long)

@@ -114,15 +114,14 @@ class SpecWorker(Worker):
 
     # ---- one decode step ------------------------------------------------------------------------
     def _never_draft(self, reqs: list[Request]) -> bool:
-        """Whether no request of this batch can draft whatever its entropy: each is in a family
-        whose library trees are all root-only, with no per-request tree or policy that drafts."""
+        """Whether no request of this batch can ever draft: each is in a family whose library
+        trees are all root-only, with no per-request tree or policy that drafts, and none samples
+        with its own seed (those stay on one path, so their random stream never depends on it)."""
         never = self._never_drafts
         return bool(never) and all(r.task in never and not r.spec.tree and r.spec.policy in (None, "entmtp", "none")
-                                   for r in reqs)
+                                   and (r.generator is None or r.sampling.greedy) for r in reqs)
 
     def _trees(self, reqs: list[Request], slots: torch.Tensor, entropy: torch.Tensor) -> list[Tree]:
-        if self._never_draft(reqs):
-            return [ROOT_ONLY if r.spec.policy == "none" else self._never_drafts[r.task] for r in reqs]
         chosen = self.policy.choose(slots, [r.task for r in reqs], entropy)
         trees = []
         for r, t in zip(reqs, chosen):
@@ -136,13 +135,16 @@ class SpecWorker(Worker):
         return trees
 
     def decode(self, reqs: list[Request]) -> dict[str, list[int]]:
+        if self._never_draft(reqs):  # no estimate, no policy: nothing would read them
+            trees = [ROOT_ONLY if r.spec.policy == "none" else self._never_drafts[r.task] for r in reqs]
+            return self._decode_root_only(reqs, trees)
         dev = self.runner.device
         slots = torch.tensor([r.slot for r in reqs])
         entropy = self.tracker.value(slots)
         trees = self._trees(reqs, slots, entropy)
         if all(t.num_nodes == 1 for t in trees) and not any(
                 r.generator is not None and not r.sampling.greedy for r in reqs):
-            return self._decode_root_only(reqs, slots, trees, entropy)
+            return self._decode_root_only(reqs, trees, slots, entropy)
         prefix = [int(r.kv_slots.numel()) for r in reqs]
         batch = RaggedTreeBatch.build(trees, torch.tensor(prefix), device=dev)
         hidden = torch.stack([r.last_hidden for r in reqs])
@@ -194,30 +196,30 @@ class SpecWorker(Worker):
                                      "nodes": trees[i].num_nodes}
         return results
 
-    def _decode_root_only(self, reqs, slots, trees, entropy):
+    def _decode_root_only(self, reqs, trees, slots=None, entropy=None):
         """No request drafts this step (the library chose root-only trees, or `policy: none`):
-        a plain decode step (the decode CUDA graph on GPU). The same tokens as a root-only tree
-        verify; seeded sampling requests never come here, since their random stream must not
-        depend on which path their batch took. The entropy estimates are updated unless no
-        request could ever draft (`_never_draft`): then nothing reads them, and the step costs
-        what a NONE step costs (their `mean_entropy` stays null)."""
+        a plain decode step (the decode CUDA graph on GPU), the same tokens as a root-only tree
+        verify. Seeded sampling requests never come here, since their random stream must not
+        depend on which path their batch took. Without `slots` the batch can never draft
+        (`_never_draft`): then no entropy estimate and no hidden state are kept, since nothing
+        would read them, and the step costs what a NONE step costs (`mean_entropy` stays null)."""
         results, out = self.plain_step(reqs)
-        track = not self._never_draft(reqs)
+        track = slots is not None
         if track:
             self.tracker.update(slots, entropy_from_logits(out.logits).cpu(), torch.arange(len(reqs) + 1))
-            est = self.tracker.value(slots).tolist()
-        hidden = out.hidden.clone()  # out may be a graph's static buffer
-        est_in = entropy.tolist()
+            est, est_in = self.tracker.value(slots).tolist(), entropy.tolist()
+            hidden = out.hidden.clone()  # out may be a graph's static buffer
         self.step_info = {}
         for i, r in enumerate(reqs):
-            r.last_hidden = hidden[i]
             r.verify_ct += 1
-            r.tree_counts[trees[i].name] = r.tree_counts.get(trees[i].name, 0) + 1
+            name = trees[i].name
+            r.tree_counts[name] = r.tree_counts.get(name, 0) + 1
             if track:
+                r.last_hidden = hidden[i]
                 r.entropy_sum += est[i]
                 r.entropy_n += 1
-            self.step_info[r.rid] = {"tree": trees[i].name, "task": r.task, "accepted": 0,
-                                     "entropy": est[i] if track else None, "entropy_in": est_in[i], "nodes": 1}
+            self.step_info[r.rid] = {"tree": name, "task": r.task, "accepted": 0, "entropy": est[i] if track else None,
+                                     "entropy_in": est_in[i] if track else None, "nodes": 1}
         return results
 
     def _prune(self, reqs, trees, prefix, batch, draft, dev):
