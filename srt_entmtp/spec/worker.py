@@ -202,7 +202,9 @@ class SpecWorker(Worker):
         verify. Seeded sampling requests never come here, since their random stream must not
         depend on which path their batch took. Without `slots` the batch can never draft
         (`_never_draft`): then no entropy estimate and no hidden state are kept, since nothing
-        would read them, and the step costs what a NONE step costs (`mean_entropy` stays null)."""
+        would read them, and the step costs what a NONE step costs (`mean_entropy` stays null).
+        (Such a request's tree is root-only in every later step too, whatever batch it joins, and
+        a root-only tree is drafted without reading the hidden state, so a stale one is harmless.)"""
         results, out = self.plain_step(reqs)
         track = slots is not None
         if track:
