@@ -69,8 +69,8 @@ def main():
     for B in ns.batch_sizes:
         runs = {"NONE": [], "ENTMTP": []}
         for _ in range(ns.repeats):
-            for alg in runs:
-                runs[alg].append(host_step_ms(alg, B, ns.steps, ns.tree_library))
+            for alg, times in runs.items():
+                times.append(host_step_ms(alg, B, ns.steps, ns.tree_library))
         rows.append({"batch": B, **{f"{a}_ms": statistics.median(v) for a, v in runs.items()}, "runs": runs})
     Path(ns.out).write_text(json.dumps({"machine": "cpu host", "library": ns.tree_library, "rows": rows}, indent=1))
     print("host ms per decode step (forward and sampling taken out), median of", ns.repeats)

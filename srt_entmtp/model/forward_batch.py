@@ -65,7 +65,7 @@ class ForwardBatch:
 
     @classmethod
     def build_decode(cls, tokens: list[int], prefix_slots: list[torch.Tensor], new_slots: torch.Tensor,
-                     device: torch.device | str = "cpu") -> "ForwardBatch":
+                     device: torch.device | str = "cpu") -> ForwardBatch:
         """One new token per request (a plain decode step): the same batch as `build`, assembled
         with a fixed number of tensor ops whatever the batch size (no per-request tensors)."""
         B = len(tokens)

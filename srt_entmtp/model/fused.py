@@ -25,8 +25,7 @@ import torch.nn.functional as F
 @functools.cache
 def _triton():
     try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
+        import triton.language  # noqa: F401  (also imports triton)
     except ImportError:
         return None
     return _build_kernels()

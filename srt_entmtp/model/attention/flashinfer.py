@@ -88,11 +88,7 @@ class FlashInferBackend(AttentionBackend):
         self.wrapper = self.prefill
 
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        kc, vc = self.kv.k[layer], self.kv.v[layer]
-        kc[self._out_slots] = k
-        vc[self._out_slots] = v
-        out = self.wrapper.run(q.contiguous(), (kc.unsqueeze(1), vc.unsqueeze(1)))
-        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+        return _store_and_attend(self, self.wrapper, layer, q, k, v)
 
 
 class GraphAttention(AttentionBackend):
@@ -159,11 +155,17 @@ class GraphAttention(AttentionBackend):
                           **{self._head_kw: self.head_dim})
 
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        kc, vc = self.kv.k[layer], self.kv.v[layer]
-        kc[self._out_slots] = k
-        vc[self._out_slots] = v
-        out = self.wrapper.run(q.contiguous(), (kc.unsqueeze(1), vc.unsqueeze(1)))
-        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+        return _store_and_attend(self, self.wrapper, layer, q, k, v)
+
+
+def _store_and_attend(attn: AttentionBackend, wrapper, layer: int, q: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor) -> torch.Tensor:
+    """Write the new tokens' K/V into their slots, then run the planned wrapper on the layer's pages."""
+    kc, vc = attn.kv.k[layer], attn.kv.v[layer]
+    kc[attn._out_slots] = k
+    vc[attn._out_slots] = v
+    out = wrapper.run(q.contiguous(), (kc.unsqueeze(1), vc.unsqueeze(1)))
+    return out.reshape(q.shape[0], attn.num_heads * attn.head_dim)
 
 
 def _host_indptr(lens: list[int]) -> torch.Tensor:
