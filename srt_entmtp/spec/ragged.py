@@ -13,6 +13,7 @@ is assembled on the CPU and moved to `device` once.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -70,45 +71,11 @@ class RaggedTreeBatch:
             raise ValueError(f"{len(trees)} trees but {prefix_cpu.numel()} prefix lengths")
         if device is None:
             device = prefix_lens.device if isinstance(prefix_lens, torch.Tensor) else "cpu"
-        table = _TreeTable(trees)
-        tid = table.tree_id                                   # [B] which distinct tree
-        B = len(trees)
-        counts = table.num_nodes[tid]
-        indptr = _indptr(counts)
-        T = int(indptr[-1])
-        request = torch.repeat_interleave(torch.arange(B), counts, output_size=T)
-        local = torch.arange(T) - indptr[:-1][request]
-        node = table.node_start[tid][request] + local         # row in the distinct trees' node table
-        parents_local = table.parents[node]
-        mask_counts = counts * counts
-        mask_indptr = _indptr(mask_counts)
-        mreq = torch.repeat_interleave(torch.arange(B), mask_counts, output_size=int(mask_indptr[-1]))
-        mlocal = torch.arange(int(mask_indptr[-1])) - mask_indptr[:-1][mreq]
-
-        def to(x: torch.Tensor) -> torch.Tensor:
-            return x.to(device)
-
-        return cls(
-            trees=trees,
-            prefix_lens=to(prefix_cpu),
-            node_indptr=to(indptr),
-            num_tokens=T,
-            positions=to(prefix_cpu[request] + table.depths[node]),
-            depths=to(table.depths[node]),
-            ranks=to(table.ranks[node]),
-            parents_global=to(torch.where(parents_local >= 0, parents_local + indptr[:-1][request], -1)),
-            request_index=to(request),
-            local_index=to(local),
-            tree_mask_flat=to(table.masks[table.mask_start[tid][mreq] + mlocal]),
-            mask_indptr=to(mask_indptr),
-            retrieve_indices=to(table.retrieve[tid]),
-            num_leaves=to(table.num_leaves[tid]),
-            node_counts=counts.tolist(),
-            prefix_list=prefix_cpu.tolist(),
-            max_nodes=int(counts.max()),
-            max_depth=int(table.depth[tid].max()),
-            _table=table,
-        )
+        layout = _layout(tuple(trees), torch.device(device))
+        prefix = prefix_cpu.to(device)
+        return cls(trees=trees, prefix_lens=prefix, positions=prefix[layout["request_index"]] + layout["depths"],
+                   prefix_list=prefix_cpu.tolist(), **{k: (list(v) if isinstance(v, list) else v)
+                                                         for k, v in layout.items()})
 
     # ---- derived layouts (computed on demand; none of them is needed by every backend) ----
 
@@ -182,6 +149,45 @@ class RaggedTreeBatch:
         allowed = (row_ok & (rel < 0)) | (in_tree & tree[bi, ti, si])
         allowed[:, :, 0] |= ~row_ok[:, :, 0]
         return allowed
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(trees: tuple[Tree, ...], device: torch.device) -> dict:
+    """Every field of a RaggedTreeBatch that depends only on the batch's trees, on `device`.
+    Cached per composition: a running batch keeps its trees for many steps, so a step then
+    pays one gather for the positions instead of building and copying a dozen tensors.
+    (Consumers only read these tensors, so sharing them between steps is safe.)"""
+    table = _TreeTable(list(trees))
+    tid = table.tree_id                                   # [B] which distinct tree
+    B = len(trees)
+    counts = table.num_nodes[tid]
+    indptr = _indptr(counts)
+    T = int(indptr[-1])
+    request = torch.repeat_interleave(torch.arange(B), counts, output_size=T)
+    local = torch.arange(T) - indptr[:-1][request]
+    node = table.node_start[tid][request] + local         # row in the distinct trees' node table
+    parents_local = table.parents[node]
+    mask_counts = counts * counts
+    mask_indptr = _indptr(mask_counts)
+    mreq = torch.repeat_interleave(torch.arange(B), mask_counts, output_size=int(mask_indptr[-1]))
+    mlocal = torch.arange(int(mask_indptr[-1])) - mask_indptr[:-1][mreq]
+    return {
+        "node_indptr": indptr.to(device),
+        "num_tokens": T,
+        "depths": table.depths[node].to(device),
+        "ranks": table.ranks[node].to(device),
+        "parents_global": torch.where(parents_local >= 0, parents_local + indptr[:-1][request], -1).to(device),
+        "request_index": request.to(device),
+        "local_index": local.to(device),
+        "tree_mask_flat": table.masks[table.mask_start[tid][mreq] + mlocal].to(device),
+        "mask_indptr": mask_indptr.to(device),
+        "retrieve_indices": table.retrieve[tid].to(device),
+        "num_leaves": table.num_leaves[tid].to(device),
+        "node_counts": counts.tolist(),
+        "max_nodes": int(counts.max()),
+        "max_depth": int(table.depth[tid].max()),
+        "_table": table,
+    }
 
 
 class _TreeTable:
