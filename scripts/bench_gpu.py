@@ -2,11 +2,12 @@
 """GPU benchmark, one run end to end (issue 6):
 
   (a) forward latency vs new tokens per request and batch size (the cost curve calibration
-      reads; `--cost-out` writes it in calibrate's format);
-  (b) autoregressive decode step at batch 1, 8, 64: our engine (forward alone and the whole
-      engine step) beside transformers' eager forward with its KV cache, and beside the
-      memory-bandwidth floor measured in the same run (weight + KV bytes read per step over a
-      measured device-to-device copy rate);
+      reads; `--cost-out` writes it in calibrate's format); T = 1 is a decode forward, T > 1 a
+      tree-verify forward, each replaying its CUDA graph (captured first, unless --eager);
+  (b) autoregressive decode step at batch 1, 8, 64: our engine (forward with the CUDA graph,
+      forward eager, and the whole engine step) beside transformers' eager forward with its KV
+      cache, and beside the memory-bandwidth floor measured in the same run (weight + KV bytes
+      read per step over a measured device-to-device copy rate);
   (c) offline throughput at concurrency 1, 8, 64 over prompts of all four task families:
       tokens/s and accepted tokens per step for NONE, the best single STATIC tree and ENTMTP, per
       drafter. With --library-dir, the library for concurrency C is <dir>/<drafter>_gpu_b<C>.json
