@@ -4,14 +4,16 @@ At batch 1 an eager forward of a small model is ~1,100 kernel launches and almos
 a graph replays them in one launch. Graphs need fixed shapes, so forwards are captured per
 bucket and a live batch is padded up to the nearest one:
 
-  * decode (NONE engines): B requests x 1 token, for B in `decode_batches` (1, 2, 4, 8, 16, 24, ...);
+  * decode (every engine): B requests x 1 token, for B in `decode_batches` (1, 2, 4, 8, 16, ...);
   * verify (speculative engines): B requests + 1 padding request, N tokens in all, tree masks,
     for B in powers of two and N in powers of two from B + 1 up to B x the largest tree.
 
 Padding is dummy requests that read and write only the KV pool's reserved slot 0 (one token
-each, the last one taking every spare token, each with slot 0 as its one key), so a padded
-batch's real rows are computed exactly as the eager path computes them. Everything else (prompt chunks, forwards that ask for
-a subset of logits, shapes beyond the buckets) runs eagerly.
+each, the last one taking every spare token, each with slot 0 as its one key), so the real rows
+attend to exactly the keys they attend to eagerly. (FlashInfer's graph mode tiles by the
+bucket's size, so a replay may round differently from an eager forward in bf16.) Everything
+else (prompt chunks, forwards that ask for a subset of logits, shapes beyond the buckets) runs
+eagerly.
 
 All graphs share one memory pool and write their outputs into one pair of static buffers
 (hidden [N, d] and float32 logits [N, vocab]): the outputs of a replay are views, valid until
