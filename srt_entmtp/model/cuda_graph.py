@@ -146,10 +146,8 @@ class CudaGraphRunner:
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - t0
         self.memory_bytes = free0 - torch.cuda.mem_get_info()[0]
-        kinds = ["decode"] * any(not t for _, _, t in self.shapes) + [f"verify <= {self.max_tree_nodes} nodes per tree"] * (
-            self.max_tree_nodes > 0)
-        log.info("captured %d CUDA graphs (%s; batch <= %d) in %.1fs, holding %.0f MiB", len(self.graphs),
-                 ", ".join(kinds), self.max_batch, self.capture_seconds, self.memory_bytes / 2**20)
+        log.info("captured %d CUDA graphs (batch <= %d, trees <= %d nodes) in %.1fs, holding %.0f MiB",
+                 len(self.graphs), self.max_batch, self.max_tree_nodes, self.capture_seconds, self.memory_bytes / 2**20)
 
     def _forward(self, attn, tokens: int) -> None:
         hidden = self.model.forward(self.input_ids[:tokens], self.positions[:tokens], attn)
@@ -174,7 +172,7 @@ class CudaGraphRunner:
         for batch, tokens, is_tree in self.shapes:
             if is_tree != tree or batch < b + tree:  # verify shapes always hold one dummy request
                 continue
-            if tokens < n + (batch - b) or (not tree and batch != tokens):
+            if tokens < n + (batch - b):  # each dummy request needs a token
                 continue
             if best is None or (tokens, batch) < (best[1], best[0]):
                 best = (batch, tokens)

@@ -85,12 +85,8 @@ def rope_qk(qk: torch.Tensor, num_q_heads: int, positions: torch.Tensor, cos: to
             sin_signed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding of qk = [n, q_heads + k_heads, d] (a view into qkv is fine), returning
     contiguous q [n, q_heads, d] and k [n, k_heads, d]. cos / sin_signed: float32 [positions, d]
-    tables, rounded to qk's dtype before use (as the torch form does)."""
-    if not enabled(qk):
-        c = cos[positions].to(qk.dtype).unsqueeze(1)
-        s = sin_signed[positions].to(qk.dtype).unsqueeze(1)
-        out = rope_torch(qk, c, s)
-        return out[:, :num_q_heads], out[:, num_q_heads:]
+    tables, rounded to qk's dtype before use (as the torch form does). Only where enabled(qk):
+    elsewhere the model gathers cos / sin once per forward and calls rope_torch per layer."""
     return _triton().rope_qk(qk, num_q_heads, positions, cos, sin_signed)
 
 

@@ -185,16 +185,21 @@ class SpecWorker(Worker):
         for i, r in enumerate(reqs):
             r.kv_slots = torch.cat([r.kv_slots, new_slots[i][:accept[i] + 1]])
             r.last_hidden = last_hidden[i]
-            r.verify_ct += 1
-            r.accepted_tokens += accept[i]
-            r.tree_counts[trees[i].name] = r.tree_counts.get(trees[i].name, 0) + 1
-            r.entropy_sum += est[i]
-            r.entropy_n += 1
+            self._record(r, trees[i], accept[i], est[i], est_in[i])
             results[r.rid] = emitted[i]
-            self.step_info[r.rid] = {"tree": trees[i].name, "task": r.task, "accepted": accept[i],
-                                     "entropy": est[i], "entropy_in": est_in[i],
-                                     "nodes": trees[i].num_nodes}
         return results
+
+    def _record(self, r: Request, tree: Tree, accepted: int, est: float | None, est_in: float | None) -> None:
+        """A request's counters and this step's info (metrics, calibration) after one step.
+        est None: no estimate was kept this step (a batch that can never draft)."""
+        r.verify_ct += 1
+        r.accepted_tokens += accepted
+        r.tree_counts[tree.name] = r.tree_counts.get(tree.name, 0) + 1
+        if est is not None:
+            r.entropy_sum += est
+            r.entropy_n += 1
+        self.step_info[r.rid] = {"tree": tree.name, "task": r.task, "accepted": accepted, "entropy": est,
+                                 "entropy_in": est_in, "nodes": tree.num_nodes}
 
     def _decode_root_only(self, reqs, trees, slots=None, entropy=None):
         """No request drafts this step (the library chose root-only trees, or `policy: none`):
@@ -206,22 +211,16 @@ class SpecWorker(Worker):
         (Such a request's tree is root-only in every later step too, whatever batch it joins, and
         a root-only tree is drafted without reading the hidden state, so a stale one is harmless.)"""
         results, out = self.plain_step(reqs)
-        track = slots is not None
-        if track:
+        est = est_in = [None] * len(reqs)
+        if slots is not None:
             self.tracker.update(slots, entropy_from_logits(out.logits).cpu(), torch.arange(len(reqs) + 1))
             est, est_in = self.tracker.value(slots).tolist(), entropy.tolist()
             hidden = out.hidden.clone()  # out may be a graph's static buffer
+            for i, r in enumerate(reqs):
+                r.last_hidden = hidden[i]
         self.step_info = {}
         for i, r in enumerate(reqs):
-            r.verify_ct += 1
-            name = trees[i].name
-            r.tree_counts[name] = r.tree_counts.get(name, 0) + 1
-            if track:
-                r.last_hidden = hidden[i]
-                r.entropy_sum += est[i]
-                r.entropy_n += 1
-            self.step_info[r.rid] = {"tree": name, "task": r.task, "accepted": 0, "entropy": est[i] if track else None,
-                                     "entropy_in": est_in[i] if track else None, "nodes": 1}
+            self._record(r, trees[i], 0, est[i], est_in[i])
         return results
 
     def _prune(self, reqs, trees, prefix, batch, draft, dev):
