@@ -41,7 +41,6 @@ FORMAT = "entmtp-acceptance-stats"
 VERSION = 1
 MISS, BEYOND = "x", "-"       # rank >= K; depth past the end of the answer
 HEAD_FAMILIES = ("code", "math", "chat", "writing")
-TRAINED_PROMPTS_PER_FAMILY = 800  # the shipped heads were trained on the first 800 (train/data.py)
 
 
 class StatsError(CalibrationFileError):
@@ -177,14 +176,14 @@ def estimator_trace(entropies: torch.Tensor, est: EstimatorConfig) -> torch.Tens
 
 # ---- collection -------------------------------------------------------------------------------------
 
-def calibration_prompts(family: str, n: int, prompts_dir: Path | None = None, skip: int = TRAINED_PROMPTS_PER_FAMILY,
-                        max_chars: int = 2000) -> list:
-    """Training-split prompts the heads never saw (after the first `skip` in the split's SHA-1
-    order); the held-out split and the benchmark sets are left to validation."""
-    from srt_entmtp.train.data import load_family, split_family
+def calibration_prompts(family: str, n: int, prompts_dir: Path | None = None, max_chars: int = 2000) -> list:
+    """The training split's calibration reserve, which heads never train on
+    (train/data.py: trainable_and_calibration); the held-out split and the benchmark sets are
+    left to validation."""
+    from srt_entmtp.train.data import load_family, split_family, trainable_and_calibration
 
     train, _ = split_family(load_family(family, prompts_dir))
-    pool = [p for p in train[skip:] if len(p.prompt) <= max_chars]
+    pool = [p for p in trainable_and_calibration(train)[1] if len(p.prompt) <= max_chars]
     if len(pool) < n:
         log.warning("%s: only %d unseen calibration prompts (asked for %d)", family, len(pool), n)
     return pool[:n]
@@ -276,7 +275,7 @@ def collect(engine, drafters: dict, families: list[str], prompts_per_family: int
                  len(next(iter(fams.values()))[fam].ranks), time.perf_counter() - t0)
     meta = {"prompts_per_family": prompts_per_family, "max_new_tokens": max_new_tokens, "seed": seed,
             "prompts": n_prompts, "answer_tokens": n_tokens, "seconds": round(time.perf_counter() - t0, 1),
-            "prompt_source": f"train split after the first {TRAINED_PROMPTS_PER_FAMILY} per family (SHA-1 order)",
+            "prompt_source": "the training split's calibration reserve (its last prompts in SHA-1 order)",
             "device": str(engine.runner.device), "dtype": str(engine.runner.dtype).replace("torch.", "")}
     return {k: AcceptanceStats(engine.model_name, k, depth[k], top_k, temperature, est, fams[k], dict(meta))
             for k in drafters}

@@ -65,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def gen_opts(s):
         g = s.add_argument_group("self-distillation data")
-        g.add_argument("--per-family", type=int, default=800, help="training prompts per task family (a time budget may use fewer)")
+        g.add_argument("--per-family", type=int, default=0,
+                       help="training prompts per task family (0 = all but the calibration reserve; a time budget may use fewer)")
+        g.add_argument("--answers-per-prompt", type=int, default=1,
+                       help="answers per training prompt; all but the first are sampled at --temperature")
         g.add_argument("--eval-per-family", type=int, default=40, help="held-out prompts per family answered for eval")
         g.add_argument("--families", default="code,math,chat,writing")
         g.add_argument("--max-new-tokens", type=int, default=256)
@@ -109,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("gen-data", help="generate the base model's own answers (self-distillation)")
     common(s)
     gen_opts(s)
+    s.add_argument("--budget-minutes", type=float, default=0.0,
+                   help="stop generating after this long, keeping what is done (0 = none)")
     s = sub.add_parser("train", help="train drafters on the data")
     common(s)
     train_opts(s, "medusa")
@@ -155,7 +160,7 @@ def _engine(ns):
     args = EngineArgs(model_path=ns.model_path, device=_device(ns), dtype=ns.dtype, context_length=max(ctx, 2048),
                       attention_backend=ns.attention_backend,
                       kv_slots=slots, max_running_requests=ns.gen_batch, max_waiting_requests=10**7,
-                      chunked_prefill_size=ns.prefill_chunk)
+                      chunked_prefill_size=ns.prefill_chunk, cuda_graph_max_bs=ns.gen_batch)
     return Engine(args)
 
 
@@ -182,7 +187,7 @@ def run_gen(ns, engine, time_budget_s: float | None = None) -> dict:
         if f not in FAMILIES:
             raise SystemExit(f"--families: unknown family {f!r}; choose from {', '.join(FAMILIES)}")
     cfg = GenConfig(max_new_tokens=ns.max_new_tokens, sample_fraction=ns.sample_fraction,
-                    temperature=ns.temperature, seed=ns.seed)
+                    temperature=ns.temperature, seed=ns.seed, answers_per_prompt=ns.answers_per_prompt)
     meta = gen_data(engine, ns.out / "data" / "selfdistill.pt", per_family=ns.per_family,
                     eval_per_family=ns.eval_per_family, cfg=cfg, families=fams, prompts_dir=ns.prompts_dir,
                     progress=not ns.quiet, max_prompt_tokens=ns.max_prompt_tokens, time_budget_s=time_budget_s)
@@ -288,7 +293,7 @@ def _teacher(ns, runner, records):
 
 
 def cmd_gen(ns) -> int:
-    run_gen(ns, _engine(ns))
+    run_gen(ns, _engine(ns), ns.budget_minutes * 60 if ns.budget_minutes > 0 else None)
     return 0
 
 

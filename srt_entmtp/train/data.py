@@ -37,6 +37,7 @@ FAMILIES = ("code", "math", "chat", "writing")
 PROMPT_FILES = {"math": "gsm8k_train.jsonl", "chat": "sharegpt_train.jsonl", "writing": "writing_train.jsonl"}
 BENCHMARK_ONLY = ("humaneval.jsonl", "mtbench.jsonl")
 HELDOUT_FRACTION = 0.05
+CALIBRATION_RESERVE = 64  # the last prompts of every training split: calibration's, never trained on
 DATA_FORMAT = "entmtp-selfdistill"
 CODE_PROMPT = "Complete the following Python function:\n```python\ndef {name}{sig}:\n{doc}\n```"
 
@@ -171,6 +172,14 @@ def split_family(prompts: list[Prompt]) -> tuple[list[Prompt], list[Prompt]]:
     return order[k:], order[:k]
 
 
+def trainable_and_calibration(train: list[Prompt]) -> tuple[list[Prompt], list[Prompt]]:
+    """A training split (SHA-1 order) cut into what heads may train on and the last
+    CALIBRATION_RESERVE prompts, which only calibration reads, so its statistics come from
+    prompts the heads never saw."""
+    k = min(CALIBRATION_RESERVE, len(train) // 2)
+    return train[:len(train) - k], train[len(train) - k:]
+
+
 def heldout_ids(prompts_dir: Path | None = None, families: Iterable[str] = FAMILIES) -> dict[str, list[str]]:
     """The held-out prompt ids of each family (the calibration and benchmark code use these)."""
     return {f: sorted(p.id for p in split_family(load_family(f, prompts_dir))[1]) for f in families}
@@ -181,14 +190,16 @@ def select_prompts(per_family: int, eval_per_family: int, families: Iterable[str
                    ) -> tuple[dict[str, list[Prompt]], dict[str, list[str]]]:
     """{"train": [...], "eval": [...]} prompts and the full held-out id lists per family.
 
-    Takes the first `per_family` training prompts (SHA-1 order) and `eval_per_family` held-out
-    ones of each family; with a tokenizer, prompts longer than max_prompt_tokens are skipped."""
+    Takes the first `per_family` trainable prompts (SHA-1 order; 0 = all of them, never the
+    calibration reserve) and `eval_per_family` held-out ones of each family; with a tokenizer,
+    prompts longer than max_prompt_tokens are skipped."""
     chosen: dict[str, list[Prompt]] = {"train": [], "eval": []}
     held: dict[str, list[str]] = {}
     for fam in families:
         train, hold = split_family(load_family(fam, prompts_dir))
+        train = trainable_and_calibration(train)[0]
         held[fam] = sorted(p.id for p in hold)
-        for split, pool, n in (("train", train, per_family), ("eval", hold, eval_per_family)):
+        for split, pool, n in (("train", train, per_family or len(train)), ("eval", hold, eval_per_family)):
             taken = []
             for p in pool:
                 if len(taken) >= n:
@@ -205,9 +216,10 @@ def select_prompts(per_family: int, eval_per_family: int, families: Iterable[str
 @dataclass
 class GenConfig:
     max_new_tokens: int = 256
-    sample_fraction: float = 0.5      # the rest greedy
+    sample_fraction: float = 0.5      # of each prompt's first answer; the rest greedy
     temperature: float = 0.7
     seed: int = 0
+    answers_per_prompt: int = 1       # answers after the first are always sampled (more data per prompt)
 
 
 def generate_answers(engine, prompts: list[Prompt], cfg: GenConfig, split: str, progress: bool = True,
@@ -223,10 +235,13 @@ def generate_answers(engine, prompts: list[Prompt], cfg: GenConfig, split: str, 
 
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)  # sampled answers draw from the global generator: one batched draw a step
+    extra = max(0, cfg.answers_per_prompt - 1) if split == "train" else 0
+    prompts = [p for p in prompts for _ in range(1 + extra)]
     ids, params, modes = [], [], []
-    for p in prompts:
+    for i, p in enumerate(prompts):
         ids.append(engine.tokenize_chat([{"role": "user", "content": p.prompt}]))
-        sampled = rng.random() < cfg.sample_fraction
+        first = i % (1 + extra) == 0
+        sampled = rng.random() < cfg.sample_fraction or not first
         params.append(SamplingParams(temperature=cfg.temperature if sampled else 0.0,
                                      max_new_tokens=cfg.max_new_tokens))
         modes.append("sampled" if sampled else "greedy")
@@ -353,14 +368,14 @@ def gen_data(engine, out_path: Path, *, per_family: int, eval_per_family: int, c
     random.Random(cfg.seed).shuffle(train)
     deadline = None if time_budget_s is None else t0 + time_budget_s
     got = generate_answers(engine, train, cfg, "train", progress, deadline=deadline)
-    skipped = len(train) - len(got)
+    skipped = len(train) * max(1, cfg.answers_per_prompt) - len(got)
     records += got
     gen_s = time.perf_counter() - t0
     answer_tokens = sum(len(r["tokens"]) - r["prompt_len"] for r in records)
     meta = {"base_model": engine.model_name, "families": families, "per_family": per_family,
             "answer_tokens_per_s": round(answer_tokens / max(gen_s, 1e-9), 1),
             "eval_per_family": eval_per_family, "gen": vars(cfg), "seconds": round(gen_s, 1),
-            "answer_tokens": answer_tokens, "python": sys.version.split()[0], "skipped_prompts": skipped}
+            "answer_tokens": answer_tokens, "python": sys.version.split()[0], "skipped_answers": skipped}
     save_records(out_path, records, meta)
     (out_path.parent / "heldout_ids.json").write_text(json.dumps(held, indent=1) + "\n")
     counts = {f"{s}/{f}": sum(1 for r in records if r["split"] == s and r["task"] == f)
