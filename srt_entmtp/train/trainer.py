@@ -87,7 +87,7 @@ class TeacherData:
             slots = [kv.alloc(lens[i]) for i in g]
             try:
                 fb = ForwardBatch.build([torch.tensor(records[i]["tokens"], dtype=torch.long) for i in g],
-                                        [torch.empty(0, dtype=torch.long, device=dev)] * len(g), slots, device=dev)
+                                        [torch.empty(0, dtype=torch.long)] * len(g), slots, device=dev)  # slots live on the host
                 # the runner's forward minus the [tokens, vocab] logits nobody needs here
                 runner.attn.plan(fb)
                 h = runner.model.forward(fb.input_ids, fb.positions, runner.attn)
