@@ -303,7 +303,7 @@ def test_shipped_heads_load_and_fill_trees(runner, kind):
     path = Path(srt_entmtp.__file__).parent / "heads" / kind
     cfg = read_config(path)
     assert cfg["kind"] == kind and cfg["base_model"] == runner.model_dir.name and cfg["training"]["steps"] > 0
-    assert (path / "model.safetensors").stat().st_size < 7 * 2**20
+    assert (path / "model.safetensors").stat().st_size < 20 * 2**20  # hydra (I=1024, 5 heads) is 17 MiB
     d = load_drafter(path, runner.model)
     assert (d.draft_vocab is not None) == (kind == "mtp")
     _, batch, hidden, roots = _setup(runner)

@@ -58,6 +58,38 @@ def test_heldout_split_is_fixed_five_percent():
         D.load_family("humaneval")
 
 
+def test_calibration_reserve_is_never_trained_on():
+    from srt_entmtp.calibrate.stats import calibration_prompts
+    from tests.conftest import prompts_dir
+
+    if prompts_dir() is None:
+        pytest.skip("shared/data/prompts not found beside the repo (set ENTMTP_PROMPTS_DIR)")
+    train, _ = D.split_family(D.load_family("writing"))
+    trainable, reserve = D.trainable_and_calibration(train)
+    assert len(reserve) == D.CALIBRATION_RESERVE and trainable + reserve == train
+    chosen, _ = D.select_prompts(per_family=0, eval_per_family=0, families=["writing"])  # 0 = all trainable
+    assert [p.id for p in chosen["train"]] == [p.id for p in trainable]
+    calib = calibration_prompts("writing", 1000)
+    assert calib and {p.id for p in calib} <= {p.id for p in reserve}
+    assert not {p.id for p in calib} & {p.id for p in chosen["train"]}
+    # a tiny split keeps half for training
+    few = [D.Prompt(f"p{i}", "math", "x") for i in range(10)]
+    assert [len(x) for x in D.trainable_and_calibration(few)] == [5, 5]
+
+
+def test_several_answers_per_prompt_the_extra_ones_sampled(engine, prompts):
+    torch.manual_seed(0)
+    cfg = D.GenConfig(max_new_tokens=6, sample_fraction=0.0, answers_per_prompt=3, seed=2)
+    recs = D.generate_answers(engine, prompts[:2], cfg, "train", progress=False)
+    assert [r["id"] for r in recs] == [prompts[0].id] * 3 + [prompts[1].id] * 3
+    assert [r["mode"] for r in recs] == ["greedy", "sampled", "sampled"] * 2
+    assert all(r["tokens"][:r["prompt_len"]] == recs[3 * (i // 3)]["tokens"][:r["prompt_len"]]
+               for i, r in enumerate(recs))
+    # held-out prompts get one (greedy-or-sampled by fraction) answer each, whatever the setting
+    ev = D.generate_answers(engine, prompts[:2], cfg, "eval", progress=False)
+    assert [r["id"] for r in ev] == [p.id for p in prompts[:2]] and {r["mode"] for r in ev} == {"greedy"}
+
+
 def test_code_prompts_from_the_standard_library():
     prompts = D.stdlib_code_prompts()
     assert len(prompts) > 1000 and len({p.id for p in prompts}) == len(prompts)
