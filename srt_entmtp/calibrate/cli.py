@@ -75,7 +75,7 @@ def cmd_cost(ns) -> int:
     for kind in ns.drafters:
         eng = _engine(ns, "STATIC", drafter=kind)
         result["spec_steps"][kind] = measure_spec_steps(eng, ns.nodes, ns.batch_sizes, steps=ns.steps,
-                                                        prompt_len=ns.context)
+                                                        prompt_len=ns.context, depths=ns.depths)
         del eng
         gc.collect()  # engines hold reference cycles: free this one's KV pool before the next
         if torch.cuda.is_available():
@@ -84,14 +84,17 @@ def cmd_cost(ns) -> int:
     Path(ns.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"step latency (ms) on {result['hardware']}, context {ns.context}")
     for B in ns.batch_sizes:
-        print(f"batch {B}: {'nodes':>6s} {'forward':>8s} " + " ".join(f"{k:>8s}" for k in ns.drafters))
-        for n in ns.nodes:
+        print(f"batch {B}: {'nodes':>6s} {'depth':>6s} {'forward':>8s} " + " ".join(f"{k:>8s}" for k in ns.drafters))
+        shapes = dict.fromkeys((r["nodes"], r["depth"]) for k in ns.drafters for r in result["spec_steps"][k]
+                               if r["batch"] == B)
+        for n, d in sorted(shapes):
             fw = next(r["latency_s"] for r in result["forward"] if r["batch"] == B and r["tokens_per_request"] == n + 1)
             cells = []
             for k in ns.drafters:
-                s = next(r["latency_s"] for r in result["spec_steps"][k] if r["batch"] == B and r["nodes"] == n)
+                s = next((r["latency_s"] for r in result["spec_steps"][k]
+                          if r["batch"] == B and r["nodes"] == n and r["depth"] == d), None)
                 cells.append(f"{s * 1e3:8.1f}" if s else f"{'-':>8s}")
-            print(f"{'':8s} {n:6d} {fw * 1e3:8.1f} " + " ".join(cells))
+            print(f"{'':8s} {n:6d} {d:6d} {fw * 1e3:8.1f} " + " ".join(cells))
     print(f"wrote {ns.out}")
     return 0
 
@@ -176,6 +179,9 @@ def add_parser(sub) -> None:
     p.add_argument("--drafters", nargs="+", default=list(DRAFTER_KINDS), choices=DRAFTER_KINDS)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     p.add_argument("--nodes", type=int, nargs="+", default=[0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 63])
+    p.add_argument("--depths", type=int, nargs="+", default=None,
+                   help="time every node count at each of these tree depths (trees are then priced by "
+                        "nodes and depth; sequential drafters pay per depth); default: one shape per count")
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--kv-slots", type=int, default=None, help="KV pool per engine (default: sized for the device)")
     p.add_argument("--steps", type=int, default=6, help="timed decode steps per point")

@@ -68,29 +68,46 @@ class CostError(CalibrationFileError):
     """A cost file is unreadable or invalid; the message names the file and the field."""
 
 
-def chain_like_tree(num_nodes: int, max_depth: int):
+def chain_like_tree(num_nodes: int, max_depth: int, depth: int | None = None):
     """A deterministic tree of `num_nodes` non-root nodes shaped like calibrated ones (deep first,
-    then widening), used only to time a step of that size."""
+    then widening), used only to time a step of that size. With `depth`, the tree is exactly that
+    deep: a chain of `depth` nodes, widened in the same greedy order up to `num_nodes`."""
     from srt_entmtp.spec.drafters.bench import bench_tree
     from srt_entmtp.spec.tree import Tree
 
     if num_nodes == 0:
         return Tree.from_paths([])
-    return bench_tree(num_nodes + 1, max_depth=max_depth)
+    if depth is None:
+        return bench_tree(num_nodes + 1, max_depth=max_depth)
+    if not 1 <= depth <= min(num_nodes, max_depth):
+        raise ValueError(f"a {num_nodes}-node tree cannot be {depth} deep (drafter depth {max_depth})")
+    paths = [(0,) * d for d in range(1, depth + 1)]
+    for p in bench_tree(num_nodes + 1 + depth, max_depth=depth).paths[1:]:  # parents come first
+        if len(paths) == num_nodes:
+            break
+        if p not in paths:
+            paths.append(p)
+    return Tree.from_paths(paths, max_depth=max_depth)
 
 
 def measure_spec_steps(engine, node_counts: list[int], batch_sizes: list[int] = (1,), steps: int = 8,
-                       prompt_len: int = 256) -> list[dict]:
+                       prompt_len: int = 256, depths: list[int] | None = None) -> list[dict]:
     """Median wall time of one whole decode step (policy, draft, verify forward, acceptance, KV
     compaction, entropy update: everything the engine does per step) with a static tree of n
     non-root nodes, for B running requests with `prompt_len`-token prompts. n = 0 is a root-only
-    tree: the speculative engine decoding one token per step."""
+    tree: the speculative engine decoding one token per step. With `depths`, every node count is
+    timed at each of those depths it can have (a sequential drafter pays per depth, so trees are
+    then priced by nodes and depth); otherwise at one chain-like shape per count."""
     from srt_entmtp.sched.request import SamplingParams, Status
     from srt_entmtp.spec.policy import StaticPolicy
 
     w, sched = engine.worker, engine.scheduler
     old_policy, old_max = w.policy, w.max_nodes
     depth = min(w.drafter.max_depth, 6)
+    shapes = []
+    for n in node_counts:
+        ds = [None] if depths is None or n == 0 else [d for d in depths if d <= min(n, depth)]
+        shapes += [(n, d) for d in ds]
     g = torch.Generator().manual_seed(0)
     rows = []
     try:
@@ -98,8 +115,8 @@ def measure_spec_steps(engine, node_counts: list[int], batch_sizes: list[int] = 
             if B > sched.max_running:
                 raise ValueError(f"batch {B} exceeds the engine's max_running_requests ({sched.max_running})")
             prompts = [torch.randint(100, 20000, (prompt_len,), generator=g).tolist() for _ in range(B)]
-            for n in node_counts:
-                tree = chain_like_tree(n, depth)
+            for n, d in shapes:
+                tree = chain_like_tree(n, depth, d)
                 w.policy = w.confidence.base = StaticPolicy(tree)
                 w.max_nodes = max(old_max, tree.num_nodes)
                 budget = 2 * (steps + 2) * (tree.depth + 1) + 16
@@ -127,25 +144,12 @@ def measure_spec_steps(engine, node_counts: list[int], batch_sizes: list[int] = 
     return rows
 
 
-def step_cost_fn(cost: dict, batch: int, drafter: str | None = None):
-    """seconds(nodes) for `batch`, linear between measured node counts (held flat beyond them).
-    Whole-step rows (`spec_steps`) are used when the file has them for the drafter; otherwise the
-    forward rows plus the drafter's draft rows (if any)."""
-    steps = [r for r in cost.get("spec_steps", {}).get(drafter or "", []) if r["batch"] == batch and r["latency_s"]]
-    if steps:
-        xs = [r["nodes"] for r in steps]
-        ys = [r["latency_s"] for r in steps]
-    else:
-        fwd = [r for r in cost.get("forward", []) if r["batch"] == batch]
-        if not fwd:
-            have = sorted({r["batch"] for r in cost.get("forward", [])})
-            raise ValueError(f"cost curve has no rows for batch {batch} (has {have})")
-        xs = [r["tokens_per_request"] - 1 for r in fwd]
-        ys = [r["latency_s"] for r in fwd]
-    order = sorted(range(len(xs)), key=lambda i: xs[i])
-    xs, ys = [xs[i] for i in order], [ys[i] for i in order]
-    # a bigger tree never costs less: a dip in the measurements is noise, so take the running max
-    ys = [max(ys[: i + 1]) for i in range(len(ys))]
+def _monotone_curve(points: list[tuple[int, float]]):
+    """seconds(n), linear between measured node counts, never decreasing (a dip is noise), held
+    proportional to tokens beyond the last point."""
+    points = sorted(points)
+    xs = [x for x, _ in points]
+    ys = [max(y for _, y in points[: i + 1]) for i in range(len(points))]
 
     def f(n: int) -> float:
         if n <= xs[0]:
@@ -153,7 +157,45 @@ def step_cost_fn(cost: dict, batch: int, drafter: str | None = None):
         for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
             if n <= x1:
                 return y0 + (y1 - y0) * (n - x0) / (x1 - x0)
-        return ys[-1] * (n + 1) / (xs[-1] + 1)  # beyond the last row: proportional to tokens
+        return ys[-1] * (n + 1) / (xs[-1] + 1)
+    return f
+
+
+def step_cost_fn(cost: dict, batch: int, drafter: str | None = None):
+    """seconds(nodes, depth=None) for `batch`. Whole-step rows (`spec_steps`) are used when the
+    file has them for the drafter; otherwise the forward rows (drafting then counts as free).
+
+    When some node count was timed at several depths (`calibrate cost --depths`), each depth has
+    its own curve over nodes, and a tree is priced on the curve of its depth (the deepest
+    measured one beyond it; never below a shallower curve's price). Otherwise there is one curve
+    and `depth` is ignored. Root-only (n = 0) has its own row."""
+    steps = [r for r in cost.get("spec_steps", {}).get(drafter or "", []) if r["batch"] == batch and r["latency_s"]]
+    if steps:
+        pts = [(r["nodes"], r.get("depth"), r["latency_s"]) for r in steps]
+    else:
+        fwd = [r for r in cost.get("forward", []) if r["batch"] == batch]
+        if not fwd:
+            have = sorted({r["batch"] for r in cost.get("forward", [])})
+            raise ValueError(f"cost curve has no rows for batch {batch} (has {have})")
+        pts = [(r["tokens_per_request"] - 1, None, r["latency_s"]) for r in fwd]
+    by_nodes: dict[int, set] = {}
+    for n, d, _ in pts:
+        by_nodes.setdefault(n, set()).add(d)
+    if not any(len(ds) > 1 for ds in by_nodes.values()):
+        one = _monotone_curve([(n, y) for n, _, y in pts])
+        return lambda n, depth=None: one(n)
+    root = [y for n, _, y in pts if n == 0]
+    curves = {}
+    for d in sorted({d for n, d, _ in pts if n > 0}):
+        # no root anchor: a curve starts at its shallowest measured tree (held flat below it)
+        curves[d] = _monotone_curve([(n, y) for n, dd, y in pts if dd == d and n > 0])
+    measured = sorted(curves)
+
+    def f(n: int, depth: int | None = None) -> float:
+        if n == 0 and root:
+            return min(root)
+        d = measured[-1] if depth is None else min(max(depth, measured[0]), measured[-1])
+        return max(curves[k](n) for k in measured if k <= d)
     return f
 
 

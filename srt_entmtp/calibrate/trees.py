@@ -35,8 +35,13 @@ class BucketChoice:
     best_rate: float
 
 
+def tree_cost(tree: Tree, cost) -> float:
+    """Step seconds of `tree` under a cost function of (nodes, depth)."""
+    return cost(tree.num_nodes - 1, tree.depth)
+
+
 def predicted_rate(tree: Tree, acc: torch.Tensor, cost) -> float:
-    return (1.0 + expected_accept_length(tree, acc)) / cost(tree.num_nodes - 1)
+    return (1.0 + expected_accept_length(tree, acc)) / tree_cost(tree, cost)
 
 
 def quantile_edges(values: torch.Tensor, buckets: int, min_count: int) -> list[float]:
@@ -51,14 +56,26 @@ def quantile_edges(values: torch.Tensor, buckets: int, min_count: int) -> list[f
     return [e for e in edges if math.isfinite(e)]
 
 
+def depth_fronts(acc: torch.Tensor, max_nodes: int, max_depth: int) -> list[tuple[int, float, Tree]]:
+    """The exact front at every depth cap 1..max_depth, merged: for each node count the best tree
+    of each depth, since a sequential drafter's step costs more per level than per node."""
+    seen, out = set(), []
+    for d in range(1, max_depth + 1):
+        for n, e, t in pareto_front(acc, max_nodes, d):
+            if t.name not in seen:
+                seen.add(t.name)
+                out.append((n, e, t))
+    return sorted(out, key=lambda x: (x[0], x[2].depth))
+
+
 def search_family(stats: AcceptanceStats, family: str | None, edges: list[float], cost, max_nodes: int,
                   max_depth: int) -> list[BucketChoice]:
     bounds = [float("-inf")] + list(edges) + [float("inf")]
     out = []
     for lo, hi in zip(bounds, bounds[1:]):
         acc, counts = stats.table(family, lo, hi)
-        front = pareto_front(acc, max_nodes, max_depth)
-        scored = [(n, e, (1.0 + e) / cost(n), t) for n, e, t in front]
+        front = depth_fronts(acc, max_nodes, max_depth)
+        scored = [(n, e, (1.0 + e) / tree_cost(t, cost), t) for n, e, t in front]
         _, _, rate, tree = max(scored, key=lambda x: x[2])
         out.append(BucketChoice(lo, hi, int(counts[0]), acc, [(a, b, c) for a, b, c, _ in scored], tree, rate))
     return out
@@ -107,12 +124,12 @@ def build_library(stats: AcceptanceStats, cost: dict, batch: int, *, buckets: in
         trees, idx = merge_choices(choices, cost_fn, merge_tolerance, max_trees)
         # the pooled (single static) best for this family, for the report and the ablation
         pooled_acc, _ = stats.table(key)
-        static = max((t for _, _, t in pareto_front(pooled_acc, node_cap, depth)),
+        static = max((t for _, _, t in depth_fronts(pooled_acc, node_cap, depth)),
                      key=lambda t: predicted_rate(t, pooled_acc, cost_fn))
         entries = []
         for j, t in enumerate(trees):
             eal = tuple(expected_accept_length(t, c.acc) for c in choices)
-            entries.append(TreeEntry(f"{fam}-{j}-n{t.num_nodes - 1}", t, eal, round(cost_fn(t.num_nodes - 1) * 1e3, 3)))
+            entries.append(TreeEntry(f"{fam}-{j}-n{t.num_nodes - 1}", t, eal, round(tree_cost(t, cost_fn) * 1e3, 3)))
         fams[fam] = Family(fam, tuple(entries), tuple(edges), tuple(idx))
         rep_b = []
         for c, i in zip(choices, idx):
@@ -147,7 +164,7 @@ def _mix_rate(choices: list[BucketChoice], idx: list[int], trees: list[Tree], co
         t = trees[i]
         w = c.positions
         tok += w * (1.0 + expected_accept_length(t, c.acc))
-        tim += w * cost(t.num_nodes - 1)
+        tim += w * tree_cost(t, cost)
     return tok / tim if tim else 0.0
 
 

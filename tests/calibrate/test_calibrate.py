@@ -185,6 +185,59 @@ def test_collect_ranks_predict_real_chain_acceptance(runner, none_engine, kind):
     assert checked >= 4
 
 
+def _depth_cost(per_level: float) -> dict:
+    """Whole steps that cost 50 ms + 1 ms a node + `per_level` per depth level (a sequential drafter)."""
+    rows = [{"batch": 1, "nodes": 0, "depth": 0, "latency_s": 0.050}]
+    for n in (1, 2, 3, 4, 6, 8, 12, 16, 32, 63):
+        for d in range(1, min(n, 5) + 1):
+            rows.append({"batch": 1, "nodes": n, "depth": d, "latency_s": 0.050 + 0.001 * n + per_level * d})
+    return {"format": "entmtp-cost-curve", "hardware": "synthetic", "spec_steps": {"mtp": rows}}
+
+
+def test_cost_by_depth_prices_trees_by_nodes_and_depth():
+    f = step_cost_fn(_depth_cost(0.004), 1, "mtp")
+    assert f(0) == pytest.approx(0.050)
+    assert f(4, 1) == pytest.approx(0.058) and f(4, 4) == pytest.approx(0.070)
+    assert f(5, 2) == pytest.approx(0.063)        # between measured node counts, on its depth's curve
+    assert f(8, 7) == pytest.approx(f(8, 5))      # deeper than measured: the deepest curve
+    assert f(8) == pytest.approx(f(8, 5))         # no depth: the deepest (dearest) curve
+    one = step_cost_fn(STEEP_COST, 1, "medusa")   # one shape per count: depth is ignored
+    assert one(4, 1) == one(4, 5) == pytest.approx(0.070)
+
+
+def test_depth_priced_search_goes_shallow_and_wide_when_levels_are_dear():
+    from srt_entmtp.calibrate.trees import tree_cost
+
+    st = _synthetic_stats()
+    st.drafter = "mtp"
+    acc, _ = st.table("code", float("-inf"), 2.0)
+    cheap, _ = build_library(st, _depth_cost(0.0), batch=1, buckets=2, min_bucket=200, merge_tolerance=0.0)
+    dear, _ = build_library(st, _depth_cost(0.02), batch=1, buckets=2, min_bucket=200, merge_tolerance=0.0)
+    t_cheap = cheap.families["code"].tree_for_bucket(0)
+    t_dear = dear.families["code"].tree_for_bucket(0)
+    assert t_dear.depth < t_cheap.depth
+    cost = step_cost_fn(_depth_cost(0.02), 1, "mtp")
+    # the choice beats every tree of the same node count at another depth, priced the same way
+    from srt_entmtp.calibrate.trees import depth_fronts
+
+    n = t_dear.num_nodes - 1
+    same_n = [t for k, _, t in depth_fronts(acc, 64, 5) if k == n]
+    assert len({t.depth for t in same_n}) > 1
+    assert all(predicted_rate(t_dear, acc, cost) >= predicted_rate(t, acc, cost) - 1e-12 for t in same_n)
+    assert tree_cost(t_dear, cost) == pytest.approx(0.050 + 0.001 * n + 0.02 * t_dear.depth)
+
+
+def test_chain_like_tree_of_a_given_depth():
+    from srt_entmtp.calibrate.cost import chain_like_tree
+
+    for n in (1, 3, 6, 12):
+        for d in range(1, min(n, 5) + 1):
+            t = chain_like_tree(n, 5, d)
+            assert t.num_nodes == n + 1 and t.depth == d
+    with pytest.raises(ValueError, match="cannot be 4 deep"):
+        chain_like_tree(3, 5, 4)
+
+
 def test_cost_measures_whole_steps_and_leaves_engine_clean(runner):
     eng = Engine(EngineArgs(model_path=str(runner.model_dir), kv_slots=4096, context_length=1024,
                             speculative_algorithm="STATIC", drafter="medusa"))
@@ -195,6 +248,9 @@ def test_cost_measures_whole_steps_and_leaves_engine_clean(runner):
     assert all(r["samples"] == 2 and r["latency_s"] > 0 for r in rows)
     assert eng.runner.kv.num_free == free0 and not eng.scheduler.has_work()
     assert eng.worker.policy is policy
+    rows = measure_spec_steps(eng, [0, 3], [1], steps=2, prompt_len=32, depths=[1, 3])
+    assert [(r["nodes"], r["depth"]) for r in rows] == [(0, 0), (3, 1), (3, 3)]
+    assert eng.runner.kv.num_free == free0
 
 
 def test_validate_tiny_run(tmp_path, runner):
