@@ -30,7 +30,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--speculative-algorithm", default="ENTMTP", choices=["ENTMTP", "STATIC", "NONE"],
                    help="ENTMTP: entropy-adaptive trees per request (default); STATIC: one library tree "
                         "(--static-tree); NONE: plain autoregressive decoding of the same engine")
-    s.add_argument("--drafter", default="medusa", choices=["medusa", "hydra", "mtp"])
+    s.add_argument("--drafter", default="mtp", choices=["medusa", "hydra", "mtp"],
+                   help="draft heads: mtp (default; one shared recursive head, the fastest on CPU: "
+                        "docs/calibration.md), hydra (sequential, per-depth heads), medusa (independent heads)")
     s.add_argument("--draft-heads", default=None, help="draft heads directory (default: the shipped heads)")
     s.add_argument("--tree-library", default=None, help="tree library JSON (default: the shipped library)")
     s.add_argument("--static-tree", default=None, help="tree name for STATIC")

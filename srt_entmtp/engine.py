@@ -43,7 +43,7 @@ class EngineArgs:
     max_waiting_requests: int = 256
     chunked_prefill_size: int = 512
     speculative_algorithm: str = "NONE"
-    drafter: str = "medusa"
+    drafter: str = "mtp"
     draft_heads: str | None = None       # heads directory; None = the shipped default for the drafter
     tree_library: str | None = None      # library JSON; None = the shipped default
     static_tree: str | None = None       # tree name for STATIC (None = the library's general default)
