@@ -185,4 +185,4 @@ def test_default_heads_are_shipped():
     for kind in ("medusa", "hydra", "mtp"):
         d = default_heads_dir(kind)
         assert (d / "config.json").is_file() and (d / "model.safetensors").is_file(), f"missing {d}"
-        assert sum(f.stat().st_size for f in d.iterdir()) < 8 * 2**20
+        assert sum(f.stat().st_size for f in d.iterdir()) < 20 * 2**20  # hydra, the largest, is 17 MiB
