@@ -173,6 +173,11 @@ def _runner(ns, slots: int):
                        attention_backend=ns.attention_backend or "sdpa")
 
 
+def _teacher_runner(ns, records):
+    """A runner whose KV pool holds one teacher-forcing forward, or the longest sequence."""
+    return _runner(ns, max(ns.teacher_tokens, max(len(r["tokens"]) for r in records)) + 64)
+
+
 def _merge_json(path: Path, update: dict) -> dict:
     old = json.loads(path.read_text()) if path.is_file() else {}
     old.update(update)
@@ -301,8 +306,7 @@ def cmd_gen(ns) -> int:
 
 def cmd_train(ns) -> int:
     records, _ = _load_data(ns)
-    longest = max(len(r["tokens"]) for r in records)
-    runner = _runner(ns, max(ns.teacher_tokens, longest) + 64)
+    runner = _teacher_runner(ns, records)
     run_train(ns, runner, records, _teacher(ns, runner, records))
     return 0
 
@@ -312,8 +316,7 @@ def cmd_eval(ns) -> int:
     from srt_entmtp.train.trainer import evaluate, format_eval
 
     records, _ = _load_data(ns)
-    longest = max(len(r["tokens"]) for r in records)
-    runner = _runner(ns, max(ns.teacher_tokens, longest) + 64)
+    runner = _teacher_runner(ns, records)
     teacher = _teacher(ns, runner, records)
     dirs = ns.heads or [ns.out / k for k in ns.kind if (ns.out / k / "config.json").is_file()]
     if not dirs:
@@ -340,7 +343,7 @@ def cmd_all(ns) -> int:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     records, _ = _load_data(ns)
-    runner = _runner(ns, max(ns.teacher_tokens, max(len(r["tokens"]) for r in records)) + 64)
+    runner = _teacher_runner(ns, records)
     teacher = _teacher(ns, runner, records)
     res = run_train(ns, runner, records, teacher, None if budget is None else t0 + budget)
     total = time.perf_counter() - t0
