@@ -583,7 +583,8 @@ def _curl_line(host: str, port: int, model: str) -> str:
         host = "localhost"
     elif ":" in host:
         host = f"[{host}]"
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello"}]})
+    # bounded: without max_tokens a request may run to the context length (OpenAI's semantics)
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 64})
     return f"curl http://{host}:{port}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'"
 
 
