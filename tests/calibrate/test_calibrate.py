@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -277,3 +278,23 @@ def test_validate_tiny_run(tmp_path, runner):
         assert r["medusa-63"]["accept_per_step"] >= 1.0
     assert res["trees"]["medusa-63"] == 63
     assert all(row["steps"] > 0 for row in res["prediction"])
+
+
+def test_acceptance_signals_script(tmp_path):
+    if prompts_dir() is None:
+        pytest.skip("shared/data/prompts not found beside the repo (set ENTMTP_PROMPTS_DIR)")
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "acceptance_signals.py"
+    spec = importlib.util.spec_from_file_location("acceptance_signals", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "signals.json"
+    assert mod.main(["--families", "math", "--prompts", "2", "--max-new-tokens", "12", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())["families"]["math"]
+    assert r["positions"] >= 8
+    for name in mod.SIGNALS:
+        q = r[name]
+        assert q["edges"] == sorted(q["edges"]) and len(q["depth1_top1"]) == 4
+        assert all(0 <= h <= 1 for h in q["depth1_top1"] if h == h)            # NaN: an empty quartile
+        assert all(h <= c <= 3 for h, c in zip(q["depth1_top1"], q["chain3_accepted"]) if c == c)
