@@ -7,6 +7,8 @@ teacher-forced pass), every step root x_{t+1} gets three candidate signals:
   * the latest target entropy alone (position t);
   * the drafter's own depth-1 top-1 probability (ConfAdapt's signal; it needs the first draft
     level computed before the tree is picked);
+  * the heads' recent record: an EMA (decay 0.7) of whether the depth-1 top-1 draft was right at
+    the positions already verified (up to t-1);
 and two outcomes: the depth-1 top-1 draft is right, and drafts a top-1 chain of depth 3 would get
 accepted. Positions are split into quartiles of each signal; a signal that separates the outcome
 well would let a per-bucket tree library switch trees.
@@ -36,13 +38,13 @@ from srt_entmtp.spec.library import EstimatorConfig  # noqa: E402
 from srt_entmtp.spec.worker import default_heads_dir  # noqa: E402
 
 FAMILIES = ("code", "math", "chat", "writing")
-SIGNALS = ("ema_target_entropy", "latest_target_entropy", "draft_top1_prob")
+SIGNALS = ("ema_target_entropy", "latest_target_entropy", "draft_top1_prob", "recent_hits_ema")
 CHAIN = 3
 
 
 @torch.inference_mode()
 def positions(engine, drafter, prompt_ids: list[int], answer: list[int], est: EstimatorConfig) -> torch.Tensor:
-    """Rows [signal x3, depth-1 hit, chain-3 accepted] for every step root of one answer."""
+    """Rows [signal x4, depth-1 hit, chain-3 accepted] for every step root of one answer."""
     seq = list(prompt_ids) + list(answer)
     P, S = len(prompt_ids), len(seq)
     t = torch.arange(P - 1, S - 1)  # position t predicts x_{t+1}, the root of the step at t
@@ -63,7 +65,9 @@ def positions(engine, drafter, prompt_ids: list[int], answer: list[int], est: Es
     hit = torch.stack([lg.float().argmax(1).cpu() == target[:, d] for d, lg in enumerate(logits)], 1) & reach
     chain = hit.long().cumprod(1).sum(1)
     conf = torch.softmax(logits[0].float(), -1).max(1).values.cpu()
-    rows = torch.stack([estimator_trace(ent, est), ent, conf, hit[:, 0].float(), chain.float()], 1)
+    recent = estimator_trace(torch.cat([torch.tensor([0.5]), hit[:-1, 0].float()]),
+                             EstimatorConfig(mode="ema", ema_decay=0.7, init=0.5))  # hits known at step t
+    rows = torch.stack([estimator_trace(ent, est), ent, conf, recent, hit[:, 0].float(), chain.float()], 1)
     return rows[reach[:, 0]]
 
 
@@ -74,8 +78,8 @@ def quartiles(x: torch.Tensor) -> dict:
         edges = torch.quantile(col, torch.tensor([0.25, 0.5, 0.75]))
         b = torch.bucketize(col, edges)
         out[name] = {"edges": [round(float(e), 4) for e in edges],
-                     "depth1_top1": [round(float(x[b == k, 3].mean()), 4) for k in range(4)],
-                     "chain3_accepted": [round(float(x[b == k, 4].mean()), 4) for k in range(4)]}
+                     "depth1_top1": [round(float(x[b == k, -2].mean()), 4) for k in range(4)],
+                     "chain3_accepted": [round(float(x[b == k, -1].mean()), 4) for k in range(4)]}
     return out
 
 
