@@ -236,10 +236,11 @@ def generate_answers(engine, prompts: list[Prompt], cfg: GenConfig, split: str, 
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)  # sampled answers draw from the global generator: one batched draw a step
     extra = max(0, cfg.answers_per_prompt - 1) if split == "train" else 0
+    encoded = [engine.tokenize_chat([{"role": "user", "content": p.prompt}]) for p in prompts]
     prompts = [p for p in prompts for _ in range(1 + extra)]
     ids, params, modes = [], [], []
     for i, p in enumerate(prompts):
-        ids.append(engine.tokenize_chat([{"role": "user", "content": p.prompt}]))
+        ids.append(encoded[i // (1 + extra)])  # one tokenisation per prompt, shared by its answers
         first = i % (1 + extra) == 0
         sampled = rng.random() < cfg.sample_fraction or not first
         params.append(SamplingParams(temperature=cfg.temperature if sampled else 0.0,
