@@ -28,9 +28,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from srt_entmtp.calibrate.stats import _draft_index, calibration_prompts, estimator_trace  # noqa: E402
+from srt_entmtp.calibrate.stats import _draft_index, calibration_prompts, estimator_trace, teacher_forward  # noqa: E402
 from srt_entmtp.engine import Engine, EngineArgs  # noqa: E402
-from srt_entmtp.model.forward_batch import ForwardBatch  # noqa: E402
 from srt_entmtp.sched.request import SamplingParams  # noqa: E402
 from srt_entmtp.spec.drafters import load_drafter  # noqa: E402
 from srt_entmtp.spec.entropy import entropy_from_logits  # noqa: E402
@@ -48,12 +47,7 @@ def positions(engine, drafter, prompt_ids: list[int], answer: list[int], est: Es
     seq = list(prompt_ids) + list(answer)
     P, S = len(prompt_ids), len(seq)
     t = torch.arange(P - 1, S - 1)  # position t predicts x_{t+1}, the root of the step at t
-    slots = engine.runner.kv.alloc(S)
-    try:
-        out = engine.runner.forward(ForwardBatch.build([torch.tensor(seq)], [torch.empty(0, dtype=torch.long)],
-                                                       [slots], logits_indices=t, device=engine.runner.device))
-    finally:
-        engine.runner.kv.free(slots)
+    out = teacher_forward(engine.runner, seq, t)
     ent = entropy_from_logits(out.logits).cpu()
     seq_t = torch.tensor(seq + [0] * (CHAIN + 2))
     path = torch.stack([seq_t[t + 1 + j] for j in range(CHAIN)], 1)     # x_{t+1}..x_{t+3}

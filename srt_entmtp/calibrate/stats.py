@@ -198,16 +198,21 @@ def teacher_forced_ranks(runner, drafters: dict, prompt_ids: list[int], answer: 
     P, S = len(prompt_ids), len(seq)
     if len(answer) < 2:
         return [], {k: [] for k in drafters}
-    slots = runner.kv.alloc(S)
-    try:
-        rows = torch.arange(P - 1, S - 1)  # position t: its logits predict x_{t+1}
-        out = runner.forward(ForwardBatch.build([torch.tensor(seq)], [torch.empty(0, dtype=torch.long)], [slots],
-                                                logits_indices=rows, device=runner.device))
-    finally:
-        runner.kv.free(slots)
+    rows = torch.arange(P - 1, S - 1)  # position t: its logits predict x_{t+1}
+    out = teacher_forward(runner, seq, rows)
     values = estimator_trace(entropy_from_logits(out.logits).cpu(), est).tolist()
     ranks = {kind: _ranks(drafter, out.hidden, seq, rows, depth[kind], K) for kind, drafter in drafters.items()}
     return values, ranks
+
+
+def teacher_forward(runner, seq: list[int], rows: torch.Tensor):
+    """One forward over `seq` in slots of its own (freed after), logits at `rows` only."""
+    slots = runner.kv.alloc(len(seq))
+    try:
+        return runner.forward(ForwardBatch.build([torch.tensor(seq)], [torch.empty(0, dtype=torch.long)], [slots],
+                                                 logits_indices=rows, device=runner.device))
+    finally:
+        runner.kv.free(slots)
 
 
 def _ranks(drafter, hidden: torch.Tensor, seq: list[int], rows: torch.Tensor, depth: int, K: int) -> list[str]:
