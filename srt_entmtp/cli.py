@@ -36,6 +36,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--draft-heads", default=None, help="draft heads directory (default: the shipped heads)")
     s.add_argument("--tree-library", default=None, help="tree library JSON (default: the shipped library)")
     s.add_argument("--static-tree", default=None, help="tree name for STATIC")
+    s.add_argument("--draft-dtype", default="auto", choices=["auto", "int8", "model"],
+                   help="weights the draft heads run in: auto = int8 where int8 linears run (CPU float32), else "
+                        "the model's dtype. Lossless either way: the float model verifies every draft")
+    s.add_argument("--lookup-tokens", type=int, default=None,
+                   help="add a prompt-lookup branch of up to N tokens (copied from where the request's latest "
+                        "tokens occurred before) to every tree; default: the tree library's setting; 0: off")
 
 
 def engine_args_from(ns: argparse.Namespace):
@@ -46,7 +52,8 @@ def engine_args_from(ns: argparse.Namespace):
                       max_running_requests=ns.max_running_requests, max_waiting_requests=ns.max_waiting_requests,
                       chunked_prefill_size=ns.chunked_prefill_size, speculative_algorithm=ns.speculative_algorithm,
                       drafter=ns.drafter, draft_heads=ns.draft_heads, tree_library=ns.tree_library,
-                      static_tree=ns.static_tree, cuda_graph=not ns.disable_cuda_graph,
+                      static_tree=ns.static_tree, draft_dtype=ns.draft_dtype, lookup_tokens=ns.lookup_tokens,
+                      cuda_graph=not ns.disable_cuda_graph,
                       cuda_graph_max_bs=ns.cuda_graph_max_bs)
 
 

@@ -47,6 +47,8 @@ class EngineArgs:
     draft_heads: str | None = None       # heads directory; None = the shipped default for the drafter
     tree_library: str | None = None      # library JSON; None = the shipped default
     static_tree: str | None = None       # tree name for STATIC (None = the library's general default)
+    draft_dtype: str = "auto"            # auto: int8 draft heads where they run (CPU float32); int8; model
+    lookup_tokens: int | None = None     # prompt-lookup branch length; None = the library's setting, 0 = off
     cuda_graph: bool = True              # capture decode / verify forwards on CUDA (flashinfer backend)
     cuda_graph_max_bs: int = 64          # largest batch with a graph; bigger batches run eagerly
     extra: dict = field(default_factory=dict)
@@ -96,7 +98,8 @@ class Engine:
 
         return SpecWorker.create(self.runner, algorithm=a.speculative_algorithm, drafter=a.drafter,
                                  heads_path=a.draft_heads, library_path=a.tree_library, static_tree=a.static_tree,
-                                 capacity=max(256, a.max_running_requests))
+                                 capacity=max(256, a.max_running_requests), draft_dtype=a.draft_dtype,
+                                 lookup_tokens=a.lookup_tokens)
 
     # ---- building requests --------------------------------------------------------------------
     def tokenize_chat(self, messages: list[dict]) -> list[int]:

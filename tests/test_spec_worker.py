@@ -62,6 +62,25 @@ def test_entmtp_greedy_equals_plain_decoding_with_mixed_trees(runner, prompts, r
     assert eng.runner.kv.num_free == free0, "tree slots leaked"
 
 
+@pytest.mark.parametrize("drafter", ["medusa", "mtp"])
+def test_prompt_lookup_branch_equals_plain_decoding(runner, prompts, reference, drafter):
+    """Every tree gets a lookup chain of up to 8 tokens grafted under its root (int8 heads on CPU):
+    still NONE's output token for token, lookup tokens really verified and accepted, no slot leaked."""
+    rows, ids = prompts
+    eng = _spec_engine(runner, "ENTMTP", drafter, lookup_tokens=8)
+    assert eng.worker.lookup_tokens == 8 and eng.worker.max_new_slots_per_step() >= 8 + 1
+    free0 = eng.runner.kv.num_free
+    grafted = []
+    eng.step_listeners.append(lambda outs, dt: grafted.extend(o.spec["lookup"] for o in outs if o.spec))
+    out = eng.generate(ids, SamplingParams(max_new_tokens=N_TOKENS, ignore_eos=True),
+                       [SpecOptions(task=r["task"]) for r in rows])
+    for r, o, row in zip(reference, out, rows):
+        assert o.output_ids == r, f"{drafter}+lookup: {row['task']} prompt {row['id']} diverged from plain decoding"
+    assert max(grafted) > 1, "no step carried a lookup chain"
+    assert sum(o.meta_info()["lookup_accepted_tokens"] for o in out) > 0, "no lookup token was ever accepted"
+    assert eng.runner.kv.num_free == free0, "tree slots leaked"
+
+
 def test_static_and_per_request_overrides_equal_plain_decoding(runner, prompts, reference):
     rows, ids = prompts
     eng = _spec_engine(runner, "STATIC", "medusa")
@@ -170,6 +189,29 @@ def test_sampling_through_trees_matches_plain_sampling_distribution(runner, prom
     hot = [SamplingParams(temperature=2.0, top_k=6, max_new_tokens=3, ignore_eos=True, seed=s) for s in range(n)]
     c = [tuple(r.output_ids[1:3]) for r in plain.generate([ids] * n, hot)]
     assert _two_sample_chi2_p(collections.Counter(x[0] for x in a), collections.Counter(x[0] for x in c)) < 1e-3
+
+
+def test_sampling_through_lookup_chains_matches_plain_sampling_distribution(runner, tokenizer):
+    """A prompt that repeats itself, so the lookup branch proposes the continuation it saw; the
+    sampled tokens after it must still follow the model's own law (point-mass drafts)."""
+    ids = list(tokenizer("red green blue red green blue red green blue red green")["input_ids"])
+    n = 384
+    sp = [SamplingParams(temperature=1.0, top_k=6, max_new_tokens=4, ignore_eos=True, seed=s) for s in range(n)]
+    plain = Engine(EngineArgs(model_path=str(runner.model_dir), kv_slots=16384, context_length=1024,
+                              max_running_requests=128))
+    spec = _spec_engine(runner, "ENTMTP", "mtp", kv_slots=32768, max_running_requests=128, context_length=1024,
+                        lookup_tokens=6)
+    grafted = []
+    spec.step_listeners.append(lambda outs, dt: grafted.extend(o.spec["lookup"] for o in outs if o.spec))
+    a = [tuple(r.output_ids[1:3]) for r in plain.generate([ids] * n, sp)]
+    out = spec.generate([ids] * n, [SamplingParams(**vars(s)) for s in sp])
+    b = [tuple(r.output_ids[1:3]) for r in out]
+    assert sum(g > 0 for g in grafted) > n // 2, "the lookup branch was rarely proposed"
+    assert sum(r.lookup_accepted for r in out) > 0
+    assert len(collections.Counter(a)) >= 4, "the law under test is nearly a point mass"
+    p_joint = _two_sample_chi2_p(collections.Counter(a), collections.Counter(b))
+    p_second = _two_sample_chi2_p(collections.Counter(x[0] for x in a), collections.Counter(x[0] for x in b))
+    assert p_joint > 1e-3 and p_second > 1e-3, (p_joint, p_second)
 
 
 def test_seeded_sampling_with_speculation_is_reproducible(runner, prompts):

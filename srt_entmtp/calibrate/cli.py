@@ -38,6 +38,8 @@ def cmd_collect(ns) -> int:
 
     eng = _engine(ns)
     drafters = {k: load_drafter(default_heads_dir(k), eng.runner) for k in ns.drafters}
+    for d in drafters.values():  # rank what serving will propose (int8 heads on CPU by default)
+        d.quantize_for_inference(getattr(ns, "draft_dtype", "auto"))
     est = TreeLibrary.load(ns.estimator_from or default_library_path("any", eng.runner.device)).policy.estimator
     out = Path(ns.out_dir)
     stats = collect(eng, drafters, ns.families, ns.prompts_per_family, ns.max_new_tokens, top_k=ns.top_k,
@@ -63,9 +65,11 @@ def cmd_cost(ns) -> int:
 
     from srt_entmtp.calibrate.cost import COST_FORMAT, measure_spec_steps, measure_step_latency
 
-    eng = _engine(ns, "STATIC", drafter=ns.drafters[0])
+    draft_dtype = getattr(ns, "draft_dtype", "auto")
+    eng = _engine(ns, "STATIC", drafter=ns.drafters[0], lookup_tokens=0, draft_dtype=draft_dtype)
     runner = eng.runner
     result = {"format": COST_FORMAT, "hardware": hardware_string(runner), "device": str(runner.device),
+              "draft_dtype": "int8" if eng.worker.drafter.int8 else str(runner.dtype).replace("torch.", ""),
               "dtype": str(runner.dtype).replace("torch.", ""), "backend": runner.backend_name,
               "model": runner.name, "context": ns.context,
               "forward": measure_step_latency(runner, [n + 1 for n in ns.nodes], ns.batch_sizes, ns.context,
@@ -73,7 +77,8 @@ def cmd_cost(ns) -> int:
               "spec_steps": {}}
     del eng
     for kind in ns.drafters:
-        eng = _engine(ns, "STATIC", drafter=kind)
+        # the heads' trees alone: a lookup chain is priced as extra verify tokens (`forward` rows)
+        eng = _engine(ns, "STATIC", drafter=kind, lookup_tokens=0, draft_dtype=draft_dtype)
         result["spec_steps"][kind] = measure_spec_steps(eng, ns.nodes, ns.batch_sizes, steps=ns.steps,
                                                         prompt_len=ns.context, depths=ns.depths)
         del eng
@@ -108,7 +113,8 @@ def cmd_trees(ns) -> int:
     cost = load_cost(ns.cost)
     lib, report = build_library(stats, cost, ns.batch_size, buckets=ns.buckets, min_bucket=ns.min_bucket,
                                 max_nodes=ns.max_nodes, merge_tolerance=ns.merge_tolerance, max_trees=ns.max_trees,
-                                hysteresis=ns.hysteresis)
+                                hysteresis=ns.hysteresis, lookup_tokens=ns.lookup_tokens,
+                                lookup_min_match=ns.lookup_min_match)
     out = Path(ns.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     lib.save(out)
@@ -157,6 +163,8 @@ def add_parser(sub) -> None:
         p.add_argument("--device", default="auto")
         p.add_argument("--dtype", default="auto")
         p.add_argument("--max-running-requests", type=int, default=16)
+        p.add_argument("--draft-dtype", default="auto", choices=["auto", "int8", "model"],
+                       help="weights the heads draft in, as `serve --draft-dtype` (auto: int8 on CPU float32)")
 
     p = csub.add_parser("collect", help="per-position acceptance ranks and entropy over calibration prompts")
     common(p)
@@ -199,6 +207,9 @@ def add_parser(sub) -> None:
     p.add_argument("--merge-tolerance", type=float, default=0.02)
     p.add_argument("--max-trees", type=int, default=5)
     p.add_argument("--hysteresis", type=float, default=0.1)
+    p.add_argument("--lookup-tokens", type=int, default=0,
+                   help="write a prompt-lookup branch of up to N tokens into the library's policy (0: none)")
+    p.add_argument("--lookup-min-match", type=int, default=2, help="shortest repeated n-gram the lookup follows")
     p.add_argument("--out", required=True)
     p.add_argument("--report", default=None, help="report JSON (default: <out>.report.json)")
     p.add_argument("--plots", default=None, help="directory for PNG plots (needs matplotlib)")

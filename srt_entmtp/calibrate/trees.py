@@ -108,7 +108,8 @@ def merge_choices(choices: list[BucketChoice], cost, tolerance: float, max_trees
 def build_library(stats: AcceptanceStats, cost: dict, batch: int, *, buckets: int = 4, min_bucket: int = 300,
                   max_nodes: int = 64, max_depth: int | None = None, merge_tolerance: float = 0.02,
                   max_trees: int = 5, hysteresis: float = 0.1, min_steps_between_switches: int = 2,
-                  hardware: str | None = None) -> tuple[TreeLibrary, dict]:
+                  hardware: str | None = None, lookup_tokens: int = 0,
+                  lookup_min_match: int = 2) -> tuple[TreeLibrary, dict]:
     """The library and a report (per family and bucket: counts, front, choice, predicted rates)."""
     cost_fn = step_cost_fn(cost, batch, stats.drafter)
     depth = min(stats.depth, max_depth or stats.depth)
@@ -147,7 +148,8 @@ def build_library(stats: AcceptanceStats, cost: dict, batch: int, *, buckets: in
     est = stats.estimator
     policy = PolicyConfig(estimator=EstimatorConfig(mode=est.mode, ema_decay=est.ema_decay, window=est.window,
                                                     init=est.init),
-                          hysteresis=hysteresis, min_steps_between_switches=min_steps_between_switches)
+                          hysteresis=hysteresis, min_steps_between_switches=min_steps_between_switches,
+                          lookup_tokens=lookup_tokens, lookup_min_match=lookup_min_match)
     hw = hardware or cost.get("hardware", "unknown hardware")
     desc = (f"Calibrated by `entmtp calibrate trees` for batch {batch}: acceptance statistics of "
             f"{stats.drafter} heads ({sum(len(f.ranks) for f in stats.families.values())} positions), "

@@ -67,7 +67,8 @@ def validate(ns) -> dict:
     names = ablation_library(lib_path, stats, report, tmp)
     lib = TreeLibrary.load(tmp)
     none = _engine(ns, "NONE")
-    spec = _engine(ns, "ENTMTP", drafter=ns.drafter, tree_library=str(tmp))
+    spec = _engine(ns, "ENTMTP", drafter=ns.drafter, tree_library=str(tmp),
+                   draft_dtype=getattr(ns, "draft_dtype", "auto"))
     steps: list[dict] = []
     current: dict = {}
     spec.step_listeners.append(

@@ -36,3 +36,40 @@ class Linear:
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]).contiguous(), self.weight, self.bias,
                                                "none", [], "")
         return y.view(*shape[:-1], self.out_features)
+
+
+def int8_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether int8 dynamic-quantised linears (fbgemm / x86 engine) run here: CPU float32."""
+    engines = torch.backends.quantized.supported_engines
+    return (device.type == "cpu" and dtype == torch.float32 and ("x86" in engines or "fbgemm" in engines)
+            and hasattr(torch.ops.quantized, "linear_dynamic"))
+
+
+class Int8Linear:
+    """y ~= x @ w.T (+ b) with w in int8 (one scale per output row) and x quantised per call.
+
+    For draft heads only: their proposals are verified by the float model, so rounding them
+    changes which tokens get proposed, never what is emitted. A quarter of float32's bytes: on
+    this 2-core AVX2 CPU a 16384x576 projection takes 0.36-0.57 ms for 1-6 rows against
+    1.5-1.8 ms for the pre-packed float32 one (fbgemm's int8 GEMM; relative error ~2%).
+    """
+
+    __slots__ = ("packed", "out_features")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        import warnings
+
+        w = weight.detach().float().contiguous()
+        self.out_features = w.shape[0]
+        scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127.0).double()
+        zero = torch.zeros(w.shape[0], dtype=torch.long)
+        with warnings.catch_warnings():  # torch 2.13 flags quantised-tensor creation as deprecated
+            warnings.simplefilter("ignore", UserWarning)
+            q = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
+            self.packed = torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        # reduce_range: 7-bit activations, so fbgemm's int8 pair products cannot saturate on AVX2
+        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]).contiguous(), self.packed, True)
+        return y.view(*shape[:-1], self.out_features)

@@ -86,6 +86,8 @@ class Request:
         self.verify_ct = 0
         self.accepted_tokens = 0                       # drafted tokens accepted, summed over steps
         self.tree_counts: dict[str, int] = {}
+        self.lookup = None                             # spec/lookup.py LookupIndex when prompt lookup is on
+        self.lookup_accepted = 0                       # accepted tokens that came from the lookup branch
         self.entropy_sum = 0.0
         self.entropy_n = 0
         # timing (engine clock)
@@ -123,5 +125,6 @@ class Request:
             "spec_accept_length": (self.accepted_tokens + self.verify_ct) / steps if self.verify_ct else 0.0,
             "task": self.task,
             "tree_choices": dict(self.tree_counts),
+            "lookup_accepted_tokens": self.lookup_accepted,
             "mean_entropy": self.entropy_sum / self.entropy_n if self.entropy_n else None,
         }

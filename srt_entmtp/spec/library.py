@@ -59,6 +59,8 @@ class PolicyConfig:
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     hysteresis: float = 0.1
     min_steps_between_switches: int = 2
+    lookup_tokens: int = 0      # prompt-lookup branch of up to this many tokens on every tree (0: off)
+    lookup_min_match: int = 2   # ... when the request's last tokens occurred before at least this long
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,8 @@ class TreeLibrary:
                                       init=float(est["init"]), draft_mix=float(est.get("draft_mix", 0.0))),
             hysteresis=float(d["policy"]["hysteresis"]),
             min_steps_between_switches=int(d["policy"]["min_steps_between_switches"]),
+            lookup_tokens=int(d["policy"].get("lookup", {}).get("max_tokens", 0)),
+            lookup_min_match=int(d["policy"].get("lookup", {}).get("min_match", 2)),
         )
         families = {name: _parse_family(name, fam, source) for name, fam in d["families"].items()}
         return cls(d["model"], d["drafter"], d["hardware"], policy, families, source, d.get("description"))
@@ -151,6 +155,9 @@ class TreeLibrary:
             out["description"] = self.description
         out["policy"] = {"estimator": estimator, "hysteresis": self.policy.hysteresis,
                          "min_steps_between_switches": self.policy.min_steps_between_switches}
+        if self.policy.lookup_tokens:
+            out["policy"]["lookup"] = {"max_tokens": self.policy.lookup_tokens,
+                                       "min_match": self.policy.lookup_min_match}
         out["families"] = {name: _family_dict(f) for name, f in self._families.items()}
         return out
 

@@ -1,11 +1,14 @@
 """SpecWorker: one speculative decode step for the whole running batch.
 
-    choose trees  ->  draft  ->  one ragged verify forward  ->  accept  ->  compact KV  ->  update entropy
+    choose trees  ->  draft  ->  graft lookup chains  ->  one ragged verify forward  ->  accept  ->  compact KV
+    ->  update entropy
 
 Per request the step starts from its pending token (the tree's root, already known to be right)
 and the hidden state that produced it. The policy picks a tree from the request's entropy
-estimate and task family; the drafter fills every tree in one batched call; the target model
-scores all trees in one forward with a tree mask per request; verification keeps the longest
+estimate and task family; the drafter fills every tree in one batched call; where the library
+(or --lookup-tokens) asks for it, a prompt-lookup chain copied from the request's own history is
+grafted under the root (spec/lookup.py); the target model scores all trees in one forward with a
+tree mask per request; verification keeps the longest
 accepted path plus a bonus token. The accepted nodes' KV is copied to the front of the slots the
 tree used (so a sequence's slots stay in order) and the rest of the tree's slots are freed.
 """
@@ -22,6 +25,7 @@ from srt_entmtp.sched.request import Request
 from srt_entmtp.spec.classify import classify_task
 from srt_entmtp.spec.entropy import entropy_from_logits
 from srt_entmtp.spec.library import TreeLibrary
+from srt_entmtp.spec.lookup import MAX_LOOKUP_TOKENS, LookupIndex, is_lookup_node, with_lookup
 from srt_entmtp.spec.policy import ConfidencePolicy, EntMTPPolicy, StaticPolicy
 from srt_entmtp.spec.ragged import RaggedTreeBatch
 from srt_entmtp.spec.tree import Tree
@@ -50,7 +54,8 @@ def default_library_path(kind: str, device: torch.device) -> Path:
 
 class SpecWorker(Worker):
     def __init__(self, runner: ModelRunner, drafter, library: TreeLibrary, algorithm: str = "ENTMTP",
-                 static_tree: Tree | None = None, capacity: int = 256, confidence_threshold: float = 0.05):
+                 static_tree: Tree | None = None, capacity: int = 256, confidence_threshold: float = 0.05,
+                 lookup_tokens: int | None = None):
         super().__init__(runner)
         self.algorithm = algorithm
         self.drafter = drafter
@@ -62,31 +67,40 @@ class SpecWorker(Worker):
             self.policy = EntMTPPolicy(library, capacity=capacity)
         # per-request `policy: confidence` prunes the chosen tree after drafting (ConfAdapt)
         self.confidence = ConfidencePolicy(self.policy, confidence_threshold)
+        pol = library.policy
+        self.lookup_tokens = pol.lookup_tokens if lookup_tokens is None else int(lookup_tokens)
+        if not 0 <= self.lookup_tokens <= MAX_LOOKUP_TOKENS:
+            raise ValueError(f"lookup tokens must be in [0, {MAX_LOOKUP_TOKENS}], got {self.lookup_tokens}")
+        self.lookup_min_match = pol.lookup_min_match
         # families whose every bucket holds a root-only tree (a library calibrated where drafting
         # does not pay): their requests skip the policy and take plain decode steps
-        self._never_drafts = {} if algorithm == "STATIC" else {
+        self._never_drafts = {} if algorithm == "STATIC" or self.lookup_tokens else {
             name: fam.tree_for_bucket(0) for name, fam in library.families.items()
             if all(fam.tree_for_bucket(b).num_nodes == 1 for b in range(fam.num_buckets))}
         self._free_slots = list(range(capacity - 1, -1, -1))
-        self.max_nodes = max(library.max_tree_nodes, (static_tree.num_nodes if static_tree else 1))
+        self.max_nodes = max(library.max_tree_nodes, (static_tree.num_nodes if static_tree else 1)) + self.lookup_tokens
         self.step_info: dict[str, dict] = {}
 
     @classmethod
     def create(cls, runner: ModelRunner, algorithm: str, drafter: str, heads_path: str | None = None,
                library_path: str | None = None, static_tree: str | None = None,
-               capacity: int = 256) -> "SpecWorker":
+               capacity: int = 256, draft_dtype: str = "auto", lookup_tokens: int | None = None) -> "SpecWorker":
         from srt_entmtp.spec.drafters import load_drafter
 
         heads = Path(heads_path) if heads_path else default_heads_dir(drafter)
         d = load_drafter(heads, runner)  # the runner carries the model's name for the heads' check
+        int8 = d.quantize_for_inference(draft_dtype)
         lib_file = Path(library_path) if library_path else default_library_path(drafter, runner.device)
         library = TreeLibrary.load(lib_file, expect_drafter=drafter)
         tree = None
         if static_tree:
             tree = library.tree_by_name(static_tree)
-        log.info("speculation: %s, %s drafter from %s, tree library %s (%d trees)", algorithm, drafter, heads,
-                 lib_file, len(library.all_trees()))
-        return cls(runner, d, library, algorithm=algorithm, static_tree=tree, capacity=capacity)
+        w = cls(runner, d, library, algorithm=algorithm, static_tree=tree, capacity=capacity,
+                lookup_tokens=lookup_tokens)
+        log.info("speculation: %s, %s drafter from %s (%s weights), tree library %s (%d trees), prompt lookup %s",
+                 algorithm, drafter, heads, "int8" if int8 else str(d.param_dtype).replace("torch.", ""), lib_file,
+                 len(library.all_trees()), f"up to {w.lookup_tokens} tokens" if w.lookup_tokens else "off")
+        return w
 
     # ---- request lifecycle -------------------------------------------------------------------
     def max_new_slots_per_step(self) -> int:
@@ -97,6 +111,7 @@ class SpecWorker(Worker):
         slot = torch.tensor([req.slot])
         self.tracker.reset(slot)
         self.policy.reset(slot)
+        req.lookup = LookupIndex(self.lookup_min_match) if self.lookup_tokens else None
         if req.spec.task is None:
             req.task = classify_task(req.prompt_text) if req.prompt_text else "general"
 
@@ -141,8 +156,9 @@ class SpecWorker(Worker):
         dev = self.runner.device
         slots = torch.tensor([r.slot for r in reqs])
         entropy = self.tracker.value(slots)
-        trees = self._trees(reqs, slots, entropy)
-        if all(t.num_nodes == 1 for t in trees) and not any(
+        trees = chosen = self._trees(reqs, slots, entropy)
+        chains = self._lookup_chains(reqs) if self.lookup_tokens else None
+        if all(t.num_nodes == 1 for t in trees) and not (chains and any(chains)) and not any(
                 r.generator is not None and not r.sampling.greedy for r in reqs):
             return self._decode_root_only(reqs, trees, slots, entropy)
         prefix = [int(r.kv_slots.numel()) for r in reqs]
@@ -153,6 +169,8 @@ class SpecWorker(Worker):
         node_tokens = draft.node_tokens
         if any(r.spec.policy == "confidence" for r in reqs):
             trees, batch, node_tokens = self._prune(reqs, trees, prefix, batch, draft, dev)
+        if chains and any(chains):
+            trees, batch, node_tokens = self._graft(trees, prefix, batch, node_tokens, chains, dev)
 
         # one forward over every request's tree, each under its own tree mask
         counts = batch.node_counts
@@ -182,16 +200,48 @@ class SpecWorker(Worker):
         est_in = entropy.tolist()  # the estimate the policy saw (calibration checks predictions per bucket)
         self.step_info = {}
         results = {}
+        leaf = accepted_flat[indptr[1:] - 1].tolist()  # each request's deepest accepted node (flat id)
+        starts = batch.node_indptr.tolist()
         for i, r in enumerate(reqs):
             r.kv_slots = torch.cat([r.kv_slots, new_slots[i][:accept[i] + 1]])
             r.last_hidden = last_hidden[i]
-            self._record(r, trees[i], accept[i], est[i], est_in[i])
+            by_lookup = trees[i] is not chosen[i] and bool(is_lookup_node(trees[i])[leaf[i] - starts[i]])
+            r.lookup_accepted += accept[i] if by_lookup else 0
+            self._record(r, chosen[i], accept[i], est[i], est_in[i], nodes=trees[i].num_nodes,
+                         lookup=len(chains[i]) if chains else 0)
             results[r.rid] = emitted[i]
         return results
 
-    def _record(self, r: Request, tree: Tree, accepted: int, est: float | None, est_in: float | None) -> None:
+    def _lookup_chains(self, reqs: list[Request]) -> list[list[int]]:
+        """Each request's prompt-lookup proposal (empty: no earlier occurrence, or `policy: none`)."""
+        out = []
+        for r in reqs:
+            if r.lookup is None or r.spec.policy == "none":
+                out.append([])
+                continue
+            r.lookup.sync(r.prompt_ids, r.output_ids)
+            out.append(r.lookup.propose(self.lookup_tokens))
+        return out
+
+    def _graft(self, trees, prefix, batch, node_tokens, chains, dev):
+        """Hang each request's lookup chain under its root: the new trees, their batch, and the
+        node tokens in the new trees' canonical order."""
+        starts = batch.node_indptr.tolist()
+        grafted, parts = [], []
+        for i, (t, c) in enumerate(zip(trees, chains)):
+            own = node_tokens[starts[i]:starts[i + 1]]
+            if c:
+                t, gather = with_lookup(t, len(c))
+                own = torch.cat([own, torch.tensor(c, dtype=own.dtype, device=dev)])[gather.to(dev)]
+            grafted.append(t)
+            parts.append(own)
+        return grafted, RaggedTreeBatch.build(grafted, torch.tensor(prefix), device=dev), torch.cat(parts)
+
+    def _record(self, r: Request, tree: Tree, accepted: int, est: float | None, est_in: float | None,
+                nodes: int | None = None, lookup: int = 0) -> None:
         """A request's counters and this step's info (metrics, calibration) after one step.
-        est None: no estimate was kept this step (a batch that can never draft)."""
+        `tree` is the policy's choice; `nodes` what was verified (with a lookup chain of `lookup`
+        tokens grafted on). est None: no estimate was kept this step (a batch that can never draft)."""
         r.verify_ct += 1
         r.accepted_tokens += accepted
         r.tree_counts[tree.name] = r.tree_counts.get(tree.name, 0) + 1
@@ -199,7 +249,7 @@ class SpecWorker(Worker):
             r.entropy_sum += est
             r.entropy_n += 1
         self.step_info[r.rid] = {"tree": tree.name, "task": r.task, "accepted": accepted, "entropy": est,
-                                 "entropy_in": est_in, "nodes": tree.num_nodes}
+                                 "entropy_in": est_in, "nodes": nodes or tree.num_nodes, "lookup": lookup}
 
     def _decode_root_only(self, reqs, trees, slots=None, entropy=None):
         """No request drafts this step (the library chose root-only trees, or `policy: none`):

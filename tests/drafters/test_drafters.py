@@ -310,3 +310,36 @@ def test_shipped_heads_load_and_fill_trees(runner, kind):
     out = d.propose(hidden, roots, batch)
     assert out.node_tokens[batch.node_indptr[:-1]].tolist() == roots.tolist()
     assert ((out.node_probs > 0) & (out.node_probs <= 1)).all()
+
+
+@pytest.mark.parametrize("kind", list(DRAFTERS))
+def test_int8_drafting_stays_close_to_float_and_fills_the_same_trees(runner, kind):
+    """quantize_for_inference: int8 weights change the draft logits by a few percent, so the
+    candidate ranking mostly survives (the shipped heads); drafts are only
+    proposals, so this costs acceptance, never correctness (tests/test_spec_worker.py)."""
+    from pathlib import Path
+
+    import srt_entmtp
+    from srt_entmtp.model.linear import int8_available
+
+    if not int8_available(runner.device, runner.dtype):
+        pytest.skip(f"int8 linears need a CPU float32 model (have {runner.device}, {runner.dtype})")
+    d = load_drafter(Path(srt_entmtp.__file__).parent / "heads" / kind, runner.model)
+    _, batch, hidden, roots = _setup(runner)
+    path = torch.randint(100, 2000, (hidden.shape[0], 3), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = [x.float() for x in d.path_logits(hidden, path)]
+        ref_draft = d.propose(hidden, roots, batch)
+        assert d.quantize_for_inference("auto") and d.int8
+        q = [x.float() for x in d.path_logits(hidden, path)]
+        q_draft = d.propose(hidden, roots, batch)
+    for a, b in zip(ref, q):
+        assert float((a - b).norm() / a.norm()) < 0.1
+        assert float((a.argmax(-1) == b.argmax(-1)).float().mean()) >= 0.75
+    assert q_draft.node_tokens.shape == ref_draft.node_tokens.shape
+    assert q_draft.node_tokens[batch.node_indptr[:-1]].tolist() == roots.tolist()
+    assert not d.quantize_for_inference("model") and not d.int8
+    with torch.no_grad():
+        assert torch.equal(d.path_logits(hidden, path)[0].float(), ref[0])  # back to the float weights
+    with pytest.raises(ValueError, match="auto, int8 or model"):
+        d.quantize_for_inference("int4")

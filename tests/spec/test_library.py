@@ -49,6 +49,17 @@ def test_round_trip_and_save(tmp_path):
     assert len(lib.all_trees()) == len(set(lib.all_trees())) == len(distinct)
 
 
+def test_lookup_setting_round_trips_and_defaults_to_off():
+    assert TreeLibrary.from_dict(good()).policy.lookup_tokens == 0
+    d = good()
+    d["policy"]["lookup"] = {"max_tokens": 8, "min_match": 3}
+    lib = TreeLibrary.from_dict(d)
+    assert (lib.policy.lookup_tokens, lib.policy.lookup_min_match) == (8, 3)
+    assert lib.to_dict() == d
+    d["policy"]["lookup"] = {"max_tokens": 5}
+    assert TreeLibrary.from_dict(d).policy.lookup_min_match == 2
+
+
 def test_bucket_and_choose():
     lib = DEFAULT
     h = torch.tensor([0.0, 0.99, 1.0, 2.0, 2.5, 9.0])
@@ -131,6 +142,12 @@ BAD = [
     ("tree-name-duplicate", lambda d: _set(d, ["families", "code", "trees", 1, "name"], "code-48"),
      "families.code.trees[1].name", "duplicate tree name"),
     ("no-trees", lambda d: _set(d, ["families", "code", "trees"], []), "families.code.trees", "must not be empty"),
+    ("lookup-too-long", lambda d: _set(d, ["policy", "lookup"], {"max_tokens": 40}), "policy.lookup.max_tokens",
+     "must be <= 16"),
+    ("lookup-min-match", lambda d: _set(d, ["policy", "lookup"], {"max_tokens": 8, "min_match": 0}),
+     "policy.lookup.min_match", "must be >= 1"),
+    ("lookup-unknown", lambda d: _set(d, ["policy", "lookup"], {"max_tokens": 8, "tokens": 3}),
+     "policy.lookup.tokens", "unknown field"),
     ("cost-type", lambda d: _set(d, ["families", "code", "trees", 0, "step_cost_ms"], "fast"),
      "families.code.trees[0].step_cost_ms", "must be of type number"),
 ]

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from srt_entmtp.errors import ModelLoadError
-from srt_entmtp.model.linear import Linear, onednn_available
+from srt_entmtp.model.linear import Int8Linear, Linear, int8_available, onednn_available
 
 if TYPE_CHECKING:
     from srt_entmtp.model.llama import LlamaModel
@@ -213,6 +213,7 @@ class Drafter(nn.Module):
             self.out_weight = model.lm_head
         self._plans = _PlanCache()
         self.training_summary: dict = {}
+        self.int8 = False  # set by quantize_for_inference(): int8 weights for drafting on CPU
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -230,6 +231,21 @@ class Drafter(nn.Module):
     def arch(self) -> dict:
         """Constructor arguments that define the parameter shapes (saved in config.json)."""
         raise NotImplementedError
+
+    def quantize_for_inference(self, mode: str = "auto") -> bool:
+        """Draft with int8 weights (`mode` int8, or auto where int8 linears run: CPU float32).
+        Lossless for the output, since drafts are only proposals the float model verifies; it
+        changes which tokens are proposed a little. Returns whether int8 is now on."""
+        if mode not in ("auto", "int8", "model"):
+            raise ValueError(f"draft dtype must be auto, int8 or model, got {mode!r}")
+        ok = int8_available(self.lm_head.device, self.param_dtype)
+        if mode == "int8" and not ok:
+            raise ValueError(f"int8 drafting needs a CPU float32 model with torch's fbgemm/x86 quantised engine "
+                             f"(have {self.lm_head.device}, {self.param_dtype})")
+        self.int8 = mode != "model" and ok
+        self.__dict__.pop("_out_linear", None)
+        self.__dict__.pop("_packed", None)
+        return self.int8
 
     def to_full(self, idx: torch.Tensor) -> torch.Tensor:
         """Candidate indices in the draft vocabulary -> full-vocabulary token ids."""
@@ -252,7 +268,9 @@ class Drafter(nn.Module):
         lin = getattr(self, "_out_linear", None)
         if lin is None:
             base_lin = getattr(self, "_base_lm_head_linear", None)
-            if self.draft_vocab is None and base_lin is not None and base_lin.packed:
+            if self.int8:
+                lin = Int8Linear(self.out_weight)
+            elif self.draft_vocab is None and base_lin is not None and base_lin.packed:
                 lin = base_lin  # the full head is the base model's: share its packed copy
             else:
                 lin = Linear(self.out_weight.contiguous(), pack=True)
@@ -267,7 +285,9 @@ class Drafter(nn.Module):
         cache = self.__dict__.setdefault("_packed", {})
         hit = cache.get(key)
         if hit is None or hit[0] != w._version:
-            hit = (w._version, Linear(w.detach().contiguous(), None if b is None else b.detach().contiguous(), pack=True))
+            bias = None if b is None else b.detach().contiguous()
+            lin = Int8Linear(w, bias) if self.int8 else Linear(w.detach().contiguous(), bias, pack=True)
+            hit = (w._version, lin)
             cache[key] = hit
         return hit[1](x)
 
