@@ -212,8 +212,9 @@ def part_c(ns, dev):
                      **{k: v for k, v in ref.items() if k != "outputs"}})
         for drafter in ns.drafters:
             lib, static = library_for(ns, drafter, C)
-            for cfg in ("STATIC", "ENTMTP"):
+            for cfg in ("STATIC", "ENTMTP") + (("ENTMTP+lookup",) if ns.lookup_tokens else ()):
                 kw = {"tree_library": lib} if lib else {}
+                kw["lookup_tokens"] = ns.lookup_tokens if cfg == "ENTMTP+lookup" else 0
                 eng = Engine(EngineArgs(device=ns.device, speculative_algorithm="ENTMTP", drafter=drafter,
                                         max_running_requests=C, context_length=2048, kv_slots=ns.kv_slots,
                                         cuda_graph=not ns.eager, **kw))
@@ -266,6 +267,8 @@ def main():
     ap.add_argument("--drafters", nargs="+", default=["medusa", "hydra", "mtp"])
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--library-dir", default=None)
+    ap.add_argument("--lookup-tokens", type=int, default=0,
+                    help="also run ENTMTP with a prompt-lookup branch of up to N tokens (part c)")
     ap.add_argument("--prompts-dir", default=None)
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs (every forward eager)")
@@ -322,7 +325,7 @@ def print_tables(res):
         for r in res["throughput"]:
             sp = f"[{r['speedup']:.2f}x]" if "speedup" in r else ""
             eq = f" equal-to-NONE {r['outputs_equal_none']}/{r['requests']}" if "outputs_equal_none" in r else ""
-            print(f"C={r['concurrency']:3d} {r['config']:7s} {r['drafter'] or '':7s} {r['tokens_per_s']:9.1f} "
+            print(f"C={r['concurrency']:3d} {r['config']:13s} {r['drafter'] or '':7s} {r['tokens_per_s']:9.1f} "
                   f"({r['accept_per_step']:.2f}) {sp}{eq}")
 
 

@@ -82,6 +82,7 @@ class Tree:
     retrieve_indices: torch.Tensor
     num_leaves: int
     children: torch.Tensor
+    child_lists: list[list[int]]
     name: str
 
     def __init__(self, canonical: tuple[Path, ...]):
@@ -109,6 +110,8 @@ class Tree:
         self.children = torch.full((n, width), -1, dtype=torch.long)
         for i, k in enumerate(kids):
             self.children[i, : len(k)] = torch.tensor(k, dtype=torch.long)
+
+        self.child_lists = kids  # the same as Python lists, for host-side walks (spec/verify.py)
 
         leaves = [i for i in range(n) if not kids[i]]
         self.num_leaves = len(leaves)

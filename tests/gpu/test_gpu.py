@@ -148,18 +148,22 @@ def prompt_ids():
     return rows, [eng.tokenize_chat([{"role": "user", "content": r["prompt"]}]) for r in rows]
 
 
-@pytest.mark.parametrize("drafter", ["medusa", "mtp"])
-def test_entmtp_equals_none_float32_on_gpu(prompt_ids, drafter):
+@pytest.mark.parametrize("drafter, lookup", [("medusa", 0), ("mtp", 0), ("mtp", 8)],
+                         ids=["medusa", "mtp", "mtp+lookup"])
+def test_entmtp_equals_none_float32_on_gpu(prompt_ids, drafter, lookup):
     rows, ids = prompt_ids
     sp = SamplingParams(max_new_tokens=N_TOKENS, ignore_eos=True)
     ref = _engine(dtype="float32", attention_backend="sdpa").generate(ids, sp)
-    eng = _engine("ENTMTP", drafter, dtype="float32", attention_backend="sdpa")
-    trees = []
+    eng = _engine("ENTMTP", drafter, dtype="float32", attention_backend="sdpa", lookup_tokens=lookup)
+    trees, grafted = [], []
     eng.step_listeners.append(lambda outs, dt: trees.append({o.spec["tree"] for o in outs if o.spec}))
+    eng.step_listeners.append(lambda outs, dt: grafted.extend(o.spec["lookup"] for o in outs if o.spec))
     out = eng.generate(ids, sp, [SpecOptions(task=r["task"]) for r in rows])
     for r, o, row in zip(ref, out, rows):
         assert o.output_ids == r.output_ids, f"{drafter}: {row['task']} {row['id']} diverged"
     assert max(len(s) for s in trees) > 1
+    if lookup:
+        assert max(grafted) > 1 and sum(o.lookup_accepted for o in out) > 0
 
 
 def _first_divergence_is_near_tie(engine, prompt, ref_ids, out_ids, margin):
@@ -183,15 +187,17 @@ def _first_divergence_is_near_tie(engine, prompt, ref_ids, out_ids, margin):
 
 
 @needs_flashinfer
-@pytest.mark.parametrize("graphs", [True, False], ids=["cuda-graphs", "eager"])
-@pytest.mark.parametrize("drafter", ["medusa", "mtp"])
-def test_entmtp_matches_none_bf16_flashinfer_up_to_near_ties(prompt_ids, drafter, graphs):
+@pytest.mark.parametrize("drafter, graphs, lookup", [("medusa", True, 0), ("medusa", False, 0), ("mtp", True, 0),
+                                                     ("mtp", False, 0), ("mtp", True, 8)],
+                         ids=["medusa-cuda-graphs", "medusa-eager", "mtp-cuda-graphs", "mtp-eager",
+                              "mtp+lookup-cuda-graphs"])
+def test_entmtp_matches_none_bf16_flashinfer_up_to_near_ties(prompt_ids, drafter, graphs, lookup):
     rows, ids = prompt_ids
     sp = SamplingParams(max_new_tokens=N_TOKENS, ignore_eos=True)
     none = _engine(attention_backend="flashinfer", cuda_graph=graphs)
     assert none.runner.backend_name == "flashinfer"
     ref = none.generate(ids, sp)
-    eng = _engine("ENTMTP", drafter, attention_backend="flashinfer", cuda_graph=graphs)
+    eng = _engine("ENTMTP", drafter, attention_backend="flashinfer", cuda_graph=graphs, lookup_tokens=lookup)
     if graphs:
         assert none.runner.graphs.replays > 0
     else:
