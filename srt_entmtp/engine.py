@@ -51,6 +51,7 @@ class EngineArgs:
     lookup_tokens: int | None = None     # prompt-lookup branch length; None = the library's setting, 0 = off
     cuda_graph: bool = True              # capture decode / verify forwards on CUDA (flashinfer backend)
     cuda_graph_max_bs: int = 64          # largest batch with a graph; bigger batches run eagerly
+    cuda_graph_min_tree_nodes: int = 0   # capture verify graphs for trees at least this big (calibration)
     extra: dict = field(default_factory=dict)
 
 
@@ -71,7 +72,8 @@ class Engine:
             # verification bounded by the library's largest tree
             plain = args.speculative_algorithm == "NONE"
             self.runner.capture_cuda_graphs(min(args.max_running_requests, args.cuda_graph_max_bs),
-                                            max_tree_nodes=0 if plain else self.worker.max_new_slots_per_step())
+                                            max_tree_nodes=0 if plain else max(self.worker.max_new_slots_per_step(),
+                                                                               args.cuda_graph_min_tree_nodes))
         cfg = self.runner.config
         eos = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:

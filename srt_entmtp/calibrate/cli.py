@@ -14,6 +14,10 @@ DRAFTER_KINDS = ("medusa", "hydra", "mtp")
 def _engine(ns, algorithm: str = "NONE", **kw):
     from srt_entmtp.engine import Engine, EngineArgs
 
+    if getattr(ns, "nodes", None) and algorithm != "NONE":
+        # `cost` times trees far bigger than the shipped library's: capture verify graphs for them
+        # too, or the big ones would be timed eagerly (on a GPU, 5-10x slower than the engine runs them)
+        kw.setdefault("cuda_graph_min_tree_nodes", max(ns.nodes) + 1)
     return Engine(EngineArgs(model_path=ns.model_path, device=ns.device, dtype=ns.dtype,
                              max_running_requests=ns.max_running_requests, speculative_algorithm=algorithm,
                              kv_slots=getattr(ns, "kv_slots", None), **kw))

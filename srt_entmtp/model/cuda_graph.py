@@ -107,7 +107,8 @@ class CudaGraphRunner:
         self.hidden = torch.zeros(n_max, cfg.hidden_size, dtype=runner.dtype, device=dev)
         self.logits = torch.zeros(n_max, cfg.vocab_size, dtype=torch.float32, device=dev)
         self.workspace = None  # FlashInfer's float workspace, allocated at capture
-        self.graphs: dict[tuple[int, int], CapturedForward] = {}
+        # keyed by (requests, tokens, tree): decode (2, 2) and the one-request verify (2, 2) differ
+        self.graphs: dict[tuple[int, int, bool], CapturedForward] = {}
         self.capture_seconds = 0.0
         self.memory_bytes = 0
         self.replays = 0  # forwards served by a graph (the rest ran eagerly)
@@ -142,7 +143,7 @@ class CudaGraphRunner:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 self._forward(attn, tokens)
-            self.graphs[(batch, tokens)] = CapturedForward(attn, graph)
+            self.graphs[(batch, tokens, tree)] = CapturedForward(attn, graph)
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - t0
         self.memory_bytes = free0 - torch.cuda.mem_get_info()[0]
@@ -175,7 +176,7 @@ class CudaGraphRunner:
             if tokens < n + (batch - b):  # each dummy request needs a token
                 continue
             if best is None or (tokens, batch) < (best[1], best[0]):
-                best = (batch, tokens)
+                best = (batch, tokens, tree)
         return None if best is None else self.graphs.get(best)
 
     def forward(self, fb: ForwardBatch):

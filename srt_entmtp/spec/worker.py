@@ -156,7 +156,7 @@ class SpecWorker(Worker):
         dev = self.runner.device
         slots = torch.tensor([r.slot for r in reqs])
         entropy = self.tracker.value(slots)
-        trees = chosen = self._trees(reqs, slots, entropy)
+        trees = self._trees(reqs, slots, entropy)
         chains = self._lookup_chains(reqs) if self.lookup_tokens else None
         if all(t.num_nodes == 1 for t in trees) and not (chains and any(chains)) and not any(
                 r.generator is not None and not r.sampling.greedy for r in reqs):
@@ -169,6 +169,7 @@ class SpecWorker(Worker):
         node_tokens = draft.node_tokens
         if any(r.spec.policy == "confidence" for r in reqs):
             trees, batch, node_tokens = self._prune(reqs, trees, prefix, batch, draft, dev)
+        heads = trees  # the heads' trees as verified (pruned where asked); metrics count these
         if chains and any(chains):
             trees, batch, node_tokens = self._graft(trees, prefix, batch, node_tokens, chains, dev)
 
@@ -205,9 +206,9 @@ class SpecWorker(Worker):
         for i, r in enumerate(reqs):
             r.kv_slots = torch.cat([r.kv_slots, new_slots[i][:accept[i] + 1]])
             r.last_hidden = last_hidden[i]
-            by_lookup = trees[i] is not chosen[i] and bool(is_lookup_node(trees[i])[leaf[i] - starts[i]])
+            by_lookup = trees[i] is not heads[i] and bool(is_lookup_node(trees[i])[leaf[i] - starts[i]])
             r.lookup_accepted += accept[i] if by_lookup else 0
-            self._record(r, chosen[i], accept[i], est[i], est_in[i], nodes=trees[i].num_nodes,
+            self._record(r, heads[i], accept[i], est[i], est_in[i], nodes=trees[i].num_nodes,
                          lookup=len(chains[i]) if chains else 0)
             results[r.rid] = emitted[i]
         return results
@@ -240,7 +241,7 @@ class SpecWorker(Worker):
     def _record(self, r: Request, tree: Tree, accepted: int, est: float | None, est_in: float | None,
                 nodes: int | None = None, lookup: int = 0) -> None:
         """A request's counters and this step's info (metrics, calibration) after one step.
-        `tree` is the policy's choice; `nodes` what was verified (with a lookup chain of `lookup`
+        `tree` is the heads' tree (the policy's choice, pruned where asked); `nodes` what was verified (with a lookup chain of `lookup`
         tokens grafted on). est None: no estimate was kept this step (a batch that can never draft)."""
         r.verify_ct += 1
         r.accepted_tokens += accepted

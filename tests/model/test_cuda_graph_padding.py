@@ -71,7 +71,7 @@ def test_every_batch_within_the_limits_finds_a_graph_shape(runner):
         shapes = verify_shapes(max_batch, max_nodes)
         assert all(n >= b for b, n in shapes)
         graphs = CudaGraphRunner(runner, max_batch, max_nodes, decode=False)
-        graphs.graphs = {(b, n): (b, n) for b, n, _ in graphs.shapes}  # stand-ins: _pick only looks shapes up
+        graphs.graphs = {(b, n, t): (b, n) for b, n, t in graphs.shapes}  # stand-ins: _pick only looks shapes up
         for b in range(1, max_batch + 1):
             for n in sorted({b, 2 * b, b * max_nodes // 2, b * max_nodes}):
                 mask = torch.ones(1, dtype=torch.bool)
@@ -83,7 +83,7 @@ def test_every_batch_within_the_limits_finds_a_graph_shape(runner):
                 batch, tokens = got
                 assert batch > b and tokens >= n + batch - b and tokens < 2 * (n + batch - b) + 2
         decode = CudaGraphRunner(runner, max_batch, 0, decode=True)
-        decode.graphs = {(b, n): (b, n) for b, n, _ in decode.shapes}
+        decode.graphs = {(b, n, t): (b, n) for b, n, t in decode.shapes}
         for b in range(1, max_batch + 1):
             fb = ForwardBatch(input_ids=torch.zeros(b, dtype=torch.long), positions=None, out_slots=None,
                               qo_indptr=None, kv_indptr=None, kv_indices=None, q_lens=[1] * b, kv_lens=[1] * b)
@@ -93,3 +93,18 @@ def test_every_batch_within_the_limits_finds_a_graph_shape(runner):
                           qo_indptr=None, kv_indptr=None, kv_indices=None, q_lens=[1] * (max_batch + 1),
                           kv_lens=[1] * (max_batch + 1))
         assert decode._pick(fb) is None
+
+
+def test_decode_and_verify_graphs_of_the_same_size_are_told_apart(runner):
+    """The decode graph for 2 requests and the one-request verify graph of 2 tokens (plus its
+    padding request) are both (2 requests, 2 tokens); each batch must get its own kind (keys
+    without the kind once made a 2-request decode step replay the tree graph)."""
+    both = CudaGraphRunner(runner, 8, 4, decode=True)
+    assert (2, 2, False) in both.shapes and (2, 2, True) in both.shapes
+    both.graphs = {s: s for s in both.shapes}
+    decode = ForwardBatch(input_ids=torch.zeros(2, dtype=torch.long), positions=None, out_slots=None, qo_indptr=None,
+                          kv_indptr=None, kv_indices=None, q_lens=[1, 1], kv_lens=[1, 1])
+    tree = ForwardBatch(input_ids=torch.zeros(1, dtype=torch.long), positions=None, out_slots=None, qo_indptr=None,
+                        kv_indptr=None, kv_indices=None, q_lens=[1], kv_lens=[1], custom_mask=torch.ones(1, dtype=torch.bool))
+    assert both._pick(decode) == (2, 2, False)
+    assert both._pick(tree) == (2, 2, True)
