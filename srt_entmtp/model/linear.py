@@ -54,7 +54,7 @@ class Int8Linear:
     1.5-1.8 ms for the pre-packed float32 one (fbgemm's int8 GEMM; relative error ~2%).
     """
 
-    __slots__ = ("packed", "out_features")
+    __slots__ = ("out_features", "packed")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         import warnings

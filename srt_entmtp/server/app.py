@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 
 WATCHDOG_S = 2.0        # how often a waiting handler checks that the engine still owns its request
 DRAIN_TIMEOUT_S = 120.0  # how long a drain may wait for running requests
-SPEC_KEYS = ("spec_verify_ct", "spec_accept_length", "tree_choices", "mean_entropy", "task")
+SPEC_KEYS = ("spec_verify_ct", "spec_accept_length", "tree_choices", "lookup_accepted_tokens", "mean_entropy", "task")
 
 
 # ---- the bridge from the engine thread to asyncio ----------------------------------------------------

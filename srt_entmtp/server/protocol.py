@@ -347,6 +347,7 @@ class GenerateMetaInfo(BaseModel):
     spec_verify_ct: int = 0
     spec_accept_length: float = 0.0
     tree_choices: dict[str, int] = Field(default_factory=dict)
+    lookup_accepted_tokens: int = 0
     mean_entropy: float | None = None
     task: str | None = None
     e2e_latency: float | None = None

@@ -28,7 +28,7 @@ MAX_LOOKUP_TOKENS = 16
 class LookupIndex:
     """n-gram -> where its latest continuation starts, over one request's token history."""
 
-    __slots__ = ("min_match", "max_match", "tokens", "table")
+    __slots__ = ("max_match", "min_match", "table", "tokens")
 
     def __init__(self, min_match: int = 2, max_match: int = 4):
         if not 1 <= min_match <= max_match:

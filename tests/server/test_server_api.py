@@ -184,10 +184,22 @@ def test_entmtp_extension_passes_through(server, http):
     assert r.status_code == 200, r.text
     stats = r.json()["entmtp"]
     assert stats["task"] == "code"
-    assert set(stats) >= {"spec_verify_ct", "spec_accept_length", "tree_choices", "mean_entropy", "task"}
+    assert set(stats) >= {"spec_verify_ct", "spec_accept_length", "tree_choices", "lookup_accepted_tokens",
+                          "mean_entropy", "task"}
     g = http.post("/generate", json={"text": "def f(x):", "sampling_params": {"max_new_tokens": 2},
                                      "entmtp": {"task": "math"}}).json()
     assert g["meta_info"]["task"] == "math"
+
+
+def test_default_server_drafts_from_the_prompt_lookup_branch(server, http):
+    """`make serve`'s configuration (MTP heads, the CPU library with its 8-token lookup branch):
+    a text that repeats itself gets tokens accepted from the lookup chain, reported per request."""
+    text = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10. 1, 2, 3, 4, 5, 6, 7, 8, 9, 10. 1, 2, 3, 4,"
+    r = http.post("/generate", json={"text": text, "sampling_params": {"max_new_tokens": 24, "temperature": 0,
+                                                                        "ignore_eos": True}})
+    assert r.status_code == 200, r.text
+    m = r.json()["meta_info"]
+    assert m["lookup_accepted_tokens"] > 0 and m["spec_accept_length"] > 1.5, m
 
 
 def test_generate_native(server, http):
@@ -199,7 +211,8 @@ def test_generate_native(server, http):
     assert len(out["output_ids"]) == 8 and out["text"].strip()
     m = out["meta_info"]
     assert m["prompt_tokens"] > 0 and m["completion_tokens"] == 8 and m["finish_reason"] == "length"
-    for key in ("spec_verify_ct", "spec_accept_length", "tree_choices", "mean_entropy", "task"):
+    for key in ("spec_verify_ct", "spec_accept_length", "tree_choices", "lookup_accepted_tokens", "mean_entropy",
+                "task"):
         assert key in m
     assert m["e2e_latency"] > 0
 
