@@ -8,9 +8,9 @@ and the hidden state that produced it. The policy picks a tree from the request'
 estimate and task family; the drafter fills every tree in one batched call; where the library
 (or --lookup-tokens) asks for it, a prompt-lookup chain copied from the request's own history is
 grafted under the root (spec/lookup.py); the target model scores all trees in one forward with a
-tree mask per request; verification keeps the longest
-accepted path plus a bonus token. The accepted nodes' KV is copied to the front of the slots the
-tree used (so a sequence's slots stay in order) and the rest of the tree's slots are freed.
+tree mask per request; verification keeps the longest accepted path plus a bonus token. The
+accepted nodes' KV is copied to the front of the slots the tree used (so a sequence's slots stay
+in order) and the rest of the tree's slots are freed.
 """
 from __future__ import annotations
 
@@ -201,12 +201,14 @@ class SpecWorker(Worker):
         est_in = entropy.tolist()  # the estimate the policy saw (calibration checks predictions per bucket)
         self.step_info = {}
         results = {}
-        leaf = accepted_flat[indptr[1:] - 1].tolist()  # each request's deepest accepted node (flat id)
-        starts = batch.node_indptr.tolist()
+        grafted = chains is not None and any(chains)
+        if grafted:  # each request's deepest accepted node (flat id): was it on the lookup chain?
+            leaf = accepted_flat[indptr[1:] - 1].tolist()
+            starts = batch.node_indptr.tolist()
         for i, r in enumerate(reqs):
             r.kv_slots = torch.cat([r.kv_slots, new_slots[i][:accept[i] + 1]])
             r.last_hidden = last_hidden[i]
-            by_lookup = trees[i] is not heads[i] and bool(is_lookup_node(trees[i])[leaf[i] - starts[i]])
+            by_lookup = grafted and trees[i] is not heads[i] and bool(is_lookup_node(trees[i])[leaf[i] - starts[i]])
             r.lookup_accepted += accept[i] if by_lookup else 0
             self._record(r, heads[i], accept[i], est[i], est_in[i], nodes=trees[i].num_nodes,
                          lookup=len(chains[i]) if chains else 0)
@@ -241,8 +243,9 @@ class SpecWorker(Worker):
     def _record(self, r: Request, tree: Tree, accepted: int, est: float | None, est_in: float | None,
                 nodes: int | None = None, lookup: int = 0) -> None:
         """A request's counters and this step's info (metrics, calibration) after one step.
-        `tree` is the heads' tree (the policy's choice, pruned where asked); `nodes` what was verified (with a lookup chain of `lookup`
-        tokens grafted on). est None: no estimate was kept this step (a batch that can never draft)."""
+        `tree` is the heads' tree (the policy's choice, pruned where asked); `nodes` what was
+        verified, with a lookup chain of `lookup` tokens grafted on. est None: no estimate was
+        kept this step (a batch that can never draft)."""
         r.verify_ct += 1
         r.accepted_tokens += accepted
         r.tree_counts[tree.name] = r.tree_counts.get(tree.name, 0) + 1
