@@ -14,10 +14,6 @@ DRAFTER_KINDS = ("medusa", "hydra", "mtp")
 def _engine(ns, algorithm: str = "NONE", **kw):
     from srt_entmtp.engine import Engine, EngineArgs
 
-    if getattr(ns, "nodes", None) and algorithm != "NONE":
-        # `cost` times trees far bigger than the shipped library's: capture verify graphs for them
-        # too, or the big ones would be timed eagerly (on a GPU, 5-10x slower than the engine runs them)
-        kw.setdefault("cuda_graph_min_tree_nodes", max(ns.nodes) + 1)
     return Engine(EngineArgs(model_path=ns.model_path, device=ns.device, dtype=ns.dtype,
                              max_running_requests=ns.max_running_requests, speculative_algorithm=algorithm,
                              kv_slots=getattr(ns, "kv_slots", None), **kw))
@@ -69,8 +65,12 @@ def cmd_cost(ns) -> int:
 
     from srt_entmtp.calibrate.cost import COST_FORMAT, measure_spec_steps, measure_step_latency
 
-    draft_dtype = getattr(ns, "draft_dtype", "auto")
-    eng = _engine(ns, "STATIC", drafter=ns.drafters[0], lookup_tokens=0, draft_dtype=draft_dtype)
+    # the trees timed are far bigger than the shipped library's: capture verify graphs for them too,
+    # or the big ones would run eagerly (on a GPU, 5-10x slower than the engine runs them);
+    # the heads' trees alone: a lookup chain is priced as extra verify tokens (`forward` rows)
+    same = {"lookup_tokens": 0, "draft_dtype": getattr(ns, "draft_dtype", "auto"),
+            "cuda_graph_min_tree_nodes": max(ns.nodes) + 1}
+    eng = _engine(ns, "STATIC", drafter=ns.drafters[0], **same)
     runner = eng.runner
     result = {"format": COST_FORMAT, "hardware": hardware_string(runner), "device": str(runner.device),
               "draft_dtype": "int8" if eng.worker.drafter.int8 else str(runner.dtype).replace("torch.", ""),
@@ -81,8 +81,7 @@ def cmd_cost(ns) -> int:
               "spec_steps": {}}
     del eng
     for kind in ns.drafters:
-        # the heads' trees alone: a lookup chain is priced as extra verify tokens (`forward` rows)
-        eng = _engine(ns, "STATIC", drafter=kind, lookup_tokens=0, draft_dtype=draft_dtype)
+        eng = _engine(ns, "STATIC", drafter=kind, **same)
         result["spec_steps"][kind] = measure_spec_steps(eng, ns.nodes, ns.batch_sizes, steps=ns.steps,
                                                         prompt_len=ns.context, depths=ns.depths)
         del eng

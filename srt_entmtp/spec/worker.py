@@ -25,7 +25,7 @@ from srt_entmtp.sched.request import Request
 from srt_entmtp.spec.classify import classify_task
 from srt_entmtp.spec.entropy import entropy_from_logits
 from srt_entmtp.spec.library import TreeLibrary
-from srt_entmtp.spec.lookup import MAX_LOOKUP_TOKENS, LookupIndex, is_lookup_node, with_lookup
+from srt_entmtp.spec.lookup import LOOKUP_RANK, MAX_LOOKUP_TOKENS, LookupIndex, with_lookup
 from srt_entmtp.spec.policy import ConfidencePolicy, EntMTPPolicy, StaticPolicy
 from srt_entmtp.spec.ragged import RaggedTreeBatch
 from srt_entmtp.spec.tree import Tree
@@ -196,19 +196,21 @@ class SpecWorker(Worker):
         # entropy of the target at each accepted position feeds the estimate
         ent = entropy_from_logits(out.logits[accepted_flat])
         self.tracker.update(slots, ent.cpu(), indptr.cpu())
-        last_hidden = out.hidden[accepted_flat[indptr[1:] - 1]]  # a copy: out may be a graph's static buffer
+        leaves = accepted_flat[indptr[1:] - 1]  # each request's deepest accepted node (flat id)
+        last_hidden = out.hidden[leaves]  # a copy: out may be a graph's static buffer
         est = self.tracker.value(slots).tolist()
         est_in = entropy.tolist()  # the estimate the policy saw (calibration checks predictions per bucket)
         self.step_info = {}
         results = {}
         grafted = chains is not None and any(chains)
-        if grafted:  # each request's deepest accepted node (flat id): was it on the lookup chain?
-            leaf = accepted_flat[indptr[1:] - 1].tolist()
+        if grafted:  # was each request's deepest accepted node on its lookup chain?
+            leaf = leaves.tolist()
             starts = batch.node_indptr.tolist()
         for i, r in enumerate(reqs):
             r.kv_slots = torch.cat([r.kv_slots, new_slots[i][:accept[i] + 1]])
             r.last_hidden = last_hidden[i]
-            by_lookup = grafted and trees[i] is not heads[i] and bool(is_lookup_node(trees[i])[leaf[i] - starts[i]])
+            # the deepest accepted node hangs on the lookup chain: the whole accepted path came from it
+            by_lookup = grafted and trees[i].paths[leaf[i] - starts[i]][-1:] == (LOOKUP_RANK,)
             r.lookup_accepted += accept[i] if by_lookup else 0
             self._record(r, heads[i], accept[i], est[i], est_in[i], nodes=trees[i].num_nodes,
                          lookup=len(chains[i]) if chains else 0)
