@@ -20,8 +20,11 @@ class KVPool:
         # with page_size=1, and contiguous rows for the SDPA backend's gathers.
         self.k = torch.zeros(num_layers, num_slots + 1, num_kv_heads, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
-        self._free = torch.ones(num_slots + 1, dtype=torch.bool)
+        self._free = torch.ones(num_slots + 1, dtype=torch.bool)  # for catching double frees
         self._free[0] = False
+        # free slots as a stack whose top (the end) is the smallest: alloc pops, free pushes. A scan
+        # of the free map per step (torch.nonzero) cost ~1.8 ms a step on the H200 machine's CPU.
+        self._stack = torch.arange(num_slots, 0, -1)
         self._num_free = num_slots
 
     @property
@@ -29,16 +32,19 @@ class KVPool:
         return self._num_free
 
     def alloc(self, n: int) -> torch.Tensor:
-        """n free slots, lowest first, so a lone request's slots stay contiguous. Slot indices
-        are host tensors (bookkeeping); ForwardBatch moves them to the device once per step."""
+        """n free slots, smallest on the stack first. Freed slots go back on top smallest first,
+        so a lone request's slots stay contiguous (its spare tree slots are the next ones it
+        takes). Slot indices are host tensors (bookkeeping); ForwardBatch moves them to the
+        device once per step."""
         return self.alloc_many([n])[0]
 
     def alloc_many(self, counts: list[int]) -> list[torch.Tensor]:
-        """Slots for several requests with one scan of the free map (one call per step)."""
+        """Slots for several requests in one pop (one call per step)."""
         total = sum(counts)
         if total > self._num_free:
             raise KVCacheFullError(f"KV cache full: need {total} slots, {self._num_free} free of {self.num_slots}")
-        slots = torch.nonzero(self._free).view(-1)[:total]
+        top = self._num_free
+        slots = self._stack[top - total: top].flip(0)
         self._free[slots] = False
         self._num_free -= total
         return list(slots.split(counts))
@@ -46,10 +52,12 @@ class KVPool:
     def free(self, slots: torch.Tensor) -> None:
         if slots.numel() == 0:
             return
-        s = slots.cpu()
-        if bool(self._free[s].any()) or bool((s == 0).any()):
+        s = slots.cpu().sort(descending=True).values
+        if bool(self._free[s].any()) or bool(s[-1] == 0) or bool((s[1:] == s[:-1]).any()):
             raise RuntimeError("KVPool.free: double free or reserved slot (engine bookkeeping bug)")
         self._free[s] = True
+        top = self._num_free
+        self._stack[top: top + s.numel()] = s
         self._num_free += s.numel()
 
     def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:

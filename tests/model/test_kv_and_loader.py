@@ -20,9 +20,25 @@ def test_kv_pool_alloc_free_and_errors():
     with pytest.raises(KVCacheFullError, match="need 4 slots, 3 free"):
         kv.alloc(4)
     kv.free(a[1:3])
-    assert kv.alloc(2).tolist() == [2, 3]  # lowest first: a lone request stays contiguous
+    assert kv.alloc(2).tolist() == [2, 3]  # freed slots come back smallest first
     with pytest.raises(RuntimeError, match="double free"):
         kv.free(torch.tensor([7]))  # 7 was never allocated
+    with pytest.raises(RuntimeError, match="double free"):
+        kv.free(torch.tensor([4, 4]))  # the same slot twice in one call
+    assert kv.num_free == 3
+
+
+def test_kv_pool_keeps_a_lone_requests_slots_contiguous_under_speculation():
+    """A request taking 6 tree slots a step and keeping 1-3 of them: its kept slots are one
+    ascending run (the SDPA backend then reads the cache through a view), and nothing leaks."""
+    kv = KVPool(1, 64, 1, 2, torch.float32)
+    seq = kv.alloc(10)
+    for keep in [1, 3, 2, 3, 1, 2]:
+        tree = kv.alloc(6)
+        seq = torch.cat([seq, tree[:keep]])
+        kv.free(tree[keep:])
+    assert seq.tolist() == list(range(1, seq.numel() + 1))
+    assert kv.num_free == 64 - seq.numel()
 
 
 def test_kv_copy_slots_moves_every_layer():
