@@ -42,6 +42,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--lookup-tokens", type=int, default=None,
                    help="add a prompt-lookup branch of up to N tokens (copied from where the request's latest "
                         "tokens occurred before) to every tree; default: the tree library's setting; 0: off")
+    s.add_argument("--spec-step", default="auto", choices=["auto", "device", "host"],
+                   help="how greedy speculative steps run: device = draft, verify and accept as one fixed-shape "
+                        "step (one CUDA graph per batch bucket and tree layout on CUDA); host = per-request trees "
+                        "with host-side acceptance (also sampling and lookup steps, always); auto = device on CUDA")
 
 
 def engine_args_from(ns: argparse.Namespace):
@@ -53,7 +57,7 @@ def engine_args_from(ns: argparse.Namespace):
                       chunked_prefill_size=ns.chunked_prefill_size, speculative_algorithm=ns.speculative_algorithm,
                       drafter=ns.drafter, draft_heads=ns.draft_heads, tree_library=ns.tree_library,
                       static_tree=ns.static_tree, draft_dtype=ns.draft_dtype, lookup_tokens=ns.lookup_tokens,
-                      cuda_graph=not ns.disable_cuda_graph,
+                      spec_step=ns.spec_step, cuda_graph=not ns.disable_cuda_graph,
                       cuda_graph_max_bs=ns.cuda_graph_max_bs)
 
 

@@ -52,6 +52,7 @@ class EngineArgs:
     cuda_graph: bool = True              # capture decode / verify forwards on CUDA (flashinfer backend)
     cuda_graph_max_bs: int = 64          # largest batch with a graph; bigger batches run eagerly
     cuda_graph_min_tree_nodes: int = 0   # capture verify graphs for trees at least this big (calibration)
+    spec_step: str = "auto"              # greedy speculative steps: device (fixed-shape, graphs), host; auto = device on CUDA
     extra: dict = field(default_factory=dict)
 
 
@@ -74,6 +75,9 @@ class Engine:
             self.runner.capture_cuda_graphs(min(args.max_running_requests, args.cuda_graph_max_bs),
                                             max_tree_nodes=0 if plain else max(self.worker.max_new_slots_per_step(),
                                                                                args.cuda_graph_min_tree_nodes))
+            step = getattr(self.worker, "device_step", None)
+            if step is not None and self.runner.graphs is not None:
+                step.capture(min(args.max_running_requests, args.cuda_graph_max_bs), self.runner.graphs.workspace)
         cfg = self.runner.config
         eos = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -101,7 +105,8 @@ class Engine:
         return SpecWorker.create(self.runner, algorithm=a.speculative_algorithm, drafter=a.drafter,
                                  heads_path=a.draft_heads, library_path=a.tree_library, static_tree=a.static_tree,
                                  capacity=max(256, a.max_running_requests), draft_dtype=a.draft_dtype,
-                                 lookup_tokens=a.lookup_tokens)
+                                 lookup_tokens=a.lookup_tokens, spec_step=a.spec_step,
+                                 max_batch=a.max_running_requests)
 
     # ---- building requests --------------------------------------------------------------------
     def tokenize_chat(self, messages: list[dict]) -> list[int]:

@@ -63,6 +63,55 @@ def test_entmtp_greedy_equals_plain_decoding_with_mixed_trees(runner, prompts, r
 
 
 @pytest.mark.parametrize("drafter", ["medusa", "mtp"])
+def test_device_step_equals_plain_decoding_with_mixed_trees_and_padding(runner, prompts, reference, drafter):
+    """The fixed-shape device step (the default on CUDA, one graph per shape there; eager here),
+    with every batch padded to its bucket as graphs pad it, so padding requests run too."""
+    rows, ids = prompts
+    eng = _spec_engine(runner, "ENTMTP", drafter, tree_library=str(PRIOR_LIBRARY), spec_step="device",
+                       lookup_tokens=0)
+    step = eng.worker.device_step
+    assert step is not None and len(step.layouts) > 1
+    step.pad_eager = True
+    free0 = eng.runner.kv.num_free
+    trees_per_step = []
+    eng.step_listeners.append(lambda outs, dt: trees_per_step.append({o.spec["tree"] for o in outs if o.spec}))
+    out = eng.generate(ids, SamplingParams(max_new_tokens=N_TOKENS, ignore_eos=True),
+                       [SpecOptions(task=r["task"]) for r in rows])
+    for r, o, row in zip(reference, out, rows):
+        assert o.output_ids == r, f"{drafter} device step: {row['task']} prompt {row['id']} diverged from plain decoding"
+    assert step.steps > 0 and max(len(s) for s in trees_per_step) > 1, "no device step mixed different trees"
+    assert sum(o.meta_info()["spec_accept_length"] for o in out) > 0
+    assert eng.runner.kv.num_free == free0, "tree slots leaked"
+
+
+def test_device_step_leaves_sampling_batches_to_the_host_path(runner, prompts, reference):
+    """A batch holding a sampling request runs the host path (tree rejection sampling); the
+    greedy requests beside it still match plain decoding."""
+    rows, ids = prompts
+    eng = _spec_engine(runner, "ENTMTP", "mtp", tree_library=str(PRIOR_LIBRARY), spec_step="device", lookup_tokens=0)
+    sp = [SamplingParams(max_new_tokens=N_TOKENS, ignore_eos=True) for _ in range(3)]
+    sp.append(SamplingParams(max_new_tokens=N_TOKENS, ignore_eos=True, temperature=0.8))
+    step = eng.worker.device_step
+    seen, last = [], [0]
+
+    def watch(outs, dt):  # per step: did it run on the device, and was the sampling request in it?
+        seen.append((step.steps > last[0], any(o.req is sampled and o.spec for o in outs)))
+        last[0] = step.steps
+
+    eng.step_listeners.append(watch)
+    reqs = [eng.make_request(i, s, SpecOptions(task=r["task"])) for i, s, r in zip(ids[:4], sp, rows[:4])]
+    sampled = reqs[3]
+    for q in reqs:
+        eng.scheduler.add(q, bounded=False)
+    while not all(q.finished for q in reqs):
+        eng._step()
+    for r, o in zip(reference[:3], reqs[:3]):
+        assert o.output_ids == r
+    with_sampling = [dev for dev, has in seen if has]
+    assert len(with_sampling) > 2 and not any(with_sampling), "a batch with a sampling request took the device step"
+
+
+@pytest.mark.parametrize("drafter", ["medusa", "mtp"])
 def test_prompt_lookup_branch_equals_plain_decoding(runner, prompts, reference, drafter):
     """Every tree gets a lookup chain of up to 8 tokens grafted under its root (int8 heads on CPU):
     still NONE's output token for token, lookup tokens really verified and accepted, no slot leaked."""

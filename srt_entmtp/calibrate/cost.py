@@ -119,6 +119,9 @@ def measure_spec_steps(engine, node_counts: list[int], batch_sizes: list[int] = 
                 tree = chain_like_tree(n, depth, d)
                 w.policy = w.confidence.base = StaticPolicy(tree)
                 w.max_nodes = max(old_max, tree.num_nodes)
+                if w.device_step is not None and n > 0:  # time the step serving runs: the device step
+                    li = w.device_step.add_layout([tree])
+                    w.max_nodes = max(w.max_nodes, w.device_step.shapes[li].layout.num_slots)
                 budget = 2 * (steps + 2) * (tree.depth + 1) + 16
                 reqs = [engine.make_request(p, SamplingParams(max_new_tokens=budget, ignore_eos=True)) for p in prompts]
                 for r in reqs:

@@ -23,6 +23,7 @@ from srt_entmtp.model.forward_batch import ForwardBatch
 from srt_entmtp.model.runner import ModelRunner
 from srt_entmtp.sched.request import Request
 from srt_entmtp.spec.classify import classify_task
+from srt_entmtp.spec.device_step import DeviceSpecStep
 from srt_entmtp.spec.entropy import entropy_from_logits
 from srt_entmtp.spec.library import TreeLibrary
 from srt_entmtp.spec.lookup import LOOKUP_RANK, MAX_LOOKUP_TOKENS, LookupIndex, with_lookup
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 PACKAGE = Path(__file__).resolve().parents[1]
 ROOT_ONLY = Tree.from_paths([])
+SPEC_STEPS = ("auto", "device", "host")
 
 
 def default_heads_dir(kind: str) -> Path:
@@ -55,7 +57,7 @@ def default_library_path(kind: str, device: torch.device) -> Path:
 class SpecWorker(Worker):
     def __init__(self, runner: ModelRunner, drafter, library: TreeLibrary, algorithm: str = "ENTMTP",
                  static_tree: Tree | None = None, capacity: int = 256, confidence_threshold: float = 0.05,
-                 lookup_tokens: int | None = None):
+                 lookup_tokens: int | None = None, spec_step: str = "host", max_batch: int = 64):
         super().__init__(runner)
         self.algorithm = algorithm
         self.drafter = drafter
@@ -80,11 +82,23 @@ class SpecWorker(Worker):
         self._free_slots = list(range(capacity - 1, -1, -1))
         self.max_nodes = max(library.max_tree_nodes, (static_tree.num_nodes if static_tree else 1)) + self.lookup_tokens
         self.step_info: dict[str, dict] = {}
+        # greedy steps without lookup chains can run as one fixed-shape device step (device_step.py)
+        if spec_step not in SPEC_STEPS:
+            raise ValueError(f"spec step must be one of {', '.join(SPEC_STEPS)}, got {spec_step!r}")
+        if spec_step == "auto":
+            spec_step = "device" if runner.device.type == "cuda" else "host"
+        self.device_step = None
+        if spec_step == "device":
+            trees = library.all_trees() + ([static_tree] if static_tree else [])
+            self.device_step = DeviceSpecStep(runner, drafter, trees, capacity, max_batch)
+            # each request takes a whole layout's slots for the step
+            self.max_nodes = max([self.max_nodes] + [sh.layout.num_slots for sh in self.device_step.shapes])
 
     @classmethod
     def create(cls, runner: ModelRunner, algorithm: str, drafter: str, heads_path: str | None = None,
                library_path: str | None = None, static_tree: str | None = None,
-               capacity: int = 256, draft_dtype: str = "auto", lookup_tokens: int | None = None) -> "SpecWorker":
+               capacity: int = 256, draft_dtype: str = "auto", lookup_tokens: int | None = None,
+               spec_step: str = "auto", max_batch: int = 64) -> "SpecWorker":
         from srt_entmtp.spec.drafters import load_drafter
 
         heads = Path(heads_path) if heads_path else default_heads_dir(drafter)
@@ -96,10 +110,12 @@ class SpecWorker(Worker):
         if static_tree:
             tree = library.tree_by_name(static_tree)
         w = cls(runner, d, library, algorithm=algorithm, static_tree=tree, capacity=capacity,
-                lookup_tokens=lookup_tokens)
-        log.info("speculation: %s, %s drafter from %s (%s weights), tree library %s (%d trees), prompt lookup %s",
-                 algorithm, drafter, heads, "int8" if int8 else str(d.param_dtype).replace("torch.", ""), lib_file,
-                 len(library.all_trees()), f"up to {w.lookup_tokens} tokens" if w.lookup_tokens else "off")
+                lookup_tokens=lookup_tokens, spec_step=spec_step, max_batch=max_batch)
+        log.info("speculation: %s, %s drafter from %s (%s weights), tree library %s (%d trees), prompt lookup %s, "
+                 "%s", algorithm, drafter, heads, "int8" if int8 else str(d.param_dtype).replace("torch.", ""),
+                 lib_file, len(library.all_trees()), f"up to {w.lookup_tokens} tokens" if w.lookup_tokens else "off",
+                 "greedy steps on the device (layouts %s)" % (", ".join(map(str, w.device_step.layouts)) or "none")
+                 if w.device_step else "steps on the host")
         return w
 
     # ---- request lifecycle -------------------------------------------------------------------
@@ -161,6 +177,11 @@ class SpecWorker(Worker):
         if all(t.num_nodes == 1 for t in trees) and not (chains and any(chains)) and not any(
                 r.generator is not None and not r.sampling.greedy for r in reqs):
             return self._decode_root_only(reqs, trees, slots, entropy)
+        if self.device_step is not None and not (chains and any(chains)) and all(
+                r.sampling.greedy and r.spec.policy != "confidence" for r in reqs):
+            li = self.device_step.pick(trees, len(reqs))
+            if li is not None:
+                return self._decode_device(li, reqs, trees, slots, entropy)
         prefix = [int(r.kv_slots.numel()) for r in reqs]
         batch = RaggedTreeBatch.build(trees, torch.tensor(prefix), device=dev)
         hidden = torch.stack([r.last_hidden for r in reqs])
@@ -215,6 +236,27 @@ class SpecWorker(Worker):
             self._record(r, heads[i], accept[i], est[i], est_in[i], nodes=trees[i].num_nodes,
                          lookup=len(chains[i]) if chains else 0)
             results[r.rid] = emitted[i]
+        return results
+
+    def _decode_device(self, li: int, reqs: list[Request], trees: list[Tree], slots: torch.Tensor,
+                       entropy: torch.Tensor) -> dict[str, list[int]]:
+        """A greedy step as one fixed-shape device step (device_step.py): keep each request's
+        accepted slots, free the rest of its tree's, and fold the entropies into the estimate."""
+        out = self.device_step.run(li, reqs, trees)
+        spare = []
+        for r, a, s in zip(reqs, out.accept, out.slots):
+            r.kv_slots = torch.cat([r.kv_slots, s[:a + 1]])
+            spare.append(s[a + 1:])
+        self.kv.free(torch.cat(spare))
+        indptr = torch.zeros(len(reqs) + 1, dtype=torch.long)
+        indptr[1:] = torch.tensor([a + 1 for a in out.accept]).cumsum(0)
+        self.tracker.update(slots, torch.tensor([e for es in out.entropy for e in es]), indptr)
+        est, est_in = self.tracker.value(slots).tolist(), entropy.tolist()
+        self.step_info = {}
+        results = {}
+        for i, r in enumerate(reqs):
+            self._record(r, trees[i], out.accept[i], est[i], est_in[i])
+            results[r.rid] = out.tokens[i]
         return results
 
     def _lookup_chains(self, reqs: list[Request]) -> list[list[int]]:

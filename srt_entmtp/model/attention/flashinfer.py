@@ -109,6 +109,7 @@ class GraphAttention(AttentionBackend):
         self.batch, self.tokens, self.tree = batch, tokens, tree
         self.kv_capacity, self.mask_bits = kv_capacity, mask_bits
         self._out_slots = out_slots  # [tokens] view of the graph runner's static buffer
+        self._fixed_qo = None  # (qo_indptr, nodes, last_page_len) of plan_fixed_trees
         i32 = {"dtype": torch.int32, "device": dev}
         self.kv_indptr = torch.zeros(batch + 1, **i32)
         self.kv_indices = torch.zeros(kv_capacity, **i32)
@@ -154,6 +155,22 @@ class GraphAttention(AttentionBackend):
                           page_size=1, custom_mask=mask, q_data_type=dtype, kv_data_type=dtype, sm_scale=self.scale,
                           **{self._head_kw: self.head_dim})
 
+    def plan_fixed_trees(self, nodes: int, kv_lens: list[int], kv_indices: torch.Tensor,
+                         byte_indptr: torch.Tensor) -> None:
+        """Plan from host metadata only: every request verifies `nodes` tokens over kv_lens keys.
+        The packed mask is not given here: the step's graph builds it in `self.mask`
+        (tree_mask.py) at the byte offsets `byte_indptr` (host int32, copied in)."""
+        B = len(kv_lens)
+        if self._fixed_qo is None or self._fixed_qo[1] != nodes:  # the same every step: build once
+            self._fixed_qo = (torch.arange(0, (B + 1) * nodes, nodes, dtype=torch.int32), nodes,
+                              torch.ones(B, dtype=torch.int32))
+        qo, _, last = self._fixed_qo
+        self.wrapper.plan(qo, _host_indptr(kv_lens), kv_indices, last, self.num_heads,
+                          self.num_kv_heads, page_size=1, packed_custom_mask=self.mask[:0], q_data_type=self.kv.k.dtype,
+                          kv_data_type=self.kv.k.dtype, sm_scale=self.scale, **{self._head_kw: self.head_dim})
+        # plan wrote bit offsets (it is not given the mask); the kernel reads bytes
+        self.mask_indptr.copy_(byte_indptr, non_blocking=True)
+
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return _store_and_attend(self, self.wrapper, layer, q, k, v)
 
@@ -162,8 +179,9 @@ def _store_and_attend(attn: AttentionBackend, wrapper, layer: int, q: torch.Tens
                       v: torch.Tensor) -> torch.Tensor:
     """Write the new tokens' K/V into their slots, then run the planned wrapper on the layer's pages."""
     kc, vc = attn.kv.k[layer], attn.kv.v[layer]
-    kc[attn._out_slots] = k
-    vc[attn._out_slots] = v
+    if k is not None:  # else the fused RoPE kernel stored them (model/fused.py: rope_qkv_store)
+        kc[attn._out_slots] = k
+        vc[attn._out_slots] = v
     out = wrapper.run(q.contiguous(), (kc.unsqueeze(1), vc.unsqueeze(1)))
     return out.reshape(q.shape[0], attn.num_heads * attn.head_dim)
 

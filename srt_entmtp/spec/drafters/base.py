@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from srt_entmtp.errors import ModelLoadError
+from srt_entmtp.model import fused
 from srt_entmtp.model.linear import Int8Linear, Linear, int8_available, onednn_available
 
 if TYPE_CHECKING:
@@ -367,6 +368,39 @@ class Drafter(nn.Module):
             probs[lv.children] = p
             conf[lv.children] = conf[lv.child_parent] * p
         return DraftOutput(tokens, probs, conf)
+
+    @torch.no_grad()
+    def propose_layout(self, hidden: torch.Tensor, root_tokens: torch.Tensor, layout, parent_in_level: torch.Tensor,
+                       rank: torch.Tensor) -> torch.Tensor:
+        """Fill trees placed in a fixed layout (spec/tree_layout.py): hidden [B, H], root_tokens
+        [B], parent_in_level and rank [B, S] per slot; returns the slots' tokens [B, S]. The same
+        drafts as `propose`, with shapes fixed by the layout and no host sync (CUDA-graph safe):
+        every slot of a level gets a distribution, padding included (its tokens are never accepted)."""
+        B, H = hidden.shape[0], self.hidden_size
+        h = hidden if hidden.dtype == self.param_dtype else hidden.to(self.param_dtype)
+        offs, widths = layout.offsets, layout.widths
+        levels = [root_tokens.view(B, 1).to(torch.long)]
+        if not self.sequential:
+            heads = self.head_logits(h, layout.depth)  # [D, B, V']
+        state = h.unsqueeze(1)                          # s_0 for the root's level
+        for L in range(layout.depth):
+            k = layout.ks[L]
+            kids = slice(offs[L + 1], offs[L + 1] + widths[L + 1])
+            if self.sequential:
+                w = widths[L]
+                if L:  # each level-L slot continues from its parent's state
+                    idx = parent_in_level[:, offs[L]:offs[L] + w].unsqueeze(-1).expand(B, w, H)
+                    state = state.gather(1, idx)
+                prev = state.reshape(B * w, H)
+                s = self.step(L + 1, prev, self.embed_tokens(levels[L].reshape(-1), prev))
+                state = s.view(B, w, H)
+                cand = self.state_logits(L + 1, s).topk(k, dim=-1).indices.view(B, w, k)
+                cand = cand.gather(1, parent_in_level[:, kids].unsqueeze(-1).expand(-1, -1, k))  # the child's parent
+                pick = cand.gather(2, rank[:, kids].unsqueeze(-1)).squeeze(-1)
+            else:
+                pick = heads[L].topk(k, dim=-1).indices.gather(1, rank[:, kids])
+            levels.append(self.to_full(pick))
+        return torch.cat(levels, dim=1)
 
     @property
     def param_dtype(self) -> torch.dtype:
