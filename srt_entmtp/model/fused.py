@@ -90,6 +90,16 @@ def rope_qk(qk: torch.Tensor, num_q_heads: int, positions: torch.Tensor, cos: to
     return _triton().rope_qk(qk, num_q_heads, positions, cos, sin_signed)
 
 
+def rope_qkv_store(qkv: torch.Tensor, num_q_heads: int, num_kv_heads: int, positions: torch.Tensor, cos: torch.Tensor,
+                   sin_signed: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slots: torch.Tensor) -> torch.Tensor:
+    """rope_qk for qkv = [n, q_heads + 2 kv_heads, d] that also stores the rotated k and the v
+    heads straight into k_cache / v_cache ([slots, kv_heads, d]) at each token's slot, saving the
+    two KV-write kernels per layer; returns contiguous q. Only where enabled(qkv)."""
+    return _triton().rope_qkv_store(qkv, num_q_heads, num_kv_heads, positions, cos, sin_signed, k_cache, v_cache,
+                                    slots)
+
+
 # ---- Triton kernels --------------------------------------------------------------------------------------
 
 def _build_kernels():
@@ -144,6 +154,31 @@ def _build_kernels():
         else:
             tl.store(k_ptr + (t * n_k_heads + hd - n_q_heads) * D + cols, out)
 
+    @triton.jit
+    def _rope_store_kernel(qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, s_tok, s_head,
+                           n_q_heads, n_k_heads, D: tl.constexpr, HALF: tl.constexpr):
+        t = tl.program_id(0)
+        hd = tl.program_id(1)
+        cols = tl.arange(0, D)
+        base = qkv_ptr + t * s_tok + hd * s_head
+        x = tl.load(base + cols)
+        if hd >= n_q_heads + n_k_heads:  # a v head: copied as it is
+            slot = tl.load(slot_ptr + t)
+            tl.store(vc_ptr + (slot * n_k_heads + hd - n_q_heads - n_k_heads) * D + cols, x)
+        else:
+            p = tl.load(pos_ptr + t)
+            xr = tl.load(base + (cols + HALF) % D)
+            c = tl.load(cos_ptr + p * D + cols).to(x.dtype).to(tl.float32)
+            s = tl.load(sin_ptr + p * D + cols).to(x.dtype).to(tl.float32)
+            a = (x.to(tl.float32) * c).to(x.dtype)
+            b = (xr.to(tl.float32) * s).to(x.dtype)
+            out = (a.to(tl.float32) + b.to(tl.float32)).to(x.dtype)
+            if hd < n_q_heads:
+                tl.store(q_ptr + (t * n_q_heads + hd) * D + cols, out)
+            else:
+                slot = tl.load(slot_ptr + t)
+                tl.store(kc_ptr + (slot * n_k_heads + hd - n_q_heads) * D + cols, out)
+
     class Kernels:
         @staticmethod
         def add_rms_norm(x, residual, w, eps):
@@ -183,5 +218,16 @@ def _build_kernels():
                 _rope_kernel[(n, heads)](qk, positions, cos, sin_signed, q, k, qk.stride(0), qk.stride(1), n_q,
                                          heads - n_q, D=d, HALF=d // 2)
             return q, k
+
+        @staticmethod
+        def rope_qkv_store(qkv, n_q, n_kv, positions, cos, sin_signed, kc, vc, slots):
+            n, heads, d = qkv.shape
+            assert qkv.stride(2) == 1 and heads == n_q + 2 * n_kv and (d & (d - 1)) == 0
+            assert kc.is_contiguous() and vc.is_contiguous() and kc.shape[1:] == (n_kv, d)
+            q = torch.empty(n, n_q, d, dtype=qkv.dtype, device=qkv.device)
+            if n:
+                _rope_store_kernel[(n, heads)](qkv, positions, slots, cos, sin_signed, q, kc, vc, qkv.stride(0),
+                                               qkv.stride(1), n_q, n_kv, D=d, HALF=d // 2)
+            return q
 
     return Kernels

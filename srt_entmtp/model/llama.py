@@ -16,7 +16,7 @@ from srt_entmtp.errors import ModelLoadError
 from srt_entmtp.model.attention.base import AttentionBackend
 from srt_entmtp.model.config import ModelConfig
 from srt_entmtp.model import fused
-from srt_entmtp.model.fused import add_rms_norm, rms_norm, rope_qk, rope_torch, silu_mul
+from srt_entmtp.model.fused import add_rms_norm, rms_norm, rope_qkv_store, rope_torch, silu_mul
 from srt_entmtp.model.linear import Linear, onednn_available
 
 
@@ -121,8 +121,11 @@ class LlamaModel:
                 x, h = add_rms_norm(pending, h, L["ln1"], eps)
             qkv = L["qkv"](x)
             v = qkv[:, qk_size:].view(n, Hk, d)
-            if fused_rope:  # q and k heads side by side in qkv: one kernel rotates both
-                q, k = rope_qk(qkv[:, :qk_size].view(n, H + Hk, d), H, positions, self.cos, self.sin_signed)
+            if fused_rope:  # one kernel rotates q and k and writes k and v into the cache
+                kc, vc, slots = attn.cache_target(i)
+                q = rope_qkv_store(qkv.view(n, H + 2 * Hk, d), H, Hk, positions, self.cos, self.sin_signed, kc, vc,
+                                   slots)
+                k = v = None
             elif L["q_norm"] is None:
                 qk = rope_torch(qkv[:, :qk_size].view(n, H + Hk, d), cos, sin)
                 q, k = qk[:, :H], qk[:, H:]

@@ -148,13 +148,16 @@ def prompt_ids():
     return rows, [eng.tokenize_chat([{"role": "user", "content": r["prompt"]}]) for r in rows]
 
 
-@pytest.mark.parametrize("drafter, lookup", [("medusa", 0), ("mtp", 0), ("mtp", 8)],
-                         ids=["medusa", "mtp", "mtp+lookup"])
-def test_entmtp_equals_none_float32_on_gpu(prompt_ids, drafter, lookup):
+@pytest.mark.parametrize("drafter, lookup, step", [("medusa", 0, "host"), ("medusa", 0, "device"), ("mtp", 0, "device"),
+                                                  ("mtp", 8, "auto")],
+                         ids=["medusa-host", "medusa-device", "mtp-device", "mtp+lookup"])
+def test_entmtp_equals_none_float32_on_gpu(prompt_ids, drafter, lookup, step):
     rows, ids = prompt_ids
     sp = SamplingParams(max_new_tokens=N_TOKENS, ignore_eos=True)
     ref = _engine(dtype="float32", attention_backend="sdpa").generate(ids, sp)
-    eng = _engine("ENTMTP", drafter, dtype="float32", attention_backend="sdpa", lookup_tokens=lookup)
+    eng = _engine("ENTMTP", drafter, dtype="float32", attention_backend="sdpa", lookup_tokens=lookup, spec_step=step)
+    if step == "device":
+        eng.worker.device_step.pad_eager = True  # padding requests as the graphs have them
     trees, grafted = [], []
     eng.step_listeners.append(lambda outs, dt: trees.append({o.spec["tree"] for o in outs if o.spec}))
     eng.step_listeners.append(lambda outs, dt: grafted.extend(o.spec["lookup"] for o in outs if o.spec))
@@ -164,6 +167,8 @@ def test_entmtp_equals_none_float32_on_gpu(prompt_ids, drafter, lookup):
     assert max(len(s) for s in trees) > 1
     if lookup:
         assert max(grafted) > 1 and sum(o.lookup_accepted for o in out) > 0
+    if step == "device":
+        assert eng.worker.device_step.steps > 0
 
 
 def _first_divergence_is_near_tie(engine, prompt, ref_ids, out_ids, margin):
@@ -213,8 +218,32 @@ def test_entmtp_matches_none_bf16_flashinfer_up_to_near_ties(prompt_ids, drafter
     # bf16 batches of different shapes round differently; every divergence must start at a near-tie (above)
     assert identical >= len(rows) // 2, f"only {identical}/{len(rows)} outputs identical"
     assert max(len(s) for s in trees) > 1
-    if graphs:
+    step = eng.worker.device_step  # greedy steps without lookup run as one graph per shape
+    if not lookup:
+        assert step is not None and step.steps > 0
+        assert (step.replays > 0) == graphs, "device-step graphs replayed iff graphs are on"
+    elif graphs:
         assert eng.runner.graphs.replays > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_packed_tree_mask_kernel_matches_the_torch_form():
+    """The Triton kernel that builds FlashInfer's packed mask inside the step's graph writes the
+    same bytes as the torch form (itself checked against segment_packbits on CPU), and nothing
+    past the batch's last byte."""
+    from srt_entmtp.model.attention.tree_mask import mask_byte_indptr, pack_tree_mask, pack_tree_mask_torch
+
+    g = torch.Generator().manual_seed(0)
+    for B, S in [(1, 5), (3, 9), (17, 10), (64, 28)]:
+        prefix = torch.randint(1, 700, (B,), generator=g)
+        tree = torch.rand(B, S, S, generator=g) < 0.5
+        ind = mask_byte_indptr(prefix.tolist(), S)
+        cap = int(ind[-1]) + 300
+        want = torch.zeros(cap, dtype=torch.uint8)
+        pack_tree_mask_torch(want, ind, prefix, tree)
+        got = torch.zeros(cap, dtype=torch.uint8, device="cuda")
+        pack_tree_mask(got, ind.cuda(), prefix.cuda(), tree.cuda(), cap)
+        assert torch.equal(got.cpu(), want), f"B={B} S={S}"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -256,6 +285,17 @@ def test_fused_kernels_round_like_the_torch_forms():
     for got, ref, st in ((q, want[:, :9], step[:, :9]), (k, want[:, 9:], step[:, 9:])):
         diff = (got.float() - ref.float()).abs()
         assert bool((diff <= 2 * st).all()), f"rope differs by {float((diff / st).max()):.1f} bf16 steps"
+    # the variant that stores k and v into the cache itself: the same q, the same k in each
+    # token's slot, v copied bit for bit, and no other slot touched
+    kc = torch.zeros(100, 3, 64, dtype=torch.bfloat16, device="cuda")
+    vc = torch.zeros_like(kc)
+    slots = torch.randperm(99, device="cuda", generator=g)[:37] + 1
+    q2 = fused.rope_qkv_store(qkv.view(37, 15, 64), 9, 3, pos, cos, sin_signed, kc, vc, slots)
+    assert torch.equal(q2, q) and torch.equal(kc[slots], k)
+    assert torch.equal(vc[slots], qkv[:, 12 * 64:].view(37, 3, 64))
+    untouched = torch.ones(100, dtype=torch.bool, device="cuda")
+    untouched[slots] = False
+    assert not kc[untouched].any() and not vc[untouched].any()
 
 
 def test_fused_forward_matches_the_torch_forward():

@@ -35,7 +35,14 @@ class AttentionBackend(ABC):
     def plan(self, batch: ForwardBatch) -> None: ...
 
     @abstractmethod
-    def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+    def run(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None) -> torch.Tensor:
+        """Store the new tokens' K/V in their slots (unless k is None: the caller's fused kernel
+        already wrote them there, see `cache_target`) and attend."""
+
+    def cache_target(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where this forward's new K/V go: (k cache, v cache) of `layer` and the slot of each
+        new token, for kernels that write them as they compute them. Valid after plan()."""
+        return self.kv.k[layer], self.kv.v[layer], self._out_slots
 
 
 def create_backend(name: str, kv: KVPool, num_heads: int, num_kv_heads: int, head_dim: int) -> AttentionBackend:

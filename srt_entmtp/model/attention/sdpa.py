@@ -68,8 +68,9 @@ class SdpaBackend(AttentionBackend):
 
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kc, vc = self.kv.k[layer], self.kv.v[layer]
-        kc[self._out_slots] = k
-        vc[self._out_slots] = v
+        if k is not None:
+            kc[self._out_slots] = k
+            vc[self._out_slots] = v
         B, Tq, S = self.B, self.Tq, self.S
         H, Hk, d = self.num_heads, self.num_kv_heads, self.head_dim
         G = H // Hk
