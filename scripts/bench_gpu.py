@@ -180,7 +180,13 @@ def graph_info(eng) -> dict | None:
     g = eng.runner.graphs
     if g is None:
         return None
-    return {"graphs": len(g.graphs), "capture_s": g.capture_seconds, "memory_bytes": g.memory_bytes}
+    info = {"graphs": len(g.graphs), "capture_s": g.capture_seconds, "memory_bytes": g.memory_bytes}
+    step = getattr(eng.worker, "device_step", None)
+    if step is not None:  # the greedy speculative step's own graphs (spec/device_step.py)
+        info["spec_step"] = {"layouts": [str(lay) for lay in step.layouts], "graphs": len(step.graphs),
+                             "capture_s": step.capture_seconds, "memory_bytes": step.memory_bytes,
+                             "steps": step.steps, "replays": step.replays}
+    return info
 
 
 def throughput(eng, prompts, n_tokens, specs=None):
@@ -252,6 +258,10 @@ def _static_name(eng, static_paths):
     entry = TreeEntry("bench-static", tree, tuple(0.0 for _ in gen.bucket_tree))
     lib.families["general"] = type(gen)(gen.name, gen.trees + (entry,), gen.bucket_edges, gen.bucket_tree)
     eng.worker.max_nodes = max(eng.worker.max_nodes, tree.num_nodes)
+    step = eng.worker.device_step
+    if step is not None and tree.num_nodes > 1:  # the device step needs a layout holding it
+        li = step.add_layout([tree])
+        eng.worker.max_nodes = max(eng.worker.max_nodes, step.shapes[li].layout.num_slots)
     return "bench-static"
 
 

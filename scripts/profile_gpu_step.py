@@ -48,13 +48,24 @@ class PartTimer:
         setattr(obj, attr, timed)
 
 
-def profile_engine(algorithm, drafter, B, n_tokens, prompts):
+def profile_engine(algorithm, drafter, B, n_tokens, prompts, library=None, spec_step="auto"):
+    kw = {"tree_library": library} if library and algorithm != "NONE" else {}
     eng = Engine(EngineArgs(device="cuda", speculative_algorithm=algorithm, drafter=drafter, max_running_requests=B,
-                            context_length=2048, kv_slots=65536))
+                            context_length=2048, kv_slots=65536, lookup_tokens=0, spec_step=spec_step, **kw))
     pt = PartTimer()
     w = eng.worker
     pt.wrap(eng.runner, "forward", "forward (target model)")
-    if algorithm != "NONE":
+    step = getattr(w, "device_step", None)
+    if step is not None and step.shapes:  # greedy steps run as one graph per shape (spec/device_step.py)
+        pt.wrap(w, "_trees", "policy: choose trees")
+        pt.wrap(w.tracker, "update", "entropy update")
+        pt.wrap(step.kv, "alloc", "KV alloc")
+        pt.wrap(step.kv, "free", "KV free")
+        pt.wrap(step, "_fill", "device step: inputs copy")
+        pt.wrap(step, "_plan_graph", "device step: FlashInfer plan")
+        for _, g in step.graphs.values():
+            pt.wrap(g, "replay", "device step: graph replay")
+    elif algorithm != "NONE":
         import srt_entmtp.spec.worker as sw
 
         pt.wrap(w, "_trees", "policy: choose trees")
@@ -107,7 +118,8 @@ def profile_engine(algorithm, drafter, B, n_tokens, prompts):
            "tokens_per_step": tokens / steps, "tokens_per_s": tokens / total,
            "parts_ms_per_step": {k: 1e3 * v / steps for k, v in pt.total.items()},
            "profiled_step_gpu_busy_ms": busy * 1e3, "profiled_step_kernels": kernels,
-           "graph_replays": eng.runner.graphs.replays if eng.runner.graphs else 0}
+           "graph_replays": (eng.runner.graphs.replays if eng.runner.graphs else 0) + (step.replays if step else 0),
+           "library": library, "spec_step": spec_step}
     row["parts_ms_per_step"]["other (scheduler, bookkeeping)"] = row["mean_step_ms"] - sum(
         row["parts_ms_per_step"].values())
     del eng
@@ -121,6 +133,8 @@ def main():
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--prompts-dir", default=None)
+    ap.add_argument("--library", default=None, help="tree library for ENTMTP (default: the shipped GPU library)")
+    ap.add_argument("--spec-steps", nargs="+", default=["auto"], choices=["auto", "device", "host"])
     ap.add_argument("--out", default="profile_gpu_step.json")
     ns = ap.parse_args()
     import gc
@@ -133,12 +147,13 @@ def main():
     gc.collect()
     rows = []
     for B in ns.batch_sizes:
-        for alg in ("NONE", "ENTMTP"):
-            rows.append(profile_engine(alg, ns.drafter, B, ns.max_new_tokens, prompts))
+        rows.append(profile_engine("NONE", ns.drafter, B, ns.max_new_tokens, prompts))
+        for st in ns.spec_steps:
+            rows.append(profile_engine("ENTMTP", ns.drafter, B, ns.max_new_tokens, prompts, ns.library, st))
             gc.collect()
     Path(ns.out).write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "rows": rows}, indent=1))
     for r in rows:
-        print(f"\n{r['algorithm']} {r['drafter'] or ''} batch {r['batch']}: step {r['step_ms']:.2f} ms median, "
+        print(f"\n{r['algorithm']} {r['drafter'] or ''} {r['spec_step'] if r['drafter'] else ''} batch {r['batch']}: step {r['step_ms']:.2f} ms median, "
               f"{r['tokens_per_step']:.2f} tokens/step, {r['tokens_per_s']:.0f} tok/s, GPU busy "
               f"{r['profiled_step_gpu_busy_ms']:.2f} ms, {r['profiled_step_kernels']} kernels, "
               f"{r['graph_replays']} graph replays")
