@@ -210,13 +210,13 @@ class TreeLibrary:
         h = self.policy.estimator.init if entropy_state is None else float(entropy_state)
         return fam.tree_for_bucket(fam.bucket_of(h))
 
-    def make_tracker(self, capacity: int, device: torch.device | str = "cpu"):
-        """An EntropyTracker configured by this library's policy section."""
+    def make_tracker(self, capacity: int):
+        """An EntropyTracker configured by this library's policy section (host state)."""
         from srt_entmtp.spec.entropy import EntropyTracker
 
         e = self.policy.estimator
         return EntropyTracker(capacity, mode=e.mode, ema_decay=e.ema_decay, window=e.window, init=e.init,
-                              draft_mix=e.draft_mix, device=device)
+                              draft_mix=e.draft_mix)
 
     def __repr__(self) -> str:
         return (f"TreeLibrary({self.source}, model={self.model!r}, drafter={self.drafter!r}, "

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from srt_entmtp.spec.classify import TASK_FAMILIES, classify_task
@@ -68,55 +69,60 @@ class EntMTPPolicy:
         self._general = self._family_id["general"]
         F = len(names)
         nb = max(f.num_buckets for f in library.families.values())
-        self.edges = torch.full((F, nb), float("inf"))            # edge i = upper edge of bucket i
-        self.num_buckets = torch.zeros(F, dtype=torch.long)
+        # host numpy state: chosen every step, where torch's per-op CPU overhead would dominate
+        self.edges = np.full((F, nb), np.inf, dtype=np.float32)  # edge i = upper edge of bucket i
+        self.num_buckets = np.zeros(F, dtype=np.int64)
         self.trees: list[Tree] = []
-        self.tree_id = torch.zeros(F, nb, dtype=torch.long)       # (family, bucket) -> self.trees index
+        self.tree_id = np.zeros((F, nb), dtype=np.int64)          # (family, bucket) -> self.trees index
         for fi, name in enumerate(names):
             fam = library.families[name]
-            self.edges[fi, : len(fam.bucket_edges)] = torch.tensor(fam.bucket_edges)
+            self.edges[fi, : len(fam.bucket_edges)] = fam.bucket_edges
             self.num_buckets[fi] = fam.num_buckets
             for b in range(fam.num_buckets):
                 self.tree_id[fi, b] = len(self.trees)
                 self.trees.append(fam.tree_for_bucket(b))
-        self.bucket = torch.full((capacity,), -1, dtype=torch.long)
-        self.family = torch.full((capacity,), -1, dtype=torch.long)
-        self.since_switch = torch.zeros(capacity, dtype=torch.long)
+        self.bucket = np.full(capacity, -1, dtype=np.int64)
+        self.family = np.full(capacity, -1, dtype=np.int64)
+        self.since_switch = np.zeros(capacity, dtype=np.int64)
 
-    def reset(self, slots: torch.Tensor) -> None:
-        slots = slots.cpu()
-        self.bucket[slots] = -1
-        self.family[slots] = -1
-        self.since_switch[slots] = 0
+    def reset(self, slots) -> None:
+        s = _host_long(slots)
+        self.bucket[s] = -1
+        self.family[s] = -1
+        self.since_switch[s] = 0
 
-    def family_ids(self, families: Sequence[str]) -> torch.Tensor:
-        return torch.tensor([self._family_id.get(f, self._general) for f in families], dtype=torch.long)
+    def family_ids(self, families: Sequence[str]) -> np.ndarray:
+        return np.array([self._family_id.get(f, self._general) for f in families], dtype=np.int64)
 
-    def choose(self, slots: torch.Tensor, families: Sequence[str], entropy: torch.Tensor) -> list[Tree]:
-        slots = slots.cpu()
-        h = entropy.detach().float().cpu()
-        h = torch.where(torch.isnan(h), self.library.policy.estimator.init, h)  # no estimate: the prior
+    def choose(self, slots, families: Sequence[str], entropy) -> list[Tree]:
+        s = _host_long(slots)
+        h = entropy.detach().float().cpu().numpy() if isinstance(entropy, torch.Tensor) else np.asarray(entropy)
+        h = np.where(np.isnan(h), self.library.policy.estimator.init, h).astype(np.float32)  # no estimate: the prior
         f = self.family_ids(families)
         edges = self.edges[f]                                         # [B, nb]
-        target = (h.unsqueeze(1) >= edges).sum(dim=1)                 # bucketize(right=True)
-        cur = self.bucket[slots]
-        fresh = (cur < 0) | (self.family[slots] != f)
-        c = cur.clamp(min=0)
-        inf = torch.tensor(float("inf"))
-        lo = torch.where(c > 0, edges.gather(1, (c - 1).clamp(min=0).unsqueeze(1)).squeeze(1), -inf)
-        hi = torch.where(c < self.num_buckets[f] - 1, edges.gather(1, c.unsqueeze(1)).squeeze(1), inf)
+        target = (h[:, None] >= edges).sum(axis=1)                    # bucketize(right=True)
+        cur = self.bucket[s]
+        fresh = (cur < 0) | (self.family[s] != f)
+        c = np.maximum(cur, 0)
+        rows = np.arange(len(s))
+        lo = np.where(c > 0, edges[rows, np.maximum(c - 1, 0)], -np.inf)
+        hi = np.where(c < self.num_buckets[f] - 1, edges[rows, c], np.inf)
         outside = (h < lo - self.hysteresis) | (h > hi + self.hysteresis)
-        since = self.since_switch[slots] + 1
+        since = self.since_switch[s] + 1
         switch = ~fresh & outside & (since >= self.min_steps) & (target != cur)
-        new = torch.where(fresh | switch, target, cur)
-        self.bucket[slots] = new
-        self.family[slots] = f
-        self.since_switch[slots] = torch.where(switch, 0, since)
+        new = np.where(fresh | switch, target, cur)
+        self.bucket[s] = new
+        self.family[s] = f
+        self.since_switch[s] = np.where(switch, 0, since)
         return [self.trees[i] for i in self.tree_id[f, new].tolist()]
 
-    def current_bucket(self, slots: torch.Tensor) -> torch.Tensor:
+    def current_bucket(self, slots) -> torch.Tensor:
         """LongTensor[B]: each slot's bucket (-1 before its first choice), e.g. for metrics."""
-        return self.bucket[slots.cpu()].clone()
+        return torch.from_numpy(self.bucket[_host_long(slots)].copy())
+
+
+def _host_long(x) -> np.ndarray:
+    return x.detach().cpu().numpy().astype(np.int64, copy=False) if isinstance(x, torch.Tensor) else np.asarray(x, np.int64)
 
 
 def path_confidence(tree: Tree, node_probs: torch.Tensor) -> torch.Tensor:

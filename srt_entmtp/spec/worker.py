@@ -250,7 +250,7 @@ class SpecWorker(Worker):
         self.kv.free(torch.cat(spare))
         indptr = torch.zeros(len(reqs) + 1, dtype=torch.long)
         indptr[1:] = torch.tensor([a + 1 for a in out.accept]).cumsum(0)
-        self.tracker.update(slots, torch.tensor([e for es in out.entropy for e in es]), indptr)
+        self.tracker.update(slots, [e for es in out.entropy for e in es], indptr)
         est, est_in = self.tracker.value(slots).tolist(), entropy.tolist()
         self.step_info = {}
         results = {}
