@@ -139,12 +139,11 @@ class Engine:
             raise ParamError("entmtp.task", f"task {spec.task!r} is not one of {', '.join(TASK_FAMILIES)}")
         if spec.policy is not None and spec.policy not in SPEC_POLICIES:
             raise ParamError("entmtp.policy", f"policy {spec.policy!r} is not one of {', '.join(SPEC_POLICIES)}")
-        library = getattr(self.worker, "library", None)
-        if spec.tree is not None and library is not None:
+        if spec.tree is not None and hasattr(self.worker, "tree_by_name"):
             try:
-                library.tree_by_name(spec.tree)
+                self.worker.tree_by_name(spec.tree)
             except (KeyError, ValueError):
-                names = ", ".join(sorted({e.name for f in library.families.values() for e in f.trees}))
+                names = ", ".join(self.worker.tree_names())
                 raise ParamError("entmtp.tree", f"no tree named {spec.tree!r} in the tree library; known: {names}") from None
 
     # ---- offline ----------------------------------------------------------------------------------

@@ -192,7 +192,7 @@ def test_a_library_that_never_drafts_decodes_plainly_without_asking_the_policy(r
     rows, ids = prompts
     lib = default_heads_dir("medusa").parents[1] / "spec" / "libraries" / "medusa_gpu.json"
     eng = _spec_engine(runner, "ENTMTP", "medusa", tree_library=str(lib))
-    assert set(eng.worker._never_drafts) >= {"code", "math", "chat", "writing", "general"}
+    assert set(eng.worker._never_drafts_for(len(ids))) >= {"code", "math", "chat", "writing", "general"}
 
     def no_policy(*a, **kw):
         raise AssertionError("the policy was asked although no family drafts")
@@ -278,3 +278,24 @@ def test_default_heads_are_shipped():
         d = default_heads_dir(kind)
         assert (d / "config.json").is_file() and (d / "model.safetensors").is_file(), f"missing {d}"
         assert sum(f.stat().st_size for f in d.iterdir()) < 20 * 2**20  # hydra, the largest, is 17 MiB
+
+
+def test_libraries_per_batch_size_pick_trees_by_the_running_batch(runner, prompts, reference, tmp_path):
+    """Two libraries, calibrated at batch 1 (drafts) and batch 4 (never drafts): a lone request
+    drafts, four together run plain decode steps, and both equal plain decoding."""
+    import json
+
+    rows, ids = prompts
+    lib1 = json.loads(PRIOR_LIBRARY.read_text())
+    lib4 = json.loads((PRIOR_LIBRARY.parent / "medusa_gpu.json").read_text()) | {"drafter": "mtp", "batch_size": 4}
+    p1, p4 = tmp_path / "b1.json", tmp_path / "b4.json"
+    p1.write_text(json.dumps(lib1))
+    p4.write_text(json.dumps(lib4))
+    eng = _spec_engine(runner, "ENTMTP", "mtp", tree_library=f"{p4},{p1}", lookup_tokens=0, max_running_requests=4)
+    assert [lib.batch_size for lib in eng.worker.libraries] == [1, 4]
+    sp = SamplingParams(max_new_tokens=N_TOKENS, ignore_eos=True)
+    alone = eng.generate(ids[:1], sp)[0]
+    assert alone.output_ids == reference[0] and alone.accepted_tokens > 0, "a lone request should draft (batch-1 library)"
+    four = eng.generate(ids[1:5], sp)
+    for r, o in zip(reference[1:5], four):
+        assert o.output_ids == r and o.accepted_tokens == 0, "four requests should not draft (batch-4 library)"

@@ -154,7 +154,8 @@ def build_library(stats: AcceptanceStats, cost: dict, batch: int, *, buckets: in
     desc = (f"Calibrated by `entmtp calibrate trees` for batch {batch}: acceptance statistics of "
             f"{stats.drafter} heads ({sum(len(f.ranks) for f in stats.families.values())} positions), "
             f"step costs measured on {hw}.")
-    lib = TreeLibrary(stats.model, stats.drafter, f"{hw}, batch {batch}", policy, fams, description=desc)
+    lib = TreeLibrary(stats.model, stats.drafter, f"{hw}, batch {batch}", policy, fams, description=desc,
+                      batch_size=batch)
     return lib, report
 
 

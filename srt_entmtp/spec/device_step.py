@@ -155,6 +155,15 @@ class DeviceSpecStep:
                  len(self.graphs), ", ".join(map(str, self.layouts)), self._graph_ctx[2], self.capture_seconds,
                  self.memory_bytes / 2**20)
 
+    @torch.inference_mode()
+    def capture_layout(self, li: int) -> None:
+        """Capture every batch bucket of a layout added after start-up (no-op without graphs)."""
+        if self._graph_ctx is None:
+            return
+        for B in sorted(batch_buckets(self._graph_ctx[2]), reverse=True):
+            if (li, B) not in self.graphs:
+                self._capture_one(li, B)
+
     def _capture_one(self, li: int, B: int) -> None:
         from srt_entmtp.model.attention.flashinfer import GraphAttention
 

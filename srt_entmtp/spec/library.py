@@ -94,8 +94,9 @@ class Family:
 
 class TreeLibrary:
     def __init__(self, model: str, drafter: str, hardware: str, policy: PolicyConfig,
-                 families: dict[str, Family], source: str = "<library>", description: str | None = None):
-        self.model, self.drafter, self.hardware = model, drafter, hardware
+                 families: dict[str, Family], source: str = "<library>", description: str | None = None,
+                 batch_size: int = 1):
+        self.model, self.drafter, self.hardware, self.batch_size = model, drafter, hardware, int(batch_size)
         self.policy, self.source, self.description = policy, source, description
         self._families = dict(families)
         self._edges: dict[tuple[str, str], torch.Tensor] = {}
@@ -133,7 +134,8 @@ class TreeLibrary:
             lookup_min_match=int(d["policy"].get("lookup", {}).get("min_match", 2)),
         )
         families = {name: _parse_family(name, fam, source) for name, fam in d["families"].items()}
-        return cls(d["model"], d["drafter"], d["hardware"], policy, families, source, d.get("description"))
+        return cls(d["model"], d["drafter"], d["hardware"], policy, families, source, d.get("description"),
+                   d.get("batch_size", 1))
 
     def check_matches(self, expect_model: str | None, expect_drafter: str | None) -> None:
         """Refuse a library calibrated for another model or drafter ("any" matches everything)."""
@@ -153,6 +155,8 @@ class TreeLibrary:
                                "hardware": self.hardware}
         if self.description:
             out["description"] = self.description
+        if self.batch_size != 1:
+            out["batch_size"] = self.batch_size
         out["policy"] = {"estimator": estimator, "hysteresis": self.policy.hysteresis,
                          "min_steps_between_switches": self.policy.min_steps_between_switches}
         if self.policy.lookup_tokens:

@@ -125,6 +125,32 @@ def _host_long(x) -> np.ndarray:
     return x.detach().cpu().numpy().astype(np.int64, copy=False) if isinstance(x, torch.Tensor) else np.asarray(x, np.int64)
 
 
+class LoadAwarePolicy:
+    """Several libraries calibrated at different batch sizes: each step the running batch picks
+    the one with the largest batch_size not above it (the smallest one's below that). Trees that
+    pay at batch 1 cost several times a plain step at batch 64, where a library calibrated there
+    shrinks them toward a chain or nothing; this is how ENTMTP stays no slower under load."""
+
+    def __init__(self, policies: list[tuple[int, TreePolicy]]):
+        if not policies:
+            raise ValueError("LoadAwarePolicy needs at least one (batch_size, policy)")
+        self.policies = sorted(policies, key=lambda p: p[0])
+
+    def for_batch(self, batch: int) -> TreePolicy:
+        best = self.policies[0][1]
+        for size, pol in self.policies:
+            if size <= batch:
+                best = pol
+        return best
+
+    def choose(self, slots, families: Sequence[str], entropy) -> list[Tree]:
+        return self.for_batch(len(families)).choose(slots, families, entropy)
+
+    def reset(self, slots) -> None:
+        for _, pol in self.policies:
+            pol.reset(slots)
+
+
 def path_confidence(tree: Tree, node_probs: torch.Tensor) -> torch.Tensor:
     """Product of the drafter's probabilities along each node's path ([n]; the root's own is ignored)."""
     logp = node_probs.detach().double().cpu().clamp(min=1e-300).log()

@@ -27,7 +27,7 @@ from srt_entmtp.spec.device_step import DeviceSpecStep
 from srt_entmtp.spec.entropy import entropy_from_logits
 from srt_entmtp.spec.library import TreeLibrary
 from srt_entmtp.spec.lookup import LOOKUP_RANK, MAX_LOOKUP_TOKENS, LookupIndex, with_lookup
-from srt_entmtp.spec.policy import ConfidencePolicy, EntMTPPolicy, StaticPolicy
+from srt_entmtp.spec.policy import ConfidencePolicy, EntMTPPolicy, LoadAwarePolicy, StaticPolicy
 from srt_entmtp.spec.ragged import RaggedTreeBatch
 from srt_entmtp.spec.tree import Tree
 from srt_entmtp.spec.verify import sample_verify
@@ -44,6 +44,26 @@ def default_heads_dir(kind: str) -> Path:
     return PACKAGE / "heads" / kind
 
 
+def _tree_by_name(libraries: list[TreeLibrary], name: str) -> Tree:
+    err = None
+    for lib in libraries:
+        try:
+            return lib.tree_by_name(name)
+        except ValueError as e:  # LibraryError names the file and the known trees
+            err = e
+    raise err
+
+
+def default_library_paths(kind: str, device: torch.device) -> list[Path]:
+    """On CUDA, the drafter's libraries calibrated per batch size (<kind>_gpu_b<B>.json) when
+    shipped, used together (LoadAwarePolicy); otherwise the one default_library_path gives."""
+    if device.type == "cuda":
+        per_batch = sorted((PACKAGE / "spec" / "libraries").glob(f"{kind}_gpu_b*.json"))
+        if per_batch:
+            return per_batch
+    return [default_library_path(kind, device)]
+
+
 def default_library_path(kind: str, device: torch.device) -> Path:
     """The calibrated library shipped for this drafter and device class, else the generic prior."""
     libs = PACKAGE / "spec" / "libraries"
@@ -55,18 +75,24 @@ def default_library_path(kind: str, device: torch.device) -> Path:
 
 
 class SpecWorker(Worker):
-    def __init__(self, runner: ModelRunner, drafter, library: TreeLibrary, algorithm: str = "ENTMTP",
-                 static_tree: Tree | None = None, capacity: int = 256, confidence_threshold: float = 0.05,
-                 lookup_tokens: int | None = None, spec_step: str = "host", max_batch: int = 64):
+    def __init__(self, runner: ModelRunner, drafter, library: TreeLibrary | list[TreeLibrary],
+                 algorithm: str = "ENTMTP", static_tree: Tree | None = None, capacity: int = 256,
+                 confidence_threshold: float = 0.05, lookup_tokens: int | None = None, spec_step: str = "host",
+                 max_batch: int = 64):
         super().__init__(runner)
         self.algorithm = algorithm
         self.drafter = drafter
-        self.library = library
+        # several libraries: one per calibrated batch size, picked each step by the running batch
+        self.libraries = sorted(library if isinstance(library, list) else [library], key=lambda lib: lib.batch_size)
+        library = self.library = self.libraries[0]  # estimator, lookup and STATIC's default come from here
         self.tracker = library.make_tracker(capacity)
         if algorithm == "STATIC":
             self.policy = StaticPolicy(static_tree or library.choose("general", None))
-        else:
+        elif len(self.libraries) == 1:
             self.policy = EntMTPPolicy(library, capacity=capacity)
+        else:
+            self.policy = LoadAwarePolicy([(lib.batch_size, EntMTPPolicy(lib, capacity=capacity))
+                                           for lib in self.libraries])
         # per-request `policy: confidence` prunes the chosen tree after drafting (ConfAdapt)
         self.confidence = ConfidencePolicy(self.policy, confidence_threshold)
         pol = library.policy
@@ -74,13 +100,14 @@ class SpecWorker(Worker):
         if not 0 <= self.lookup_tokens <= MAX_LOOKUP_TOKENS:
             raise ValueError(f"lookup tokens must be in [0, {MAX_LOOKUP_TOKENS}], got {self.lookup_tokens}")
         self.lookup_min_match = pol.lookup_min_match
-        # families whose every bucket holds a root-only tree (a library calibrated where drafting
+        # per library, families whose every bucket holds a root-only tree (calibrated where drafting
         # does not pay): their requests skip the policy and take plain decode steps
-        self._never_drafts = {} if algorithm == "STATIC" or self.lookup_tokens else {
-            name: fam.tree_for_bucket(0) for name, fam in library.families.items()
-            if all(fam.tree_for_bucket(b).num_nodes == 1 for b in range(fam.num_buckets))}
+        self._never_drafts_by_batch = [(lib.batch_size, {} if algorithm == "STATIC" or self.lookup_tokens else {
+            name: fam.tree_for_bucket(0) for name, fam in lib.families.items()
+            if all(fam.tree_for_bucket(b).num_nodes == 1 for b in range(fam.num_buckets))}) for lib in self.libraries]
         self._free_slots = list(range(capacity - 1, -1, -1))
-        self.max_nodes = max(library.max_tree_nodes, (static_tree.num_nodes if static_tree else 1)) + self.lookup_tokens
+        self.max_nodes = max([lib.max_tree_nodes for lib in self.libraries]
+                             + [static_tree.num_nodes if static_tree else 1]) + self.lookup_tokens
         self.step_info: dict[str, dict] = {}
         # greedy steps without lookup chains can run as one fixed-shape device step (device_step.py)
         if spec_step not in SPEC_STEPS:
@@ -89,7 +116,7 @@ class SpecWorker(Worker):
             spec_step = "device" if runner.device.type == "cuda" else "host"
         self.device_step = None
         if spec_step == "device":
-            trees = library.all_trees() + ([static_tree] if static_tree else [])
+            trees = [t for lib in self.libraries for t in lib.all_trees()] + ([static_tree] if static_tree else [])
             self.device_step = DeviceSpecStep(runner, drafter, trees, capacity, max_batch)
             # each request takes a whole layout's slots for the step
             self.max_nodes = max([self.max_nodes] + [sh.layout.num_slots for sh in self.device_step.shapes])
@@ -104,16 +131,20 @@ class SpecWorker(Worker):
         heads = Path(heads_path) if heads_path else default_heads_dir(drafter)
         d = load_drafter(heads, runner)  # the runner carries the model's name for the heads' check
         int8 = d.quantize_for_inference(draft_dtype)
-        lib_file = Path(library_path) if library_path else default_library_path(drafter, runner.device)
-        library = TreeLibrary.load(lib_file, expect_drafter=drafter)
+        lib_files = ([Path(p) for p in str(library_path).split(",")] if library_path
+                     else default_library_paths(drafter, runner.device))
+        libraries = [TreeLibrary.load(f, expect_drafter=drafter) for f in lib_files]
+        lib_file = ", ".join(f"{f} (batch {lib.batch_size})" if len(lib_files) > 1 else str(f)
+                             for f, lib in zip(lib_files, libraries))
+        library = libraries[0]
         tree = None
         if static_tree:
-            tree = library.tree_by_name(static_tree)
-        w = cls(runner, d, library, algorithm=algorithm, static_tree=tree, capacity=capacity,
+            tree = _tree_by_name(libraries, static_tree)
+        w = cls(runner, d, libraries, algorithm=algorithm, static_tree=tree, capacity=capacity,
                 lookup_tokens=lookup_tokens, spec_step=spec_step, max_batch=max_batch)
         log.info("speculation: %s, %s drafter from %s (%s weights), tree library %s (%d trees), prompt lookup %s, "
                  "%s", algorithm, drafter, heads, "int8" if int8 else str(d.param_dtype).replace("torch.", ""),
-                 lib_file, len(library.all_trees()), f"up to {w.lookup_tokens} tokens" if w.lookup_tokens else "off",
+                 lib_file, len({t for lib in libraries for t in lib.all_trees()}), f"up to {w.lookup_tokens} tokens" if w.lookup_tokens else "off",
                  "greedy steps on the device (layouts %s)" % (", ".join(map(str, w.device_step.layouts)) or "none")
                  if w.device_step else "steps on the host")
         return w
@@ -143,12 +174,26 @@ class SpecWorker(Worker):
         ent = entropy_from_logits(logits)
         self.tracker.update(slots, ent, torch.arange(len(reqs) + 1))
 
+    def tree_by_name(self, name: str) -> Tree:
+        """A tree by entry name or Tree.name from any of the worker's libraries."""
+        return _tree_by_name(self.libraries, name)
+
+    def tree_names(self) -> list[str]:
+        return sorted({e.name for lib in self.libraries for f in lib.families.values() for e in f.trees})
+
+    def _never_drafts_for(self, batch: int) -> dict[str, Tree]:
+        best = self._never_drafts_by_batch[0][1]
+        for size, never in self._never_drafts_by_batch:
+            if size <= batch:
+                best = never
+        return best
+
     # ---- one decode step ------------------------------------------------------------------------
     def _never_draft(self, reqs: list[Request]) -> bool:
         """Whether no request of this batch can ever draft: each is in a family whose library
         trees are all root-only, with no per-request tree or policy that drafts, and none samples
         with its own seed (those stay on one path, so their random stream never depends on it)."""
-        never = self._never_drafts
+        never = self._never_drafts_for(len(reqs))
         return bool(never) and all(r.task in never and not r.spec.tree and r.spec.policy in (None, "entmtp", "none")
                                    and (r.generator is None or r.sampling.greedy) for r in reqs)
 
@@ -159,7 +204,7 @@ class SpecWorker(Worker):
             if r.spec.policy == "none":
                 t = ROOT_ONLY
             elif r.spec.tree:
-                t = self.library.tree_by_name(r.spec.tree)
+                t = self.tree_by_name(r.spec.tree)
             if t.depth > self.drafter.max_depth:
                 t = t.truncate(self.drafter.max_depth)
             trees.append(t)
@@ -167,7 +212,8 @@ class SpecWorker(Worker):
 
     def decode(self, reqs: list[Request]) -> dict[str, list[int]]:
         if self._never_draft(reqs):  # no estimate, no policy: nothing would read them
-            trees = [ROOT_ONLY if r.spec.policy == "none" else self._never_drafts[r.task] for r in reqs]
+            never = self._never_drafts_for(len(reqs))
+            trees = [ROOT_ONLY if r.spec.policy == "none" else never[r.task] for r in reqs]
             return self._decode_root_only(reqs, trees)
         dev = self.runner.device
         slots = torch.tensor([r.slot for r in reqs])
@@ -306,8 +352,10 @@ class SpecWorker(Worker):
         depend on which path their batch took. Without `slots` the batch can never draft
         (`_never_draft`): then no entropy estimate and no hidden state are kept, since nothing
         would read them, and the step costs what a NONE step costs (`mean_entropy` stays null).
-        (Such a request's tree is root-only in every later step too, whatever batch it joins, and
-        a root-only tree is drafted without reading the hidden state, so a stale one is harmless.)"""
+        (A root-only tree is drafted without reading the hidden state. Only with libraries per
+        batch size can such a request draft later, when its batch shrinks: its first drafted step
+        then drafts from a stale hidden state, which costs acceptance in that step, never
+        correctness, since every draft is verified.)"""
         results, out = self.plain_step(reqs)
         est = est_in = [None] * len(reqs)
         if slots is not None:
