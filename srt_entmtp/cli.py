@@ -34,7 +34,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="draft heads: mtp (default; one shared recursive head, the fastest on CPU: "
                         "docs/calibration.md), hydra (sequential, per-depth heads), medusa (independent heads)")
     s.add_argument("--draft-heads", default=None, help="draft heads directory (default: the shipped heads)")
-    s.add_argument("--tree-library", default=None, help="tree library JSON (default: the shipped library)")
+    s.add_argument("--tree-library", default=None, help="tree library JSON, or several comma-separated, calibrated at different batch sizes "
+                        "(each step uses the one with the largest batch_size not above the running batch); "
+                        "default: the shipped library (on CUDA the per-batch <drafter>_gpu_b*.json set)")
     s.add_argument("--static-tree", default=None, help="tree name for STATIC")
     s.add_argument("--draft-dtype", default="auto", choices=["auto", "int8", "model"],
                    help="weights the draft heads run in: auto = int8 where int8 linears run (CPU float32), else "
