@@ -101,8 +101,8 @@ def main():
             attn = entry.attn
             fbp = pad_batch(fb, attn.batch, attn.tokens)
             row = {"batch": B, "tokens_per_request": T, "graph": [attn.batch, attn.tokens],
-                   "forward_wall_ms": wall_ms(lambda: r.forward(fb)),
-                   "plan_wall_ms": wall_ms(lambda: attn.plan(fbp)),
+                   "forward_wall_ms": wall_ms(lambda fb=fb: r.forward(fb)),
+                   "plan_wall_ms": wall_ms(lambda attn=attn, fbp=fbp: attn.plan(fbp)),
                    "replay_gpu_ms": cuda_ms(entry.graph.replay)}
             row["replay_kernels"] = kernel_table(entry.graph.replay)
             # the same shapes eagerly, per GEMM, at M = B*T rows
@@ -115,7 +115,7 @@ def main():
                 gemm[name] = cuda_ms(lambda w=w, inp=inp: F.linear(inp, w))
             w = r.model.lm_head
             inp = torch.randn(M, w.shape[1], device=dev, dtype=r.dtype)
-            gemm["lm_head"] = cuda_ms(lambda: F.linear(inp, w))
+            gemm["lm_head"] = cuda_ms(lambda w=w, inp=inp: F.linear(inp, w))
             row["gemm_ms"] = gemm
             rows.append(row)
             print(f"B={B:3d} T={T:3d} fwd {row['forward_wall_ms']:.2f} plan {row['plan_wall_ms']:.2f} "

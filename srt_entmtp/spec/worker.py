@@ -136,7 +136,6 @@ class SpecWorker(Worker):
         libraries = [TreeLibrary.load(f, expect_drafter=drafter) for f in lib_files]
         lib_file = ", ".join(f"{f} (batch {lib.batch_size})" if len(lib_files) > 1 else str(f)
                              for f, lib in zip(lib_files, libraries))
-        library = libraries[0]
         tree = None
         if static_tree:
             tree = _tree_by_name(libraries, static_tree)

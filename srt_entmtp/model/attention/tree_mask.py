@@ -23,7 +23,7 @@ def mask_byte_indptr(prefix_lens: list[int], S: int) -> torch.Tensor:
 def pack_tree_mask_torch(out: torch.Tensor, byte_indptr: torch.Tensor, prefix: torch.Tensor,
                          tree: torch.Tensor) -> None:
     """Reference (and CPU) form: fill out[:byte_indptr[-1]] (uint8). tree [B, S, S] bool."""
-    B, S = tree.shape[0], tree.shape[1]
+    S = tree.shape[1]
     dev = out.device
     ind = byte_indptr.to(dev, torch.long)
     total = int(ind[-1])
