@@ -8,8 +8,10 @@ This measures that part on any machine: each forward returns a stored output of 
 
     python scripts/bench_host_step.py [--batch-sizes 1 8 64] [--out host_step.json]
 
-NONE and ENTMTP (with the root-only GPU library by default, the path a GPU takes today) in one
-run, interleaved; median ms per decode step.
+NONE, ENTMTP with the root-only Medusa GPU library (plain decode steps through the speculative
+worker) and ENTMTP-device (the MTP batch-8 GPU library through the device step of
+spec/device_step.py, with its graph body and the attention plan taken out: what is left is the
+host work around the graph) in one run, interleaved; median ms per decode step.
 """
 from __future__ import annotations
 
@@ -27,14 +29,36 @@ import srt_entmtp.worker as worker_mod
 from srt_entmtp.engine import Engine, EngineArgs
 from srt_entmtp.sched.request import SamplingParams, SpecOptions
 
-LIB = Path(__file__).resolve().parents[1] / "srt_entmtp" / "spec" / "libraries" / "medusa_gpu.json"
+LIBS = Path(__file__).resolve().parents[1] / "srt_entmtp" / "spec" / "libraries"
+LIB = LIBS / "medusa_gpu.json"
+DEVICE_LIB = LIBS / "mtp_gpu_b8.json"
+ACCEPT = 2  # drafted tokens the stubbed device step accepts per request and step
 
 
-def host_step_ms(algorithm: str, B: int, steps: int, library: str) -> float:
-    kw = {"tree_library": library} if algorithm != "NONE" else {}
-    eng = Engine(EngineArgs(device="cpu", speculative_algorithm=algorithm, drafter="medusa", max_running_requests=B,
-                            kv_slots=B * (64 + steps + 16) + 1024, context_length=2048, **kw))
-    reqs = [eng.make_request(list(range(100, 164)), SamplingParams(max_new_tokens=steps + 8, ignore_eos=True),
+def stub_device_step(eng) -> None:
+    """The device step without its graph: the body writes a fixed result, the plan does nothing."""
+    step = eng.worker.device_step
+
+    def body(sh, B, attn):
+        sh.result[:B, 0] = ACCEPT
+        sh.result[:B, 1:] = 500
+        sh.entropy[:B] = 1.0
+    step._body = body
+    eng.runner.attn.plan = lambda fb: None
+
+
+def host_step_ms(config: str, B: int, steps: int, library: str) -> float:
+    algorithm = "NONE" if config == "NONE" else "ENTMTP"
+    device = config == "ENTMTP-device"
+    kw = {} if algorithm == "NONE" else {"tree_library": str(DEVICE_LIB) if device else library}
+    if device:
+        kw |= {"spec_step": "device", "lookup_tokens": 0}
+    eng = Engine(EngineArgs(device="cpu", speculative_algorithm=algorithm, drafter="mtp" if device else "medusa",
+                            max_running_requests=B, kv_slots=B * (64 + 16 * (steps + 8)) + 1024,
+                            context_length=2048, **kw))
+    per_step = ACCEPT + 1 if device else 1
+    reqs = [eng.make_request(list(range(100, 164)), SamplingParams(max_new_tokens=per_step * (steps + 8),
+                                                                   ignore_eos=True),
                              SpecOptions(task="code")) for _ in range(B)]
     for r in reqs:
         eng.scheduler.add(r, bounded=False)
@@ -47,6 +71,8 @@ def host_step_ms(algorithm: str, B: int, steps: int, library: str) -> float:
             stored[fb.num_tokens] = real(fb)
         return stored[fb.num_tokens]
     eng.runner.forward = stored_forward
+    if device:
+        stub_device_step(eng)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -67,16 +93,16 @@ def main():
     worker_mod.sample = lambda logits, params, gens: torch.full((logits.shape[0],), 500, dtype=torch.long)
     rows = []
     for B in ns.batch_sizes:
-        runs = {"NONE": [], "ENTMTP": []}
+        runs = {"NONE": [], "ENTMTP": [], "ENTMTP-device": []}
         for _ in range(ns.repeats):
             for alg, times in runs.items():
                 times.append(host_step_ms(alg, B, ns.steps, ns.tree_library))
         rows.append({"batch": B, **{f"{a}_ms": statistics.median(v) for a, v in runs.items()}, "runs": runs})
     Path(ns.out).write_text(json.dumps({"machine": "cpu host", "library": ns.tree_library, "rows": rows}, indent=1))
     print("host ms per decode step (forward and sampling taken out), median of", ns.repeats)
-    print(f"{'batch':>5s} {'NONE':>8s} {'ENTMTP':>8s}")
+    print(f"{'batch':>5s} {'NONE':>8s} {'ENTMTP':>8s} {'ENTMTP-device':>14s}")
     for r in rows:
-        print(f"{r['batch']:5d} {r['NONE_ms']:8.3f} {r['ENTMTP_ms']:8.3f}")
+        print(f"{r['batch']:5d} {r['NONE_ms']:8.3f} {r['ENTMTP_ms']:8.3f} {r['ENTMTP-device_ms']:14.3f}")
     print(f"wrote {ns.out}")
 
 

@@ -56,7 +56,7 @@ def choose_layouts(trees: list[Tree], limit: int = MAX_LAYOUTS) -> list[TreeLayo
 
 
 @dataclass
-class StepOutput:
+class DeviceStepResult:
     accept: list[int]               # accepted drafted tokens per request
     tokens: list[list[int]]         # emitted tokens per request (accepted drafts + bonus)
     entropy: list[list[float]]      # target entropy at each accepted position (root first)
@@ -188,7 +188,7 @@ class DeviceSpecStep:
 
     # ---- one step -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, li: int, reqs, trees: list[Tree]) -> StepOutput:
+    def run(self, li: int, reqs, trees: list[Tree]) -> DeviceStepResult:
         sh = self.shapes[li]
         S, n = sh.layout.num_slots, len(reqs)
         B = self.bucket(n)
@@ -225,7 +225,7 @@ class DeviceSpecStep:
         ents = ent.tolist()
         for r in reqs:
             r.last_hidden = self._pool_rows[r.slot]
-        return StepOutput(accept=accept, tokens=[row[:a + 1] for row, a in zip(rows, accept)],
+        return DeviceStepResult(accept=accept, tokens=[row[:a + 1] for row, a in zip(rows, accept)],
                           entropy=[e[:a + 1] for e, a in zip(ents, accept)], slots=list(slots.view(n, S)))
 
     def _fill(self, sh: _Shape, req_slots, roots, rows, prefix, out_slots: torch.Tensor, B: int) -> None:
