@@ -28,13 +28,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from srt_entmtp.calibrate.stats import _draft_index, calibration_prompts, estimator_trace, teacher_forward  # noqa: E402
-from srt_entmtp.engine import Engine, EngineArgs  # noqa: E402
-from srt_entmtp.sched.request import SamplingParams  # noqa: E402
-from srt_entmtp.spec.drafters import load_drafter  # noqa: E402
-from srt_entmtp.spec.entropy import entropy_from_logits  # noqa: E402
-from srt_entmtp.spec.library import EstimatorConfig  # noqa: E402
-from srt_entmtp.spec.worker import default_heads_dir  # noqa: E402
+from srt_entmtp.calibrate.stats import _draft_index, calibration_prompts, estimator_trace, teacher_forward
+from srt_entmtp.engine import Engine, EngineArgs
+from srt_entmtp.sched.request import SamplingParams
+from srt_entmtp.spec.drafters import load_drafter
+from srt_entmtp.spec.entropy import entropy_from_logits
+from srt_entmtp.spec.library import EstimatorConfig
+from srt_entmtp.spec.worker import default_heads_dir
 
 FAMILIES = ("code", "math", "chat", "writing")
 SIGNALS = ("ema_target_entropy", "latest_target_entropy", "draft_top1_prob", "recent_hits_ema")

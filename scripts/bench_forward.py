@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from srt_entmtp.calibrate.cost import measure_step_latency  # noqa: E402
-from srt_entmtp.engine import Engine, EngineArgs  # noqa: E402
-from srt_entmtp.model.runner import ModelRunner  # noqa: E402
-from srt_entmtp.sched.request import SamplingParams  # noqa: E402
+from srt_entmtp.calibrate.cost import measure_step_latency
+from srt_entmtp.engine import Engine, EngineArgs
+from srt_entmtp.model.runner import ModelRunner
+from srt_entmtp.sched.request import SamplingParams
 
 
 def sync(dev):

@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from srt_entmtp.bench_prompts import benchmark_prompts  # noqa: E402
-from srt_entmtp.engine import Engine, EngineArgs  # noqa: E402
-from srt_entmtp.sched.request import SamplingParams, SpecOptions  # noqa: E402
-from srt_entmtp.spec.builders import optimal_tree  # noqa: E402
-from srt_entmtp.spec.policy import StaticPolicy  # noqa: E402
-from srt_entmtp.spec.tree import chain  # noqa: E402
+from srt_entmtp.bench_prompts import benchmark_prompts
+from srt_entmtp.engine import Engine, EngineArgs
+from srt_entmtp.sched.request import SamplingParams, SpecOptions
+from srt_entmtp.spec.builders import optimal_tree
+from srt_entmtp.spec.policy import StaticPolicy
+from srt_entmtp.spec.tree import chain
 
 FAMILIES = ("code", "math", "chat", "writing")
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from srt_entmtp.bench_prompts import benchmark_prompts  # noqa: E402
-from srt_entmtp.engine import Engine, EngineArgs  # noqa: E402
-from srt_entmtp.sched.request import SamplingParams, SpecOptions  # noqa: E402
+from srt_entmtp.bench_prompts import benchmark_prompts
+from srt_entmtp.engine import Engine, EngineArgs
+from srt_entmtp.sched.request import SamplingParams, SpecOptions
 
 FAMILIES = ("code", "math", "chat", "writing")
 

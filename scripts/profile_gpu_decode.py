@@ -1,16 +1,21 @@
 #!/usr/bin/env python3
 """Where a GPU decode forward spends its time: wall time against GPU-busy time and kernel launches
 (torch.profiler), batch 1, 512-token context. Run on a CUDA machine: python scripts/profile_gpu_decode.py"""
-import time, torch
-from srt_entmtp.model.runner import ModelRunner
+import time
+
+import torch
+
 from srt_entmtp.model.forward_batch import ForwardBatch
+from srt_entmtp.model.runner import ModelRunner
+
 r = ModelRunner(device="cuda", kv_slots=8192)
 ctx = r.kv.alloc(513)
 r.forward(ForwardBatch.build([torch.randint(100,1000,(512,))],[torch.empty(0,dtype=torch.long)],[ctx[:512]],device="cuda",logits_indices=torch.tensor([0])))
 fb = ForwardBatch.build([torch.tensor([5])],[ctx[:512]],[ctx[512:]],device="cuda")
 for _ in range(5): r.forward(fb)
 torch.cuda.synchronize()
-from torch.profiler import profile, ProfilerActivity
+from torch.profiler import ProfilerActivity, profile
+
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
     for _ in range(5): r.forward(fb)
     torch.cuda.synchronize()

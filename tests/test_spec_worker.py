@@ -8,10 +8,8 @@ distribution of tokens emitted by tree verification equals that of plain samplin
 from __future__ import annotations
 
 import collections
-import math
 
 import pytest
-import torch
 
 from srt_entmtp.engine import Engine, EngineArgs
 from srt_entmtp.sched.request import SamplingParams, SpecOptions
@@ -286,7 +284,7 @@ def test_libraries_per_batch_size_pick_trees_by_the_running_batch(runner, prompt
     drafts, four together run plain decode steps, and both equal plain decoding."""
     import json
 
-    rows, ids = prompts
+    _, ids = prompts
     lib1 = json.loads(PRIOR_LIBRARY.read_text())
     lib4 = json.loads((PRIOR_LIBRARY.parent / "medusa_gpu.json").read_text()) | {"drafter": "mtp", "batch_size": 4}
     p1, p4 = tmp_path / "b1.json", tmp_path / "b4.json"

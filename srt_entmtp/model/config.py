@@ -37,7 +37,7 @@ class ModelConfig:
     name: str = ""
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "config.json") -> "ModelConfig":
+    def from_dict(cls, d: dict, source: str = "config.json") -> ModelConfig:
         mt = d.get("model_type")
         if mt not in SUPPORTED_ARCHS:
             raise ModelLoadError(
@@ -75,7 +75,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_dir(cls, path: Path) -> "ModelConfig":
+    def from_dir(cls, path: Path) -> ModelConfig:
         f = Path(path) / "config.json"
         if not f.is_file():
             raise ModelLoadError(f"{f}: not found (a model directory needs config.json)")

@@ -36,7 +36,7 @@ class ForwardBatch:
     @classmethod
     def build(cls, new_tokens: list[torch.Tensor], prefix_slots: list[torch.Tensor], new_slots: list[torch.Tensor],
               positions: list[torch.Tensor] | None = None, custom_masks: list[torch.Tensor] | None = None,
-              logits_indices: torch.Tensor | None = None, device: torch.device | str = "cpu") -> "ForwardBatch":
+              logits_indices: torch.Tensor | None = None, device: torch.device | str = "cpu") -> ForwardBatch:
         """Assemble from per-request pieces. positions default to prefix_len + arange(q_len);
         custom_masks (per request [q_len, q_len] bool, or None for causal) switch on masking."""
         q_lens = [int(t.numel()) for t in new_tokens]

@@ -21,7 +21,7 @@ def onednn_available(device: torch.device, dtype: torch.dtype) -> bool:
 class Linear:
     """y = x @ w.T (+ b), with w stored in the fastest layout for the device."""
 
-    __slots__ = ("weight", "bias", "packed", "out_features")
+    __slots__ = ("bias", "out_features", "packed", "weight")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool = False):
         self.out_features = weight.shape[0]

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from srt_entmtp.errors import ModelLoadError
+from srt_entmtp.model import fused
 from srt_entmtp.model.attention.base import AttentionBackend
 from srt_entmtp.model.config import ModelConfig
-from srt_entmtp.model import fused
 from srt_entmtp.model.fused import add_rms_norm, rms_norm, rope_qkv_store, rope_torch, silu_mul
 from srt_entmtp.model.linear import Linear, onednn_available
 

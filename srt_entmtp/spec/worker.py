@@ -125,7 +125,7 @@ class SpecWorker(Worker):
     def create(cls, runner: ModelRunner, algorithm: str, drafter: str, heads_path: str | None = None,
                library_path: str | None = None, static_tree: str | None = None,
                capacity: int = 256, draft_dtype: str = "auto", lookup_tokens: int | None = None,
-               spec_step: str = "auto", max_batch: int = 64) -> "SpecWorker":
+               spec_step: str = "auto", max_batch: int = 64) -> SpecWorker:
         from srt_entmtp.spec.drafters import load_drafter
 
         heads = Path(heads_path) if heads_path else default_heads_dir(drafter)

@@ -51,7 +51,7 @@ def create_backend(name: str, kv: KVPool, num_heads: int, num_kv_heads: int, hea
 
         return SdpaBackend(kv, num_heads, num_kv_heads, head_dim)
     if name == "flashinfer":
-        from srt_entmtp.model.attention.flashinfer import FlashInferBackend  # noqa: F401  (GPU path, later)
+        from srt_entmtp.model.attention.flashinfer import FlashInferBackend
 
         return FlashInferBackend(kv, num_heads, num_kv_heads, head_dim)
     raise ValueError(f"unknown attention backend {name!r}; choose sdpa or flashinfer")

@@ -33,7 +33,6 @@ class SdpaBackend(AttentionBackend):
             else:
                 self.kv_gather = fb.kv_indices.view(1, S)
         else:
-            t = torch.arange(Tq, device=dev)
             req = torch.repeat_interleave(torch.arange(B, device=dev), q_lens)
             tok_t = torch.arange(fb.num_tokens, device=dev) - fb.qo_indptr[:-1][req]
             self.pad_index = req * Tq + tok_t
