@@ -298,3 +298,16 @@ def test_libraries_per_batch_size_pick_trees_by_the_running_batch(runner, prompt
     four = eng.generate(ids[1:5], sp)
     for r, o in zip(reference[1:5], four):
         assert o.output_ids == r and o.accepted_tokens == 0, "four requests should not draft (batch-4 library)"
+
+
+def test_libraries_used_together_must_share_one_estimator(runner, tmp_path):
+    import json
+
+    a = json.loads(PRIOR_LIBRARY.read_text())
+    b = json.loads(PRIOR_LIBRARY.read_text()) | {"batch_size": 8}
+    b["policy"]["estimator"]["ema_decay"] = 0.5
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    pa.write_text(json.dumps(a))
+    pb.write_text(json.dumps(b))
+    with pytest.raises(ValueError, match=r"b\.json: policy\.estimator .* must share one estimator"):
+        _spec_engine(runner, "ENTMTP", "mtp", tree_library=f"{pa},{pb}")

@@ -85,6 +85,11 @@ class SpecWorker(Worker):
         # several libraries: one per calibrated batch size, picked each step by the running batch
         self.libraries = sorted(library if isinstance(library, list) else [library], key=lambda lib: lib.batch_size)
         library = self.library = self.libraries[0]  # estimator, lookup and STATIC's default come from here
+        for lib in self.libraries[1:]:  # one entropy estimate feeds every library's buckets
+            if lib.policy.estimator != library.policy.estimator:
+                raise ValueError(f"{lib.source}: policy.estimator {lib.policy.estimator} differs from "
+                                 f"{library.source}'s {library.policy.estimator}; libraries used together "
+                                 "must share one estimator")
         self.tracker = library.make_tracker(capacity)
         if algorithm == "STATIC":
             self.policy = StaticPolicy(static_tree or library.choose("general", None))
@@ -141,9 +146,10 @@ class SpecWorker(Worker):
             tree = _tree_by_name(libraries, static_tree)
         w = cls(runner, d, libraries, algorithm=algorithm, static_tree=tree, capacity=capacity,
                 lookup_tokens=lookup_tokens, spec_step=spec_step, max_batch=max_batch)
+        n_trees = len({t for lib in libraries for t in lib.all_trees()})
         log.info("speculation: %s, %s drafter from %s (%s weights), tree library %s (%d trees), prompt lookup %s, "
                  "%s", algorithm, drafter, heads, "int8" if int8 else str(d.param_dtype).replace("torch.", ""),
-                 lib_file, len({t for lib in libraries for t in lib.all_trees()}), f"up to {w.lookup_tokens} tokens" if w.lookup_tokens else "off",
+                 lib_file, n_trees, f"up to {w.lookup_tokens} tokens" if w.lookup_tokens else "off",
                  "greedy steps on the device (layouts %s)" % (", ".join(map(str, w.device_step.layouts)) or "none")
                  if w.device_step else "steps on the host")
         return w
