@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from srt_entmtp.model.forward_batch import ForwardBatch
+from srt_entmtp.model.attention.tree_mask import mask_byte_indptr, pack_tree_mask
+from srt_entmtp.model.forward_batch import ForwardBatch, _indptr
 from srt_entmtp.spec.entropy import entropy_from_logits
 from srt_entmtp.spec.tree import Tree
 from srt_entmtp.spec.tree_layout import LayoutTable, TreeLayout
@@ -90,7 +91,7 @@ class DeviceSpecStep:
         self.runner, self.drafter = runner, drafter
         self.model, self.kv, self.dev = runner.model, runner.kv, runner.device
         self.capacity, self.max_batch = capacity, max_batch
-        trees = [t.truncate(drafter.max_depth) if t.depth > drafter.max_depth else t for t in trees]
+        trees = [t.truncate(drafter.max_depth) for t in trees]
         self.layouts = choose_layouts(trees)
         self.shapes = [_Shape(LayoutTable(lay, trees + [ROOT_ONLY], self.dev), max_batch, capacity, self.dev)
                        for lay in self.layouts]
@@ -121,7 +122,7 @@ class DeviceSpecStep:
     def add_layout(self, trees: list[Tree]) -> int:
         """A layout for trees outside the library (calibration times many): its graphs are
         captured when first used, if this step captures graphs at all."""
-        trees = [t.truncate(self.drafter.max_depth) if t.depth > self.drafter.max_depth else t for t in trees]
+        trees = [t.truncate(self.drafter.max_depth) for t in trees]
         lay = TreeLayout.covering([t for t in trees if t.num_nodes > 1] or [ROOT_ONLY])
         self.shapes.append(_Shape(LayoutTable(lay, trees + [ROOT_ONLY], self.dev), self.max_batch, self.capacity,
                                   self.dev))
@@ -193,8 +194,7 @@ class DeviceSpecStep:
         S, n = sh.layout.num_slots, len(reqs)
         B = self.bucket(n)
         if (li, B) not in self.graphs and self._graph_ctx is not None and B <= self._graph_ctx[2]:
-            with torch.inference_mode():
-                self._capture_one(li, B)  # a layout added after start-up (calibration)
+            self._capture_one(li, B)  # a layout added after start-up (calibration)
         if (li, B) not in self.graphs and not self.pad_eager:
             B = n  # eager: no padding needed
         for r in reqs:  # hidden states computed elsewhere (prefill, plain steps) enter the pool
@@ -244,8 +244,6 @@ class DeviceSpecStep:
         sh.inputs[4 * Bm: 4 * Bm + B * S].copy_(o, non_blocking=True)
 
     def _plan_graph(self, attn, sh: _Shape, prefix: list[int], kv_idx: torch.Tensor) -> None:
-        from srt_entmtp.model.attention.tree_mask import mask_byte_indptr
-
         S = sh.layout.num_slots
         n = kv_idx.numel()
         if self._kv_host is None or self._kv_host.numel() < n:
@@ -261,7 +259,6 @@ class DeviceSpecStep:
         S, dev = sh.layout.num_slots, self.dev
         rows = sh.row[:B].cpu()
         kv_lens = [p + S for p in prefix]
-        from srt_entmtp.model.forward_batch import _indptr
         return ForwardBatch(input_ids=sh.input_ids[:B * S], positions=sh.positions[:B * S],
                             out_slots=sh.out_slots[:B * S], qo_indptr=_indptr([S] * B, dev),
                             kv_indptr=_indptr(kv_lens, dev), kv_indices=kv_idx.to(dev), q_lens=[S] * B,
@@ -283,7 +280,6 @@ class DeviceSpecStep:
         ids.copy_(tokens.view(-1))
         pos.copy_((prefix.unsqueeze(1) + depth).view(-1))
         if getattr(attn, "tree", False) and hasattr(attn, "mask_indptr"):  # FlashInfer graph mode
-            from srt_entmtp.model.attention.tree_mask import pack_tree_mask
             pack_tree_mask(attn.mask, attn.mask_indptr, prefix, mask, attn.mask.numel())
         hidden = self.model.forward(ids, pos, attn)
         logits = self.model.logits(hidden)                       # [B*S, V] float32

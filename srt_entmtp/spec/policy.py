@@ -9,7 +9,7 @@ changes the batch's shape, which costs graph replays and planning, and gains not
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -125,6 +125,19 @@ def _host_long(x) -> np.ndarray:
     return x.detach().cpu().numpy().astype(np.int64, copy=False) if isinstance(x, torch.Tensor) else np.asarray(x, np.int64)
 
 
+T = TypeVar("T")
+
+
+def for_batch(by_size: list[tuple[int, T]], batch: int) -> T:
+    """From (batch_size, x) pairs sorted by size: the x with the largest batch_size not above
+    `batch`, else the smallest one's (how libraries calibrated per batch size are picked)."""
+    best = by_size[0][1]
+    for size, x in by_size:
+        if size <= batch:
+            best = x
+    return best
+
+
 class LoadAwarePolicy:
     """Several libraries calibrated at different batch sizes: each step the running batch picks
     the one with the largest batch_size not above it (the smallest one's below that). Trees that
@@ -137,11 +150,7 @@ class LoadAwarePolicy:
         self.policies = sorted(policies, key=lambda p: p[0])
 
     def for_batch(self, batch: int) -> TreePolicy:
-        best = self.policies[0][1]
-        for size, pol in self.policies:
-            if size <= batch:
-                best = pol
-        return best
+        return for_batch(self.policies, batch)
 
     def choose(self, slots, families: Sequence[str], entropy) -> list[Tree]:
         return self.for_batch(len(families)).choose(slots, families, entropy)

@@ -27,7 +27,7 @@ from srt_entmtp.spec.device_step import DeviceSpecStep
 from srt_entmtp.spec.entropy import entropy_from_logits
 from srt_entmtp.spec.library import TreeLibrary
 from srt_entmtp.spec.lookup import LOOKUP_RANK, MAX_LOOKUP_TOKENS, LookupIndex, with_lookup
-from srt_entmtp.spec.policy import ConfidencePolicy, EntMTPPolicy, LoadAwarePolicy, StaticPolicy
+from srt_entmtp.spec.policy import ConfidencePolicy, EntMTPPolicy, LoadAwarePolicy, StaticPolicy, for_batch
 from srt_entmtp.spec.ragged import RaggedTreeBatch
 from srt_entmtp.spec.tree import Tree
 from srt_entmtp.spec.verify import sample_verify
@@ -187,20 +187,17 @@ class SpecWorker(Worker):
         return sorted({e.name for lib in self.libraries for f in lib.families.values() for e in f.trees})
 
     def _never_drafts_for(self, batch: int) -> dict[str, Tree]:
-        best = self._never_drafts_by_batch[0][1]
-        for size, never in self._never_drafts_by_batch:
-            if size <= batch:
-                best = never
-        return best
+        return for_batch(self._never_drafts_by_batch, batch)
 
     # ---- one decode step ------------------------------------------------------------------------
-    def _never_draft(self, reqs: list[Request]) -> bool:
-        """Whether no request of this batch can ever draft: each is in a family whose library
-        trees are all root-only, with no per-request tree or policy that drafts, and none samples
-        with its own seed (those stay on one path, so their random stream never depends on it)."""
+    def _never_draft(self, reqs: list[Request]) -> dict[str, Tree] | None:
+        """The batch library's root-only tree per family if no request of this batch can ever
+        draft (each is in a family whose library trees are all root-only, with no per-request
+        tree or policy that drafts, and none samples with its own seed: those stay on one path,
+        so their random stream never depends on it); else None."""
         never = self._never_drafts_for(len(reqs))
-        return bool(never) and all(r.task in never and not r.spec.tree and r.spec.policy in (None, "entmtp", "none")
-                                   and (r.generator is None or r.sampling.greedy) for r in reqs)
+        return never if never and all(r.task in never and not r.spec.tree and r.spec.policy in (None, "entmtp", "none")
+                                      and (r.generator is None or r.sampling.greedy) for r in reqs) else None
 
     def _trees(self, reqs: list[Request], slots: torch.Tensor, entropy: torch.Tensor) -> list[Tree]:
         chosen = self.policy.choose(slots, [r.task for r in reqs], entropy)
@@ -216,8 +213,8 @@ class SpecWorker(Worker):
         return trees
 
     def decode(self, reqs: list[Request]) -> dict[str, list[int]]:
-        if self._never_draft(reqs):  # no estimate, no policy: nothing would read them
-            never = self._never_drafts_for(len(reqs))
+        never = self._never_draft(reqs)
+        if never is not None:  # no estimate, no policy: nothing would read them
             trees = [ROOT_ONLY if r.spec.policy == "none" else never[r.task] for r in reqs]
             return self._decode_root_only(reqs, trees)
         dev = self.runner.device
