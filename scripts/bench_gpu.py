@@ -89,8 +89,9 @@ def ours_decode(eng, B, ctx, dev):
         r.forward(ForwardBatch.build([torch.randint(100, 1000, (ctx,)) for _ in range(B)],
                                      [torch.empty(0, dtype=torch.long)] * B, [s[:ctx] for s in slots], device=dev,
                                      logits_indices=torch.tensor([0])))
+        # built on the host, as the engine's decode steps are (the graph runner sends it up in two copies)
         fb = ForwardBatch.build([torch.randint(100, 1000, (1,)) for _ in range(B)], [s[:ctx] for s in slots],
-                                [s[ctx:] for s in slots], device=dev)
+                                [s[ctx:] for s in slots], device="cpu")
         fwd = timed(lambda: r.forward(fb), dev)
         graphs, r.graphs = r.graphs, None
         fwd_eager = timed(lambda: r.forward(fb), dev)

@@ -3,7 +3,10 @@
 
 Each part of the step (tree choice, drafting, batch building, the verify forward, acceptance,
 KV compaction, entropy update) is wrapped with a device sync before and after, so the parts add
-up to the step; the rest is scheduler and bookkeeping. Also reports the profiler's kernel count
+up to the step; the rest is scheduler and bookkeeping. The device step (--spec-steps device)
+overlaps host work with its graph, so its parts are timed on the host without syncs: "wait for
+the GPU" is the time the host had nothing left to do, and the parts marked overlapped ran while
+the graph did. Also reports the profiler's kernel count
 and GPU-busy time for one step. Run on a CUDA machine:
 
     python scripts/profile_gpu_step.py [--drafter medusa] [--batch-sizes 1 8] [--out step.json]
@@ -33,16 +36,20 @@ class PartTimer:
         self.total = defaultdict(float)
         self.on = False
 
-    def wrap(self, obj, attr, label):
+    def wrap(self, obj, attr, label, sync=True):
+        """Time obj.attr under `label`; sync=False times host work only (the device step overlaps
+        host work with the GPU, which a sync would serialise)."""
         fn = getattr(obj, attr)
 
         def timed(*a, **kw):
             if not self.on:
                 return fn(*a, **kw)
-            torch.cuda.synchronize()
+            if sync:
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
             out = fn(*a, **kw)
-            torch.cuda.synchronize()
+            if sync:
+                torch.cuda.synchronize()
             self.total[label] += time.perf_counter() - t0
             return out
         setattr(obj, attr, timed)
@@ -57,14 +64,16 @@ def profile_engine(algorithm, drafter, B, n_tokens, prompts, library=None, spec_
     pt.wrap(eng.runner, "forward", "forward (target model)")
     step = getattr(w, "device_step", None)
     if step is not None and step.shapes:  # greedy steps run as one graph per shape (spec/device_step.py)
-        pt.wrap(w, "_trees", "policy: choose trees")
-        pt.wrap(w.tracker, "update", "entropy update")
-        pt.wrap(step.kv, "alloc", "KV alloc")
-        pt.wrap(step.kv, "free", "KV free")
-        pt.wrap(step, "_fill", "device step: inputs copy")
-        pt.wrap(step, "_plan_graph", "device step: FlashInfer plan")
-        for _, g in step.graphs.values():
-            pt.wrap(g, "replay", "device step: graph replay")
+        # host time only, no syncs: choosing trees and folding entropies overlap the step's graph
+        pt.wrap(w, "_trees", "policy: choose trees (overlapped)", sync=False)
+        pt.wrap(w.tracker, "update", "entropy update (overlapped)", sync=False)
+        pt.wrap(step.kv, "alloc", "KV alloc", sync=False)
+        pt.wrap(step.kv, "free", "KV free", sync=False)
+        pt.wrap(step, "_fill", "device step: inputs copy", sync=False)
+        for attn, g in step.graphs.values():
+            pt.wrap(attn, "plan_fixed_trees", "device step: FlashInfer plan", sync=False)
+            pt.wrap(g, "replay", "device step: graph launch", sync=False)
+        pt.wrap(step, "collect", "device step: wait for the GPU, read result", sync=False)
     elif algorithm != "NONE":
         import srt_entmtp.spec.worker as sw
 

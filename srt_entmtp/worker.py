@@ -74,8 +74,9 @@ class Worker:
     def plain_step(self, reqs: list[Request]):
         """The autoregressive step; also returns the forward's output (valid until the next forward)."""
         slots = self.kv.alloc(len(reqs))
+        # with decode graphs the batch stays on the host: the graph runner sends it up in two copies
         fb = ForwardBatch.build_decode([r.pending_token for r in reqs], [r.kv_slots for r in reqs], slots,
-                                       device=self.runner.device)
+                                       device="cpu" if self.runner.graphs is not None else self.runner.device)
         out = self.runner.forward(fb)
         nxt = sample(out.logits, [r.sampling for r in reqs], [r.generator for r in reqs]).tolist()
         for r, s in zip(reqs, slots.split(1)):

@@ -101,9 +101,10 @@ class CudaGraphRunner:
         if not self.shapes:
             raise ValueError("CudaGraphRunner: nothing to capture (no decode graphs and no tree size)")
         n_max = max(n for _, n, _ in self.shapes)
-        self.input_ids = torch.zeros(n_max, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(n_max, dtype=torch.long, device=dev)
-        self.out_slots = torch.zeros(n_max, dtype=torch.long, device=dev)
+        # the token-side inputs, rows of one buffer with a pinned host twin: one copy per replay
+        self.token_inputs = torch.zeros(3, n_max, dtype=torch.long, device=dev)
+        self.token_inputs_host = torch.zeros(3, n_max, dtype=torch.long, pin_memory=dev.type == "cuda")
+        self.input_ids, self.positions, self.out_slots = self.token_inputs.unbind(0)
         self.hidden = torch.zeros(n_max, cfg.hidden_size, dtype=runner.dtype, device=dev)
         self.logits = torch.zeros(n_max, cfg.vocab_size, dtype=torch.float32, device=dev)
         self.workspace = None  # FlashInfer's float workspace, allocated at capture
@@ -190,9 +191,14 @@ class CudaGraphRunner:
             return None
         attn.plan(fbp)
         N, n = attn.tokens, fb.num_tokens
-        self.input_ids[:N].copy_(fbp.input_ids)
-        self.positions[:N].copy_(fbp.positions)
-        self.out_slots[:N].copy_(fbp.out_slots)
+        if fbp.input_ids.device.type == "cpu":  # built on the host (decode steps): one pinned copy
+            host = self.token_inputs_host
+            host[0, :N], host[1, :N], host[2, :N] = fbp.input_ids, fbp.positions, fbp.out_slots
+            self.token_inputs[:, :N].copy_(host[:, :N], non_blocking=True)
+        else:
+            self.input_ids[:N].copy_(fbp.input_ids)
+            self.positions[:N].copy_(fbp.positions)
+            self.out_slots[:N].copy_(fbp.out_slots)
         entry.graph.replay()
         self.replays += 1
         return self.hidden[:n], self.logits[:n]

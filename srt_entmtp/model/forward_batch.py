@@ -90,6 +90,17 @@ class ForwardBatch:
         )
 
 
+    def to(self, device: torch.device | str) -> ForwardBatch:
+        """The same batch with its tensors on `device` (a no-op where they already are)."""
+        dev = torch.device(device)
+        if self.input_ids.device == dev:
+            return self
+        move = {f: getattr(self, f) for f in ("input_ids", "positions", "out_slots", "qo_indptr", "kv_indptr",
+                                              "kv_indices", "custom_mask", "logits_indices")}
+        return ForwardBatch(q_lens=self.q_lens, kv_lens=self.kv_lens,
+                            **{f: None if t is None else t.to(dev, non_blocking=True) for f, t in move.items()})
+
+
 def _indptr(lens: list[int], device) -> torch.Tensor:
     out = torch.zeros(len(lens) + 1, dtype=torch.long)
     out[1:] = torch.tensor(lens, dtype=torch.long).cumsum(0)

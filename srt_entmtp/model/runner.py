@@ -104,6 +104,7 @@ class ModelRunner:
             out = self.graphs.forward(batch)
             if out is not None:
                 return ForwardOutput(hidden=out[0], logits=out[1])
+        batch = batch.to(self.device)  # built on the host for a graph that did not fit
         self.attn.plan(batch)
         hidden = self.model.forward(batch.input_ids, batch.positions, self.attn, batch.logits_indices)
         return ForwardOutput(hidden=hidden, logits=self.model.logits(hidden))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from srt_entmtp.model.attention.tree_mask import mask_byte_indptr, pack_tree_mask
+from srt_entmtp.model.attention.tree_mask import pack_tree_mask
 from srt_entmtp.model.forward_batch import ForwardBatch, _indptr
 from srt_entmtp.spec.entropy import entropy_from_logits
 from srt_entmtp.spec.tree import Tree
@@ -64,6 +64,13 @@ class DeviceStepResult:
     slots: list[torch.Tensor]       # the tree's KV slots per request; the first accept+1 hold the path
 
 
+@dataclass
+class InFlightStep:
+    shape: _Shape
+    reqs: list
+    slots: torch.Tensor             # [n * S] the trees' KV slots, request by request
+
+
 class _Shape:
     """Static buffers for one layout, sized for the largest batch bucket."""
 
@@ -82,6 +89,10 @@ class _Shape:
         # outputs, one device-to-host copy: accept, then D+1 emitted tokens (-1 pad); entropies
         self.result = torch.zeros(Bm, D + 2, **long)
         self.entropy = torch.zeros(Bm, D + 1, dtype=torch.float32, device=device)
+        pin = device.type == "cuda"
+        self.result_host = torch.zeros(Bm, D + 2, dtype=torch.long, pin_memory=pin)
+        self.entropy_host = torch.zeros(Bm, D + 1, dtype=torch.float32, pin_memory=pin)
+        self.done = torch.cuda.Event() if pin else None  # recorded after the result copy
         self.capacity = capacity  # the hidden pool's spare row, which padding requests use
         self.root_row = table.rows[ROOT_ONLY]
 
@@ -107,7 +118,6 @@ class DeviceSpecStep:
         self.replays = 0
         self.steps = 0
         self.pad_eager = False  # pad eager steps to their bucket too (tests the padding rows on CPU)
-        self._kv_host = self._kv_dev = None  # pinned staging for the page table FlashInfer plans with
 
     # ---- selection ----------------------------------------------------------------------------
     def pick(self, trees: list[Tree], batch: int) -> int | None:
@@ -175,7 +185,7 @@ class DeviceSpecStep:
         attn = GraphAttention(self.kv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, workspace,
                               sh.out_slots[:B * S], B, B * S, B * (ctx + S), True, B * S * (ctx + S))
         self._fill(sh, [], [], [], [], torch.zeros(0, dtype=torch.long), B)  # all padding: touches slot 0 only
-        self._plan_graph(attn, sh, [1] * B, torch.zeros(B * (1 + S), dtype=torch.long))
+        attn.plan_fixed_trees(S, [1] * B, torch.zeros(B * (1 + S), dtype=torch.long))
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside capture: cuBLAS handles, Triton and lazy inits
@@ -190,6 +200,13 @@ class DeviceSpecStep:
     # ---- one step -----------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, li: int, reqs, trees: list[Tree]) -> DeviceStepResult:
+        return self.collect(self.launch(li, reqs, trees))
+
+    @torch.inference_mode()
+    def launch(self, li: int, reqs, trees: list[Tree]) -> InFlightStep:
+        """Start the step for `reqs` (each verifying its tree from `trees`) and return without
+        waiting for the device: the caller may do host work until `collect`. Slots for the trees
+        are taken here; the step's result lands in pinned host memory."""
         sh = self.shapes[li]
         S, n = sh.layout.num_slots, len(reqs)
         B = self.bucket(n)
@@ -210,7 +227,7 @@ class DeviceSpecStep:
         padded = prefix + [1] * (B - n)  # padding requests: slot 0 is their one prefix key
         if entry is not None:
             attn, graph = entry
-            self._plan_graph(attn, sh, padded, kv_idx)
+            attn.plan_fixed_trees(S, padded, kv_idx)
             graph.replay()
             self.replays += 1
         else:
@@ -218,15 +235,26 @@ class DeviceSpecStep:
             attn.plan(self._eager_batch(sh, B, padded, kv_idx))
             self._body(sh, B, attn)
         self.steps += 1
-        res = sh.result[:n].cpu()  # the step's one device-to-host copy (waits for the step)
-        ent = sh.entropy[:n].cpu()
-        accept = res[:, 0].tolist()
-        rows = res[:, 1:].tolist()
-        ents = ent.tolist()
+        # the step's one device-to-host copy; `collect` waits for it
+        sh.result_host[:n].copy_(sh.result[:n], non_blocking=True)
+        sh.entropy_host[:n].copy_(sh.entropy[:n], non_blocking=True)
+        if sh.done is not None:
+            sh.done.record()
+        return InFlightStep(sh, reqs, slots)
+
+    def collect(self, step: InFlightStep) -> DeviceStepResult:
+        """Wait for a launched step and read its result (accept counts, tokens, entropies)."""
+        sh, reqs = step.shape, step.reqs
+        n, S = len(reqs), sh.layout.num_slots
+        if sh.done is not None:
+            sh.done.synchronize()
+        accept = sh.result_host[:n, 0].tolist()
+        rows = sh.result_host[:n, 1:].tolist()
+        ents = sh.entropy_host[:n].tolist()
         for r in reqs:
             r.last_hidden = self._pool_rows[r.slot]
         return DeviceStepResult(accept=accept, tokens=[row[:a + 1] for row, a in zip(rows, accept)],
-                          entropy=[e[:a + 1] for e, a in zip(ents, accept)], slots=list(slots.view(n, S)))
+                                entropy=[e[:a + 1] for e, a in zip(ents, accept)], slots=list(step.slots.view(n, S)))
 
     def _fill(self, sh: _Shape, req_slots, roots, rows, prefix, out_slots: torch.Tensor, B: int) -> None:
         """Write the step's inputs (padded to B requests) with one host-to-device copy."""
@@ -242,17 +270,6 @@ class DeviceSpecStep:
         o[n * S:] = 0
         sh.inputs[:4 * Bm].copy_(host[:4 * Bm], non_blocking=True)
         sh.inputs[4 * Bm: 4 * Bm + B * S].copy_(o, non_blocking=True)
-
-    def _plan_graph(self, attn, sh: _Shape, prefix: list[int], kv_idx: torch.Tensor) -> None:
-        S = sh.layout.num_slots
-        n = kv_idx.numel()
-        if self._kv_host is None or self._kv_host.numel() < n:
-            self._kv_host = torch.empty(max(n, 2 * (0 if self._kv_host is None else self._kv_host.numel())),
-                                        dtype=torch.int32).pin_memory()
-            self._kv_dev = torch.empty(self._kv_host.numel(), dtype=torch.int32, device=self.dev)
-        self._kv_host[:n] = kv_idx
-        self._kv_dev[:n].copy_(self._kv_host[:n], non_blocking=True)
-        attn.plan_fixed_trees(S, [p + S for p in prefix], self._kv_dev[:n], mask_byte_indptr(prefix, S))
 
     def _eager_batch(self, sh: _Shape, B: int, prefix: list[int], kv_idx: torch.Tensor) -> ForwardBatch:
         """The same forward as a ForwardBatch, for backends planned eagerly (SDPA, CPU)."""

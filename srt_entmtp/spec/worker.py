@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from srt_entmtp.model.forward_batch import ForwardBatch
@@ -120,6 +121,8 @@ class SpecWorker(Worker):
         if spec_step == "auto":
             spec_step = "device" if runner.device.type == "cuda" else "host"
         self.device_step = None
+        self._deferred = None  # (requests, entropies) of the last device step, not yet in the estimates
+        self._ahead = None     # (rids, slots, estimate, trees) chosen for the next step of that batch
         if spec_step == "device":
             trees = [t for lib in self.libraries for t in lib.all_trees()] + ([static_tree] if static_tree else [])
             self.device_step = DeviceSpecStep(runner, drafter, trees, capacity, max_batch)
@@ -213,23 +216,29 @@ class SpecWorker(Worker):
         return trees
 
     def decode(self, reqs: list[Request]) -> dict[str, list[int]]:
-        never = self._never_draft(reqs)
-        if never is not None:  # no estimate, no policy: nothing would read them
-            trees = [ROOT_ONLY if r.spec.policy == "none" else never[r.task] for r in reqs]
-            return self._decode_root_only(reqs, trees)
+        ahead = self._take_chosen_ahead(reqs)
+        if ahead is not None:  # chosen while this batch's last device step ran
+            slots, entropy, trees = ahead
+        else:
+            self._fold_deferred()
+            never = self._never_draft(reqs)
+            if never is not None:  # no estimate, no policy: nothing would read them
+                trees = [ROOT_ONLY if r.spec.policy == "none" else never[r.task] for r in reqs]
+                return self._decode_root_only(reqs, trees)
+            slots = torch.tensor([r.slot for r in reqs])
+            entropy = self.tracker.value(slots)
+            trees = self._trees(reqs, slots, entropy)
         dev = self.runner.device
-        slots = torch.tensor([r.slot for r in reqs])
-        entropy = self.tracker.value(slots)
-        trees = self._trees(reqs, slots, entropy)
         chains = self._lookup_chains(reqs) if self.lookup_tokens else None
-        if all(t.num_nodes == 1 for t in trees) and not (chains and any(chains)) and not any(
-                r.generator is not None and not r.sampling.greedy for r in reqs):
-            return self._decode_root_only(reqs, trees, slots, entropy)
-        if self.device_step is not None and not (chains and any(chains)) and all(
+        if self.device_step is not None and not (chains and any(chains)) and any(t.num_nodes > 1 for t in trees) and all(
                 r.sampling.greedy and r.spec.policy != "confidence" for r in reqs):
             li = self.device_step.pick(trees, len(reqs))
             if li is not None:
                 return self._decode_device(li, reqs, trees, slots, entropy)
+        self._fold_deferred()  # every other path reads or updates the estimates now
+        if all(t.num_nodes == 1 for t in trees) and not (chains and any(chains)) and not any(
+                r.generator is not None and not r.sampling.greedy for r in reqs):
+            return self._decode_root_only(reqs, trees, slots, entropy)
         prefix = [int(r.kv_slots.numel()) for r in reqs]
         batch = RaggedTreeBatch.build(trees, torch.tensor(prefix), device=dev)
         hidden = torch.stack([r.last_hidden for r in reqs])
@@ -289,23 +298,53 @@ class SpecWorker(Worker):
     def _decode_device(self, li: int, reqs: list[Request], trees: list[Tree], slots: torch.Tensor,
                        entropy: torch.Tensor) -> dict[str, list[int]]:
         """A greedy step as one fixed-shape device step (device_step.py): keep each request's
-        accepted slots, free the rest of its tree's, and fold the entropies into the estimate."""
-        out = self.device_step.run(li, reqs, trees)
+        accepted slots and free the rest of its tree's.
+
+        The host works while the device runs the step: it folds the previous step's entropies
+        into the estimates and chooses this batch's trees for the next step from them. So the
+        estimate a device step's policy sees is one step behind (it lacks the step just
+        verified); this step's entropies are folded in during the next step, or before any
+        other path touches the estimates (`_fold_deferred`). On the H200 host that work (~0.4 ms
+        a step at batch 1) was otherwise spent with the GPU idle."""
+        step = self.device_step.launch(li, reqs, trees)
+        self._fold_deferred()
+        est = self.tracker.value(slots)
+        self._ahead = (tuple(r.rid for r in reqs), slots, est, self._trees(reqs, slots, est))
+        out = self.device_step.collect(step)
         spare = []
         for r, a, s in zip(reqs, out.accept, out.slots):
             r.kv_slots = torch.cat([r.kv_slots, s[:a + 1]])
             spare.append(s[a + 1:])
         self.kv.free(torch.cat(spare))
-        indptr = torch.zeros(len(reqs) + 1, dtype=torch.long)
-        indptr[1:] = torch.tensor([a + 1 for a in out.accept]).cumsum(0)
-        self.tracker.update(slots, [e for es in out.entropy for e in es], indptr)
-        est, est_in = self.tracker.value(slots).tolist(), entropy.tolist()
+        self._deferred = (reqs, out.entropy)
+        est, est_in = est.tolist(), entropy.tolist()
         self.step_info = {}
         results = {}
         for i, r in enumerate(reqs):
             self._record(r, trees[i], out.accept[i], est[i], est_in[i])
             results[r.rid] = out.tokens[i]
         return results
+
+    def _take_chosen_ahead(self, reqs: list[Request]):
+        """(slots, estimate, trees) chosen for exactly this batch during its last device step, or None."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and len(ahead[0]) == len(reqs) and ahead[0] == tuple(r.rid for r in reqs):
+            return ahead[1:]
+        return None
+
+    def _fold_deferred(self) -> None:
+        """Fold the last device step's entropies into the estimates of requests still running
+        (a finished request's slot may already belong to a new one)."""
+        if self._deferred is None:
+            return
+        reqs, ents = self._deferred
+        self._deferred = None
+        live = [(r.slot, e) for r, e in zip(reqs, ents) if r.slot >= 0]
+        if not live:
+            return
+        indptr = np.zeros(len(live) + 1, dtype=np.int64)
+        np.cumsum([len(e) for _, e in live], out=indptr[1:])
+        self.tracker.update(np.array([s for s, _ in live], dtype=np.int64), [x for _, e in live for x in e], indptr)
 
     def _lookup_chains(self, reqs: list[Request]) -> list[list[int]]:
         """Each request's prompt-lookup proposal (empty: no earlier occurrence, or `policy: none`)."""

@@ -10,6 +10,7 @@ CI has no GPU: every test here is skipped there, saying why.
     graphs, up to near-ties (a greedy choice between two tokens whose logits differ by less than
     bf16 can resolve is not a bug of speculation; the test checks that every divergence starts
     at such a near-tie);
+  * re-planning a graph's FlashInfer wrapper without its Python plan leaves the same plan;
   * the Triton kernels of model/fused.py round like the torch forms they replace, and the fused
     forward picks the same next tokens as the torch forward over real prompts.
 """
@@ -224,6 +225,56 @@ def test_entmtp_matches_none_bf16_flashinfer_up_to_near_ties(prompt_ids, drafter
         assert (step.replays > 0) == graphs, "device-step graphs replayed iff graphs are on"
     elif graphs:
         assert eng.runner.graphs.replays > 0
+
+
+@needs_flashinfer
+@pytest.mark.parametrize("tree", [False, True], ids=["decode", "fixed-trees"])
+def test_fast_replan_writes_what_flashinfer_plan_writes(tree):
+    """GraphAttention re-plans a graph's wrapper through FlashInfer's scheduler alone
+    (FastReplan). For random lengths it must stage the index buffers FlashInfer's kernels read
+    and leave the same plan (plan info and int workspace) as the wrapper's own plan."""
+    from srt_entmtp.model.attention.flashinfer import WORKSPACE_BYTES, GraphAttention
+    from srt_entmtp.model.attention.tree_mask import mask_byte_indptr
+
+    r = _engine(cuda_graph=False).runner
+    cfg = r.config
+    ws = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
+    B, S, ctx = 8, (7 if tree else 1), 2048
+    attn = GraphAttention(r.kv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, ws,
+                          torch.zeros(B * S, dtype=torch.long, device="cuda"), B, B * S, B * (ctx + S), tree,
+                          B * S * (ctx + S))
+    g = torch.Generator().manual_seed(0)
+
+    def plan(prefix, kv_idx):
+        if tree:
+            attn.plan_fixed_trees(S, prefix, kv_idx)
+        else:  # a decode batch: each request's prefix slots then its new slot
+            attn.plan(ForwardBatch(input_ids=torch.zeros(B, dtype=torch.long), positions=torch.zeros(B, dtype=torch.long),
+                                   out_slots=torch.zeros(B, dtype=torch.long), qo_indptr=torch.arange(B + 1),
+                                   kv_indptr=torch.zeros(B + 1, dtype=torch.long), kv_indices=kv_idx, q_lens=[1] * B,
+                                   kv_lens=[p + 1 for p in prefix]))
+
+    plan([1] * B, torch.zeros(B * (1 + S), dtype=torch.long))
+    assert attn.replan is not None and attn.replan.ok, "the fast re-plan failed its check against wrapper.plan"
+    for trial in range(6):
+        prefix = torch.randint(1, ctx - 8, (B,), generator=g).tolist()
+        kv_idx = torch.randint(1, 60000, (sum(prefix) + B * S,), generator=g)
+        plan(prefix, kv_idx)
+        torch.cuda.synchronize()
+        fast_info, fast_ws = list(attn.wrapper._plan_info), attn.wrapper._int_workspace_buffer.clone()
+        lens = torch.tensor([p + S for p in prefix])
+        assert torch.equal(attn.kv_indptr.cpu().long(), torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]))
+        assert torch.equal(attn.kv_indices[: kv_idx.numel()].cpu().long(), kv_idx)
+        if tree:
+            assert torch.equal(attn.mask_indptr.cpu(), mask_byte_indptr(prefix, S))
+        attn.replan.ok = False  # the same lengths through the wrapper's own plan
+        plan(prefix, kv_idx)
+        attn.replan.ok = True
+        torch.cuda.synchronize()
+        assert list(attn.wrapper._plan_info) == fast_info, f"trial {trial}: plan info differs"
+        assert torch.equal(attn.wrapper._int_workspace_buffer, fast_ws), f"trial {trial}: int workspace differs"
+        if tree:  # the wrapper's plan wrote bit offsets; plan_fixed_trees put the byte offsets back
+            assert torch.equal(attn.mask_indptr.cpu(), mask_byte_indptr(prefix, S))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import inspect
 import logging
 
+import numpy as np
 import torch
 
 from srt_entmtp.model.attention.base import AttentionBackend
@@ -98,6 +99,12 @@ class GraphAttention(AttentionBackend):
     paged prefill wrapper with a custom mask per request (ragged tree verification). Buffers are
     sized for the worst case the engine can send: kv_capacity slots in all, and a mask of at
     most mask_bits bits (bit-packed per request, each request rounded up to a byte).
+
+    The per-step index buffers (kv_indptr, the mask's byte offsets, kv_indices) are views of one
+    int32 device tensor with a pinned host twin, so a step's metadata goes up in one copy. After
+    the first full plan, later plans of a fixed-shape step skip FlashInfer's Python plan (lists,
+    `.item()`s and small copies: most of a ~0.3 ms plan on the H200 host) and call only its
+    scheduler (`FastReplan`); the first plan checks that both give the same plan.
     """
 
     def __init__(self, kv, num_heads: int, num_kv_heads: int, head_dim: int, workspace: torch.Tensor,
@@ -109,17 +116,22 @@ class GraphAttention(AttentionBackend):
         self.batch, self.tokens, self.tree = batch, tokens, tree
         self.kv_capacity, self.mask_bits = kv_capacity, mask_bits
         self._out_slots = out_slots  # [tokens] view of the graph runner's static buffer
-        self._fixed_qo = None  # (qo_indptr, nodes, last_page_len) of plan_fixed_trees
         i32 = {"dtype": torch.int32, "device": dev}
-        self.kv_indptr = torch.zeros(batch + 1, **i32)
-        self.kv_indices = torch.zeros(kv_capacity, **i32)
+        # [kv_indptr (B+1) | mask byte indptr (B+1) | kv_indices (capacity)], and its host twin
+        self.meta = torch.zeros(2 * (batch + 1) + kv_capacity, **i32)
+        self.meta_host = torch.zeros(self.meta.numel(), dtype=torch.int32, pin_memory=dev.type == "cuda")
+        self._meta_np = self.meta_host.numpy()
+        self.kv_indptr = self.meta[: batch + 1]
+        self.mask_indptr = self.meta[batch + 1: 2 * (batch + 1)]
+        self.kv_indices = self.meta[2 * (batch + 1):]
         self.last_page = torch.ones(batch, **i32)
+        self.qo_indptr = torch.zeros(batch + 1, **i32)
+        self._fixed_nodes = None  # tokens per request of plan_fixed_trees (the first plan fixes it)
+        self.replan: FastReplan | None = None
         if tree:
             kw = {"backend": "fa2"} if "backend" in inspect.signature(
                 flashinfer.BatchPrefillWithPagedKVCacheWrapper.__init__).parameters else {}
-            self.qo_indptr = torch.zeros(batch + 1, **i32)
             self.mask = torch.zeros(mask_bits // 8 + batch + 1, dtype=torch.uint8, device=dev)
-            self.mask_indptr = torch.zeros(batch + 1, **i32)
             self.wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
                 workspace, "NHD", use_cuda_graph=True, qo_indptr_buf=self.qo_indptr, paged_kv_indptr_buf=self.kv_indptr,
                 paged_kv_indices_buf=self.kv_indices, paged_kv_last_page_len_buf=self.last_page,
@@ -137,42 +149,113 @@ class GraphAttention(AttentionBackend):
             return False
         return not self.tree or sum(q * k for q, k in zip(fb.q_lens, fb.kv_lens)) <= self.mask_bits
 
+    def _stage(self, kv_lens: np.ndarray, kv_indices: torch.Tensor, mask_rows: int = 0) -> torch.Tensor:
+        """Write kv_indptr (and, for trees of `mask_rows` rows each, the mask's byte offsets) and
+        kv_indices into the pinned twin and send them up in one copy; returns the host kv_indptr."""
+        B, h = self.batch, self._meta_np
+        h[0] = 0
+        np.cumsum(kv_lens, out=h[1: B + 1])
+        if mask_rows:
+            h[B + 1] = 0
+            np.cumsum((mask_rows * kv_lens + 7) // 8, out=h[B + 2: 2 * B + 2])
+        n = kv_indices.numel()
+        top = 2 * (B + 1) + n
+        if kv_indices.device.type == "cpu":
+            self.meta_host[2 * (B + 1): top] = kv_indices
+            self.meta[:top].copy_(self.meta_host[:top], non_blocking=True)
+        else:  # already on the device (a ForwardBatch built there): the indptrs go up, the indices move over
+            self.meta[: 2 * (B + 1)].copy_(self.meta_host[: 2 * (B + 1)], non_blocking=True)
+            self.kv_indices[:n].copy_(kv_indices)
+        return self.meta_host[: B + 1]
+
     def plan(self, fb: ForwardBatch) -> None:
         """Rewrite the buffers for `fb`, which is padded to exactly this shape (see cuda_graph.py).
         The token-side inputs (ids, positions, out slots) are the graph runner's to fill."""
-        dev = self.kv.k.device
         dtype = self.kv.k.dtype
-        kv_indptr = _host_indptr(fb.kv_lens)
-        kv_indices = fb.kv_indices.to(device=dev, dtype=torch.int32)
-        last = torch.ones(fb.batch_size, dtype=torch.int32)
+        kv_lens = np.asarray(fb.kv_lens, dtype=np.int32)
         if not self.tree:
-            self.wrapper.plan(kv_indptr, kv_indices, last, self.num_heads, self.num_kv_heads, self.head_dim, 1,
-                              q_data_type=dtype, kv_data_type=dtype, sm_scale=self.scale)
+            kv_indptr = self._stage(kv_lens, fb.kv_indices)
+            if self.replan is not None and self.replan.ok:
+                self.replan(kv_indptr, kv_lens)
+                return
+            self.wrapper.plan(kv_indptr.clone(), fb.kv_indices.to(torch.int32), self.last_page.cpu(),
+                              self.num_heads, self.num_kv_heads, self.head_dim, 1, q_data_type=dtype,
+                              kv_data_type=dtype, sm_scale=self.scale)
+            if self.replan is None:
+                self.replan = FastReplan(self, torch.arange(self.batch + 1, dtype=torch.int32), kv_indptr, kv_lens)
             return
+        dev = self.kv.k.device
         mask = full_kv_mask(fb)
         qo_indptr = _host_indptr(fb.q_lens).to(dev)
-        self.wrapper.plan(qo_indptr, kv_indptr.to(dev), kv_indices, last.to(dev), self.num_heads, self.num_kv_heads,
-                          page_size=1, custom_mask=mask, q_data_type=dtype, kv_data_type=dtype, sm_scale=self.scale,
-                          **{self._head_kw: self.head_dim})
+        kv_indices = fb.kv_indices.to(device=dev, dtype=torch.int32)
+        self.wrapper.plan(qo_indptr, _host_indptr(fb.kv_lens).to(dev), kv_indices, self.last_page, self.num_heads,
+                          self.num_kv_heads, page_size=1, custom_mask=mask, q_data_type=dtype, kv_data_type=dtype,
+                          sm_scale=self.scale, **{self._head_kw: self.head_dim})
 
-    def plan_fixed_trees(self, nodes: int, kv_lens: list[int], kv_indices: torch.Tensor,
-                         byte_indptr: torch.Tensor) -> None:
-        """Plan from host metadata only: every request verifies `nodes` tokens over kv_lens keys.
-        The packed mask is not given here: the step's graph builds it in `self.mask`
-        (tree_mask.py) at the byte offsets `byte_indptr` (host int32, copied in)."""
-        B = len(kv_lens)
-        if self._fixed_qo is None or self._fixed_qo[1] != nodes:  # the same every step: build once
-            self._fixed_qo = (torch.arange(0, (B + 1) * nodes, nodes, dtype=torch.int32), nodes,
-                              torch.ones(B, dtype=torch.int32))
-        qo, _, last = self._fixed_qo
-        self.wrapper.plan(qo, _host_indptr(kv_lens), kv_indices, last, self.num_heads,
-                          self.num_kv_heads, page_size=1, packed_custom_mask=self.mask[:0], q_data_type=self.kv.k.dtype,
-                          kv_data_type=self.kv.k.dtype, sm_scale=self.scale, **{self._head_kw: self.head_dim})
-        # plan wrote bit offsets (it is not given the mask); the kernel reads bytes
+    def plan_fixed_trees(self, nodes: int, prefix_lens: list[int], kv_indices: torch.Tensor) -> None:
+        """Plan from host metadata only: every request verifies `nodes` tokens over its prefix
+        plus those nodes. kv_indices (host) holds per request its prefix slots then its tree
+        slots. The packed mask is not given here: the step's graph builds it in `self.mask`
+        (tree_mask.py) at the byte offsets written here."""
+        kv_lens = np.asarray(prefix_lens, dtype=np.int32) + nodes
+        kv_indptr = self._stage(kv_lens, kv_indices, mask_rows=nodes)
+        if self._fixed_nodes is not None and self._fixed_nodes != nodes:
+            raise ValueError(f"GraphAttention planned for {self._fixed_nodes} nodes per request, got {nodes}")
+        if self.replan is not None and self.replan.ok:
+            self.replan(kv_indptr, kv_lens)
+            return
+        self._fixed_nodes = nodes
+        qo = torch.arange(0, (self.batch + 1) * nodes, nodes, dtype=torch.int32)
+        dtype = self.kv.k.dtype
+        # FlashInfer copies these into the graph buffers and writes *bit* offsets into mask_indptr
+        # (it is not given the mask): the byte offsets staged above go back over them
+        byte_indptr = self.meta_host[self.batch + 1: 2 * (self.batch + 1)].clone()
+        self.wrapper.plan(qo, kv_indptr.clone(), kv_indices.to(torch.int32), torch.ones(self.batch, dtype=torch.int32),
+                          self.num_heads, self.num_kv_heads, page_size=1, packed_custom_mask=self.mask[:0],
+                          q_data_type=dtype, kv_data_type=dtype, sm_scale=self.scale, **{self._head_kw: self.head_dim})
         self.mask_indptr.copy_(byte_indptr, non_blocking=True)
+        if self.replan is None:
+            self.replan = FastReplan(self, qo, kv_indptr, kv_lens)
 
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return _store_and_attend(self, self.wrapper, layer, q, k, v)
+
+
+class FastReplan:
+    """Re-plan a graph-mode wrapper whose batch, query lengths, heads and dtypes never change.
+
+    In graph mode a replay reuses the kernel arguments captured with it, the plan info included;
+    what a new plan changes is the work split FlashInfer's scheduler writes into its int
+    workspace from the host lengths. So a re-plan is only that call: the wrapper's cached
+    module's `plan` (the same one the wrapper calls, for the FA2 prefill kernel and for the
+    decode wrapper with tensor cores) with the host qo / kv indptrs and kv lengths; the caller
+    has already staged the device index buffers. These are FlashInfer internals (SGLang
+    replaces the decode wrapper's plan the same way): at construction, right after a full plan,
+    the fast call must give the same plan info from the same lengths, or `ok` stays False and
+    every plan goes through `wrapper.plan`.
+    """
+
+    def __init__(self, attn: GraphAttention, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_lens: np.ndarray):
+        self.attn, self.w = attn, attn.wrapper
+        self.qo = qo_indptr
+        self.ok = False
+        try:
+            full = list(self.w._plan_info)
+            self(kv_indptr, kv_lens)
+            self.ok = list(self.w._plan_info) == full
+            if not self.ok:
+                self.w._plan_info = full
+                log.warning("FlashInfer fast re-plan gave a different plan (%s): using wrapper.plan", type(self.w).__name__)
+        except (AttributeError, TypeError, RuntimeError) as e:  # another FlashInfer version's internals
+            log.warning("FlashInfer fast re-plan unavailable (%s: %s): using wrapper.plan", type(e).__name__, e)
+
+    def __call__(self, kv_indptr: torch.Tensor, kv_lens: np.ndarray) -> None:
+        a, w = self.attn, self.w
+        rows = w._max_total_num_rows if a.tree else a.batch
+        w._plan_info = w._cached_module.plan(
+            w._float_workspace_buffer, w._int_workspace_buffer, w._pin_memory_int_workspace_buffer,
+            self.qo, kv_indptr, torch.from_numpy(kv_lens), rows, a.batch, a.num_heads, a.num_kv_heads, 1, True,
+            a.head_dim, a.head_dim, False)
 
 
 def _store_and_attend(attn: AttentionBackend, wrapper, layer: int, q: torch.Tensor, k: torch.Tensor,
