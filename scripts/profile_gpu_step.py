@@ -119,6 +119,8 @@ def profile_engine(algorithm, drafter, B, n_tokens, prompts, library=None, spec_
     ev = prof.key_averages()
     busy = sum(e.self_device_time_total for e in ev) / 1e6
     kernels = sum(e.count for e in ev if e.self_device_time_total > 0)
+    top = sorted((e for e in ev if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total)[:15]
+    top_kernels = [{"name": e.key[:90], "calls": e.count, "us": e.self_device_time_total} for e in top]
     while not all(r.finished for r in more):
         eng.scheduler.step()
     total = sum(times)
@@ -126,7 +128,7 @@ def profile_engine(algorithm, drafter, B, n_tokens, prompts, library=None, spec_
            "step_ms": 1e3 * statistics.median(times), "mean_step_ms": 1e3 * total / steps,
            "tokens_per_step": tokens / steps, "tokens_per_s": tokens / total,
            "parts_ms_per_step": {k: 1e3 * v / steps for k, v in pt.total.items()},
-           "profiled_step_gpu_busy_ms": busy * 1e3, "profiled_step_kernels": kernels,
+           "profiled_step_gpu_busy_ms": busy * 1e3, "profiled_step_kernels": kernels, "top_kernels": top_kernels,
            "graph_replays": (eng.runner.graphs.replays if eng.runner.graphs else 0) + (step.replays if step else 0),
            "library": library, "spec_step": spec_step}
     row["parts_ms_per_step"]["other (scheduler, bookkeeping)"] = row["mean_step_ms"] - sum(
@@ -168,6 +170,9 @@ def main():
               f"{r['graph_replays']} graph replays")
         for k, v in sorted(r["parts_ms_per_step"].items(), key=lambda kv: -kv[1]):
             print(f"   {k:34s} {v:7.3f} ms")
+        print("   GPU time by kernel (one step):")
+        for k in r["top_kernels"][:10]:
+            print(f"     {k['us']:7.1f} us {k['calls']:4d}x  {k['name'][:70]}")
 
 
 if __name__ == "__main__":

@@ -83,6 +83,38 @@ def test_device_step_equals_plain_decoding_with_mixed_trees_and_padding(runner, 
     assert sum(o.accepted_tokens for o in out) > 0
 
 
+def test_lone_request_verifies_its_tree_in_its_own_layout(runner, prompts, reference):
+    """With the shipped batch-1 GPU library (trees of 32-33 nodes whose covering layout has 46
+    slots), a lone request's step takes its tree's exact layout, a pair takes the covering one,
+    and the lone steps still equal plain decoding."""
+    from srt_entmtp.spec.tree_layout import TreeLayout
+
+    rows, ids = prompts
+    lib = PRIOR_LIBRARY.parent / "mtp_gpu_b1.json"
+    eng = _spec_engine(runner, "ENTMTP", "mtp", tree_library=str(lib), spec_step="device", lookup_tokens=0,
+                       max_running_requests=2)
+    eng.scheduler.max_running = 1  # one request at a time
+    step = eng.worker.device_step
+    depth = eng.worker.drafter.max_depth
+    trees = list(dict.fromkeys(t.truncate(depth) for t in eng.worker.library.all_trees() if t.num_nodes > 1))
+    assert len(trees) > 1
+    cover = step.pick(trees[:2], 2)
+    assert not step.shapes[cover].lone and all(step.shapes[cover].layout.fits(t) for t in trees)
+    for t in trees:
+        li = step.pick([t], 1)
+        assert step.shapes[li].layout == TreeLayout.covering([t])
+        assert step.shapes[li].layout.num_slots < step.shapes[cover].layout.num_slots
+    used = []
+    launch = step.launch
+    step.launch = lambda li, reqs, tr: used.append(step.shapes[li].lone) or launch(li, reqs, tr)
+    pick = [0, 2]  # a code and a math prompt, one at a time
+    out = eng.generate([ids[i] for i in pick], SamplingParams(max_new_tokens=N_TOKENS, ignore_eos=True),
+                       [SpecOptions(task=rows[i]["task"]) for i in pick])
+    for i, o in zip(pick, out):
+        assert o.output_ids == reference[i], f"{rows[i]['task']} prompt {rows[i]['id']} diverged"
+    assert used and all(used), "a lone request's step did not take its tree's own layout"
+
+
 def test_device_step_leaves_sampling_batches_to_the_host_path(runner, prompts, reference):
     """A batch holding a sampling request runs the host path (tree rejection sampling); the
     greedy requests beside it still match plain decoding."""

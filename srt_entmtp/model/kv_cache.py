@@ -7,6 +7,7 @@ Slot 0 is reserved as the target of padded entries, so padding never corrupts re
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from srt_entmtp.errors import KVCacheFullError
@@ -20,11 +21,13 @@ class KVPool:
         # with page_size=1, and contiguous rows for the SDPA backend's gathers.
         self.k = torch.zeros(num_layers, num_slots + 1, num_kv_heads, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
-        self._free = torch.ones(num_slots + 1, dtype=torch.bool)  # for catching double frees
+        # host bookkeeping in numpy (a torch CPU op costs several microseconds of dispatch each,
+        # a few of them per step; slot tensors handed out share memory with these arrays' copies)
+        self._free = np.ones(num_slots + 1, dtype=bool)  # for catching double frees
         self._free[0] = False
         # free slots as a stack whose top (the end) is the smallest: alloc pops, free pushes. A scan
         # of the free map per step (torch.nonzero) cost ~1.8 ms a step on the H200 machine's CPU.
-        self._stack = torch.arange(num_slots, 0, -1)
+        self._stack = np.arange(num_slots, 0, -1, dtype=np.int64)
         self._num_free = num_slots
 
     @property
@@ -44,21 +47,21 @@ class KVPool:
         if total > self._num_free:
             raise KVCacheFullError(f"KV cache full: need {total} slots, {self._num_free} free of {self.num_slots}")
         top = self._num_free
-        slots = self._stack[top - total: top].flip(0)
+        slots = self._stack[top - total: top][::-1].copy()
         self._free[slots] = False
         self._num_free -= total
-        return list(slots.split(counts))
+        return list(torch.from_numpy(slots).split(counts))
 
     def free(self, slots: torch.Tensor) -> None:
         if slots.numel() == 0:
             return
-        s = slots.cpu().sort(descending=True).values
-        if bool(self._free[s].any()) or bool(s[-1] == 0) or bool((s[1:] == s[:-1]).any()):
+        s = -np.sort(-slots.cpu().numpy())  # descending: the smallest lands on top of the stack
+        if self._free[s].any() or s[-1] == 0 or (s[1:] == s[:-1]).any():
             raise RuntimeError("KVPool.free: double free or reserved slot (engine bookkeeping bug)")
         self._free[s] = True
         top = self._num_free
-        self._stack[top: top + s.numel()] = s
-        self._num_free += s.numel()
+        self._stack[top: top + s.size] = s
+        self._num_free += s.size
 
     def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Move K/V of `src` slots into `dst` slots in every layer (KV compaction after verify)."""

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 ROOT_ONLY = Tree.from_paths([])
 MAX_LAYOUTS = 4
+LONE_LAYOUTS = 8  # a lone request's tree verifies in its own exact layout if the library has at most this many
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -72,11 +73,11 @@ class InFlightStep:
 
 
 class _Shape:
-    """Static buffers for one layout, sized for the largest batch bucket."""
+    """Static buffers for one layout, sized for the largest batch bucket (1 for a lone layout)."""
 
-    def __init__(self, table: LayoutTable, max_batch: int, capacity: int, device):
+    def __init__(self, table: LayoutTable, max_batch: int, capacity: int, device, lone: bool = False):
         lay = table.layout
-        self.table, self.layout = table, lay
+        self.table, self.layout, self.lone = table, lay, lone
         S, D, Bm = lay.num_slots, lay.depth, max_batch
         long = {"dtype": torch.long, "device": device}
         # inputs, one host-to-device copy a step: req_slot, root, tree row, prefix len, then out slots
@@ -86,12 +87,16 @@ class _Shape:
         self.out_slots = self.inputs[4 * Bm:]
         self.input_ids = torch.zeros(Bm * S, **long)
         self.positions = torch.zeros(Bm * S, **long)
-        # outputs, one device-to-host copy: accept, then D+1 emitted tokens (-1 pad); entropies
-        self.result = torch.zeros(Bm, D + 2, **long)
-        self.entropy = torch.zeros(Bm, D + 1, dtype=torch.float32, device=device)
+        # outputs, one device-to-host copy of one byte buffer: accept, then D+1 emitted tokens
+        # (-1 pad) as int64; the entropies at the path's D+1 positions as float32
         pin = device.type == "cuda"
-        self.result_host = torch.zeros(Bm, D + 2, dtype=torch.long, pin_memory=pin)
-        self.entropy_host = torch.zeros(Bm, D + 1, dtype=torch.float32, pin_memory=pin)
+        n_long, n_float = Bm * (D + 2), Bm * (D + 1)
+        self.out = torch.zeros(8 * n_long + 4 * n_float, dtype=torch.uint8, device=device)
+        self.out_host = torch.zeros_like(self.out, device="cpu", pin_memory=pin)
+        self.result = self.out[: 8 * n_long].view(torch.long).view(Bm, D + 2)
+        self.entropy = self.out[8 * n_long:].view(torch.float32).view(Bm, D + 1)
+        self.result_host = self.out_host[: 8 * n_long].view(torch.long).view(Bm, D + 2)
+        self.entropy_host = self.out_host[8 * n_long:].view(torch.float32).view(Bm, D + 1)
         self.done = torch.cuda.Event() if pin else None  # recorded after the result copy
         self.capacity = capacity  # the hidden pool's spare row, which padding requests use
         self.root_row = table.rows[ROOT_ONLY]
@@ -106,11 +111,24 @@ class DeviceSpecStep:
         self.layouts = choose_layouts(trees)
         self.shapes = [_Shape(LayoutTable(lay, trees + [ROOT_ONLY], self.dev), max_batch, capacity, self.dev)
                        for lay in self.layouts]
+        # a lone request verifies its tree in that tree's own layout, not the covering one: at batch 1
+        # the covering layout of the shipped library is 46 slots for trees of 32-33 nodes
+        self._lone: dict[Tree, int] = {}
+        drafted = list(dict.fromkeys(t for t in trees if t.num_nodes > 1))
+        if len(drafted) <= LONE_LAYOUTS:
+            for t in drafted:
+                lay = TreeLayout.covering([t])
+                if lay in self.layouts:
+                    self._lone[t] = self.layouts.index(lay)
+                    continue
+                self.shapes.append(_Shape(LayoutTable(lay, [t, ROOT_ONLY], self.dev), 1, capacity, self.dev, lone=True))
+                self.layouts.append(lay)
+                self._lone[t] = len(self.shapes) - 1
         H = runner.config.hidden_size
         # each request's last hidden state (row = its worker slot; row `capacity` is padding's)
         self.hidden = torch.zeros(capacity + 1, H, dtype=runner.dtype, device=self.dev)
         self._pool_rows = list(self.hidden.unbind(0))
-        self._order = list(range(len(self.shapes)))  # layouts by size (choose_layouts sorts them)
+        self._order = [i for i, sh in enumerate(self.shapes) if not sh.lone]  # by size (choose_layouts sorts them)
         self.graphs: dict[tuple[int, int], tuple[object, torch.cuda.CUDAGraph]] = {}
         self._graph_ctx = None  # (pool, workspace, largest batch with a graph) once capture() ran
         self.capture_seconds = 0.0
@@ -121,9 +139,12 @@ class DeviceSpecStep:
 
     # ---- selection ----------------------------------------------------------------------------
     def pick(self, trees: list[Tree], batch: int) -> int | None:
-        """Index of the smallest layout holding every tree, or None (the host path takes it)."""
+        """Index of the smallest layout holding every tree (for a lone request, its tree's own
+        layout), or None (the host path takes it)."""
         if batch > self.max_batch:
             return None
+        if batch == 1 and trees[0] in self._lone:
+            return self._lone[trees[0]]
         for i in self._order:
             if self.shapes[i].table.holds(trees):
                 return i
@@ -137,8 +158,13 @@ class DeviceSpecStep:
         self.shapes.append(_Shape(LayoutTable(lay, trees + [ROOT_ONLY], self.dev), self.max_batch, self.capacity,
                                   self.dev))
         self.layouts.append(lay)
-        self._order = sorted(range(len(self.shapes)), key=lambda i: self.shapes[i].layout.num_slots)
+        self._order = sorted((i for i, sh in enumerate(self.shapes) if not sh.lone),
+                             key=lambda i: self.shapes[i].layout.num_slots)
         return len(self.shapes) - 1
+
+    def _buckets(self, li: int) -> list[int]:
+        """The batch buckets layout li has graphs for, largest first (a lone layout: batch 1)."""
+        return [1] if self.shapes[li].lone else sorted(batch_buckets(self._graph_ctx[2]), reverse=True)
 
     def bucket(self, batch: int) -> int:
         return next(b for b in batch_buckets(self.max_batch) if b >= batch)
@@ -157,7 +183,7 @@ class DeviceSpecStep:
         free0 = torch.cuda.mem_get_info()[0]
         t0 = time.perf_counter()
         for li in range(len(self.shapes)):
-            for B in sorted(batch_buckets(self._graph_ctx[2]), reverse=True):  # largest first: the pool fits all
+            for B in self._buckets(li):  # largest first: the pool fits all
                 self._capture_one(li, B)
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - t0
@@ -171,7 +197,7 @@ class DeviceSpecStep:
         """Capture every batch bucket of a layout added after start-up (no-op without graphs)."""
         if self._graph_ctx is None:
             return
-        for B in sorted(batch_buckets(self._graph_ctx[2]), reverse=True):
+        for B in self._buckets(li):
             if (li, B) not in self.graphs:
                 self._capture_one(li, B)
 
@@ -209,7 +235,7 @@ class DeviceSpecStep:
         are taken here; the step's result lands in pinned host memory."""
         sh = self.shapes[li]
         S, n = sh.layout.num_slots, len(reqs)
-        B = self.bucket(n)
+        B = 1 if sh.lone else self.bucket(n)
         if (li, B) not in self.graphs and self._graph_ctx is not None and B <= self._graph_ctx[2]:
             self._capture_one(li, B)  # a layout added after start-up (calibration)
         if (li, B) not in self.graphs and not self.pad_eager:
@@ -235,9 +261,7 @@ class DeviceSpecStep:
             attn.plan(self._eager_batch(sh, B, padded, kv_idx))
             self._body(sh, B, attn)
         self.steps += 1
-        # the step's one device-to-host copy; `collect` waits for it
-        sh.result_host[:n].copy_(sh.result[:n], non_blocking=True)
-        sh.entropy_host[:n].copy_(sh.entropy[:n], non_blocking=True)
+        sh.out_host.copy_(sh.out, non_blocking=True)  # the step's one device-to-host copy; `collect` waits for it
         if sh.done is not None:
             sh.done.record()
         return InFlightStep(sh, reqs, slots)
@@ -268,8 +292,7 @@ class DeviceSpecStep:
         o = host[4 * Bm: 4 * Bm + B * S]
         o[: n * S] = out_slots
         o[n * S:] = 0
-        sh.inputs[:4 * Bm].copy_(host[:4 * Bm], non_blocking=True)
-        sh.inputs[4 * Bm: 4 * Bm + B * S].copy_(o, non_blocking=True)
+        sh.inputs[:4 * Bm + B * S].copy_(host[:4 * Bm + B * S], non_blocking=True)
 
     def _eager_batch(self, sh: _Shape, B: int, prefix: list[int], kv_idx: torch.Tensor) -> ForwardBatch:
         """The same forward as a ForwardBatch, for backends planned eagerly (SDPA, CPU)."""
