@@ -92,17 +92,21 @@ def profile_engine(algorithm, drafter, B, n_tokens, prompts, library=None, spec_
     for r in reqs:
         eng.scheduler.add(r, bounded=False)
     steps, times = 0, []
-    while not all(r.finished for r in reqs):
-        decoding = all(r.status.name == "DECODE" for r in reqs)
-        pt.on = decoding
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
+    # no sync between steps: the device step launches the next step before returning (it is
+    # pipelined one step deep), so a step's wall time is the time between step() returns
+    while not all(r.status.name == "DECODE" for r in reqs):
         eng.scheduler.step()
-        torch.cuda.synchronize()
-        if decoding:
-            times.append(time.perf_counter() - t0)
-            steps += 1
-        pt.on = False
+    torch.cuda.synchronize()
+    pt.on = True
+    last = time.perf_counter()
+    while not all(r.finished for r in reqs):
+        eng.scheduler.step()
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
+        steps += 1
+    torch.cuda.synchronize()
+    pt.on = False
     tokens = sum(len(r.output_ids) for r in reqs)
     # kernels and GPU-busy time of one more step
     from torch.profiler import ProfilerActivity, profile

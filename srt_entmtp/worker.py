@@ -23,6 +23,9 @@ class Worker:
     def __init__(self, runner: ModelRunner):
         self.runner = runner
         self.kv = runner.kv
+        self.pipeline = None  # pipeline greedy plain steps: None = where decode graphs run (CUDA)
+        self._plain_inflight = None  # (requests, their new slots) of the pipelined plain step in flight
+        self._next_host = None       # pinned copy of that step's next tokens, and its event
 
     def max_new_slots_per_step(self) -> int:
         """KV slots one decode step may take per request (the scheduler reserves them)."""
@@ -32,9 +35,14 @@ class Worker:
         """A request enters the running set (spec workers set up per-request state here)."""
 
     def on_finish(self, req: Request) -> None:
-        """A request leaves: free its KV."""
+        """A request leaves: free its KV (and its slot in a pipelined step in flight, which the
+        device writes before any later use of it: all work is on one stream)."""
         self.kv.free(req.kv_slots)
         req.kv_slots = _EMPTY
+        if self._plain_inflight is not None:
+            sl = self._plain_inflight[1].pop(id(req), None)
+            if sl is not None:
+                self.kv.free(sl)
 
     def prefill(self, reqs: list[Request], chunk_lens: list[int]) -> dict[str, list[int]]:
         """Run prompt chunks for several requests in one forward; return the first token of each
@@ -69,7 +77,57 @@ class Worker:
 
     def decode(self, reqs: list[Request]) -> dict[str, list[int]]:
         """One autoregressive step: each request's pending token in, one new token out."""
-        return self.plain_step(reqs)[0]
+        return self.plain_decode(reqs)
+
+    # ---- plain steps, pipelined one step deep ------------------------------------------------
+    def plain_decode(self, reqs: list[Request]) -> dict[str, list[int]]:
+        """A plain step's tokens. Greedy batches with decode graphs are pipelined: once a step's
+        tokens are read, the next step of the same batch is launched from them before they go
+        back to the scheduler, so its stop checks, streaming and metrics run while the GPU works
+        (the speculative device step does the same, spec/worker.py). A request that stops
+        meanwhile wastes its token of that step; a batch that changed is not relaunched."""
+        if self._plain_inflight is not None:
+            return self._plain_collect(reqs)
+        if not self._pipelines(reqs):
+            return self.plain_step(reqs)[0]
+        self._plain_launch(reqs, [r.pending_token for r in reqs])
+        return self._plain_collect(reqs)
+
+    def _pipelines(self, reqs: list[Request]) -> bool:
+        on = self.runner.graphs is not None if self.pipeline is None else self.pipeline
+        return on and all(r.sampling.greedy for r in reqs)
+
+    def _plain_launch(self, reqs: list[Request], tokens: list[int]) -> None:
+        n = len(reqs)
+        slots = self.kv.alloc(n)
+        fb = ForwardBatch.build_decode(tokens, [r.kv_slots for r in reqs], slots, device="cpu")
+        nxt = self.runner.forward(fb).logits.argmax(-1)
+        if self._next_host is None or self._next_host[0].numel() < n:
+            self._next_host = (torch.zeros(max(n, 64), dtype=torch.long, pin_memory=nxt.is_cuda),
+                               torch.cuda.Event() if nxt.is_cuda else None)
+        host, done = self._next_host
+        host[:n].copy_(nxt, non_blocking=True)
+        if done is not None:
+            done.record()
+        self._plain_inflight = (reqs, {id(r): s for r, s in zip(reqs, slots.split(1))})
+
+    def _plain_collect(self, reqs: list[Request]) -> dict[str, list[int]]:
+        launched, slots = self._plain_inflight
+        self._plain_inflight = None
+        host, done = self._next_host
+        if done is not None:
+            done.synchronize()
+        toks = host[: len(launched)].tolist()
+        results = {}
+        for r, t in zip(launched, toks):
+            s = slots.get(id(r))
+            if s is None:  # finished while the step ran (on_finish freed its slot)
+                continue
+            r.kv_slots = torch.cat([r.kv_slots, s])
+            results[r.rid] = [t]
+        if len(results) == len(launched) == len(reqs) and all(a is b for a, b in zip(launched, reqs)):
+            self._plain_launch(reqs, [results[r.rid][0] for r in reqs])
+        return results
 
     def plain_step(self, reqs: list[Request]):
         """The autoregressive step; also returns the forward's output (valid until the next forward)."""

@@ -78,8 +78,10 @@ def test_device_step_equals_plain_decoding_with_mixed_trees_and_padding(runner, 
     assert step is not None and len(step.layouts) > 1
     step.pad_eager = True
     out = _generate_mixed_trees_as_plain(eng, rows, ids, reference, f"{drafter} device step")
-    # every decode step ran on the device (the prior library's trees all draft)
-    assert step.steps == max(o.verify_ct for o in out) > 0, "not every step ran on the device"
+    # every decode step ran on the device (the prior library's trees all draft); the step launched
+    # ahead of a batch that then changed is wasted, at most one per request that finished
+    steps = max(o.verify_ct for o in out)
+    assert 0 < steps <= step.steps <= steps + len(out), "not every step ran on the device"
     assert sum(o.accepted_tokens for o in out) > 0
 
 
@@ -106,7 +108,7 @@ def test_lone_request_verifies_its_tree_in_its_own_layout(runner, prompts, refer
         assert step.shapes[li].layout.num_slots < step.shapes[cover].layout.num_slots
     used = []
     launch = step.launch
-    step.launch = lambda li, reqs, tr: used.append(step.shapes[li].lone) or launch(li, reqs, tr)
+    step.launch = lambda li, *a: used.append(step.shapes[li].lone) or launch(li, *a)
     pick = [0, 2]  # a code and a math prompt, one at a time
     out = eng.generate([ids[i] for i in pick], SamplingParams(max_new_tokens=N_TOKENS, ignore_eos=True),
                        [SpecOptions(task=rows[i]["task"]) for i in pick])

@@ -229,10 +229,11 @@ class DeviceSpecStep:
         return self.collect(self.launch(li, reqs, trees))
 
     @torch.inference_mode()
-    def launch(self, li: int, reqs, trees: list[Tree]) -> InFlightStep:
-        """Start the step for `reqs` (each verifying its tree from `trees`) and return without
-        waiting for the device: the caller may do host work until `collect`. Slots for the trees
-        are taken here; the step's result lands in pinned host memory."""
+    def launch(self, li: int, reqs, trees: list[Tree], roots: list[int] | None = None) -> InFlightStep:
+        """Start the step for `reqs` (each verifying its tree from `trees`, rooted at `roots`,
+        default each request's pending token) and return without waiting for the device: the
+        caller may do host work until `collect`. Slots for the trees are taken here; the step's
+        result lands in pinned host memory."""
         sh = self.shapes[li]
         S, n = sh.layout.num_slots, len(reqs)
         B = 1 if sh.lone else self.bucket(n)
@@ -245,7 +246,7 @@ class DeviceSpecStep:
                 self.hidden[r.slot].copy_(r.last_hidden)
         slots = self.kv.alloc(n * S)
         prefix = [int(r.kv_slots.numel()) for r in reqs]
-        self._fill(sh, [r.slot for r in reqs], [r.pending_token for r in reqs],
+        self._fill(sh, [r.slot for r in reqs], roots if roots is not None else [r.pending_token for r in reqs],
                    [sh.table.rows[t] for t in trees], prefix, slots, B)
         kv_idx = torch.cat([x for r, s in zip(reqs, slots.view(n, S)) for x in (r.kv_slots, s)]
                            + [torch.zeros((B - n) * (1 + S), dtype=torch.long)])

@@ -123,6 +123,7 @@ class SpecWorker(Worker):
         self.device_step = None
         self._deferred = None  # (requests, entropies) of the last device step, not yet in the estimates
         self._ahead = None     # (rids, slots, estimate, trees) chosen for the next step of that batch
+        self._inflight = None  # the device step launched and not yet collected (see _decode_device)
         if spec_step == "device":
             trees = [t for lib in self.libraries for t in lib.all_trees()] + ([static_tree] if static_tree else [])
             self.device_step = DeviceSpecStep(runner, drafter, trees, capacity, max_batch)
@@ -172,6 +173,10 @@ class SpecWorker(Worker):
 
     def on_finish(self, req: Request) -> None:
         super().on_finish(req)
+        if self._inflight is not None:  # its part of the step in flight is wasted: free its tree now
+            sl = self._inflight["slots"].pop(id(req), None)
+            if sl is not None:  # the device writes these slots before any later use of them (one stream)
+                self.kv.free(sl)
         if req.slot >= 0:
             self._free_slots.append(req.slot)
             req.slot = -1
@@ -216,15 +221,18 @@ class SpecWorker(Worker):
         return trees
 
     def decode(self, reqs: list[Request]) -> dict[str, list[int]]:
+        if self._inflight is not None:  # launched by the last call, before its tokens went back
+            return self._collect_device(reqs)
+        if self._plain_inflight is not None:  # a pipelined plain step of a batch that never drafts
+            return self._record_never_drafting(self._plain_inflight[0], self._plain_collect(reqs))
         ahead = self._take_chosen_ahead(reqs)
         if ahead is not None:  # chosen while this batch's last device step ran
             slots, entropy, trees = ahead
         else:
             self._fold_deferred()
             never = self._never_draft(reqs)
-            if never is not None:  # no estimate, no policy: nothing would read them
-                trees = [ROOT_ONLY if r.spec.policy == "none" else never[r.task] for r in reqs]
-                return self._decode_root_only(reqs, trees)
+            if never is not None:  # no estimate, no policy: nothing would read them; a plain step
+                return self._record_never_drafting(reqs, self.plain_decode(reqs))
             slots = torch.tensor([r.slot for r in reqs])
             entropy = self.tracker.value(slots)
             trees = self._trees(reqs, slots, entropy)
@@ -297,33 +305,71 @@ class SpecWorker(Worker):
 
     def _decode_device(self, li: int, reqs: list[Request], trees: list[Tree], slots: torch.Tensor,
                        entropy: torch.Tensor) -> dict[str, list[int]]:
-        """A greedy step as one fixed-shape device step (device_step.py): keep each request's
-        accepted slots and free the rest of its tree's.
+        """A greedy step as one fixed-shape device step (device_step.py), pipelined one step deep.
 
-        The host works while the device runs the step: it folds the previous step's entropies
-        into the estimates and chooses this batch's trees for the next step from them. So the
-        estimate a device step's policy sees is one step behind (it lacks the step just
-        verified); this step's entropies are folded in during the next step, or before any
-        other path touches the estimates (`_fold_deferred`). On the H200 host that work (~0.4 ms
-        a step at batch 1) was otherwise spent with the GPU idle."""
-        step = self.device_step.launch(li, reqs, trees)
+        The host works while the device runs a step:
+          * it folds the previous step's entropies into the estimates and chooses this batch's
+            trees for the next step from them, so the estimate a device step's policy sees is one
+            step behind (it lacks the step just verified);
+          * once a step is collected and its KV kept, the next step of the same batch is launched
+            before the tokens go back to the scheduler (`_collect_device`): stop checks, streaming
+            and metrics then run while the GPU works. A request that stops meanwhile wastes its
+            part of that step (its tree slots are freed at once, `on_finish`); a batch that
+            changes (a request finished, or new ones admitted) is not relaunched: the next call
+            collects what is in flight for the requests still running.
+        On the H200 host this work (~1 ms a step at batch 1) was otherwise spent with the GPU idle."""
+        self._launch_device(li, reqs, trees, slots, entropy)
+        return self._collect_device(reqs)
+
+    def _launch_device(self, li, reqs, trees, slots, entropy, roots=None) -> None:
+        step = self.device_step.launch(li, reqs, trees, roots)
+        self._inflight = {"step": step, "reqs": reqs, "trees": trees, "entropy_in": entropy,
+                          "slots": {id(r): s for r, s in zip(reqs, step.slots.view(len(reqs), -1))}}
         self._fold_deferred()
         est = self.tracker.value(slots)
+        self._inflight["est"] = est
         self._ahead = (tuple(r.rid for r in reqs), slots, est, self._trees(reqs, slots, est))
-        out = self.device_step.collect(step)
+
+    def _collect_device(self, reqs: list[Request]) -> dict[str, list[int]]:
+        """Wait for the step in flight; keep each live request's accepted slots and free the rest
+        of its tree's; relaunch the same batch if it is unchanged; return the step's tokens."""
+        f, self._inflight = self._inflight, None
+        out = self.device_step.collect(f["step"])
+        est, est_in = f["est"].tolist(), f["entropy_in"].tolist()
         spare = []
-        for r, a, s in zip(reqs, out.accept, out.slots):
-            r.kv_slots = torch.cat([r.kv_slots, s[:a + 1]])
-            spare.append(s[a + 1:])
-        self.kv.free(torch.cat(spare))
-        self._deferred = (reqs, out.entropy)
-        est, est_in = est.tolist(), entropy.tolist()
         self.step_info = {}
         results = {}
-        for i, r in enumerate(reqs):
-            self._record(r, trees[i], out.accept[i], est[i], est_in[i])
+        alive = []
+        for i, r in enumerate(f["reqs"]):
+            if r.slot < 0:  # finished while the step ran: on_finish freed its tree slots
+                continue
+            a, sl = out.accept[i], out.slots[i]
+            r.kv_slots = torch.cat([r.kv_slots, sl[:a + 1]])
+            spare.append(sl[a + 1:])
+            self._record(r, f["trees"][i], a, est[i], est_in[i])
             results[r.rid] = out.tokens[i]
+            alive.append(r)
+        if spare:
+            self.kv.free(torch.cat(spare))
+        self._deferred = (f["reqs"], out.entropy)
+        if len(alive) == len(f["reqs"]) and len(reqs) == len(alive) and all(a is b for a, b in zip(alive, reqs)):
+            self._relaunch(reqs, [results[r.rid][-1] for r in reqs])
         return results
+
+    def _relaunch(self, reqs: list[Request], roots: list[int]) -> None:
+        """Start the next device step of an unchanged batch, from the tokens just collected."""
+        ahead = self._take_chosen_ahead(reqs)
+        if ahead is None:
+            return
+        slots, entropy, trees = ahead
+        if not any(t.num_nodes > 1 for t in trees):
+            self._ahead = (tuple(r.rid for r in reqs), slots, entropy, trees)  # the next call takes the plain path
+            return
+        li = self.device_step.pick(trees, len(reqs))
+        if li is None:
+            self._ahead = (tuple(r.rid for r in reqs), slots, entropy, trees)
+            return
+        self._launch_device(li, reqs, trees, slots, entropy, roots)
 
     def _take_chosen_ahead(self, reqs: list[Request]):
         """(slots, estimate, trees) chosen for exactly this batch during its last device step, or None."""
@@ -386,17 +432,26 @@ class SpecWorker(Worker):
         self.step_info[r.rid] = {"tree": tree.name, "task": r.task, "accepted": accepted, "entropy": est,
                                  "entropy_in": est_in, "nodes": nodes or tree.num_nodes, "lookup": lookup}
 
+    def _record_never_drafting(self, reqs: list[Request], results: dict[str, list[int]]) -> dict[str, list[int]]:
+        """Counters and step info of a plain step of a batch that can never draft (`_never_draft`):
+        no estimate is kept, since nothing would read it, so it costs what a NONE step costs."""
+        never = self._never_drafts_for(len(reqs))
+        self.step_info = {}
+        for r in reqs:
+            if r.rid in results:
+                self._record(r, ROOT_ONLY if r.spec.policy == "none" else never.get(r.task, ROOT_ONLY), 0, None, None)
+        return results
+
     def _decode_root_only(self, reqs, trees, slots=None, entropy=None):
         """No request drafts this step (the library chose root-only trees, or `policy: none`):
         a plain decode step (the decode CUDA graph on GPU), the same tokens as a root-only tree
-        verify. Seeded sampling requests never come here, since their random stream must not
-        depend on which path their batch took. Without `slots` the batch can never draft
-        (`_never_draft`): then no entropy estimate and no hidden state are kept, since nothing
-        would read them, and the step costs what a NONE step costs (`mean_entropy` stays null).
-        (A root-only tree is drafted without reading the hidden state. Only with libraries per
-        batch size can such a request draft later, when its batch shrinks: its first drafted step
-        then drafts from a stale hidden state, which costs acceptance in that step, never
-        correctness, since every draft is verified.)"""
+        verify, keeping the estimate and the hidden state. Seeded sampling requests never come
+        here, since their random stream must not depend on which path their batch took. A batch
+        that can never draft takes `_record_never_drafting` instead: no estimate and no hidden
+        state (`mean_entropy` stays null). (Only with libraries per batch size can such a request
+        draft later, when its batch shrinks: its first drafted step then drafts from a stale
+        hidden state, which costs acceptance in that step, never correctness, since every draft
+        is verified.)"""
         results, out = self.plain_step(reqs)
         est = est_in = [None] * len(reqs)
         if slots is not None:
