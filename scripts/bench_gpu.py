@@ -256,15 +256,24 @@ def part_c(ns, dev):
         ref = repeated(base, prompts, ns.max_new_tokens, ns.c_repeats)
         rows.append({"concurrency": C, "config": "NONE", "drafter": None, "graphs": graph_info(base),
                      **{k: v for k, v in ref.items() if k != "outputs"}})
+        if ns.pipeline_ab:  # the same engine with greedy steps not pipelined (Worker.pipeline)
+            base.worker.pipeline = False
+            res = repeated(base, prompts, ns.max_new_tokens, ns.c_repeats)
+            base.worker.pipeline = None
+            rows.append({"concurrency": C, "config": "NONE-unpipelined", "drafter": None,
+                         **{k: v for k, v in res.items() if k != "outputs"}})
         for drafter in ns.drafters:
             lib, static = library_for(ns, drafter, C)
-            for cfg in ("STATIC", "ENTMTP") + (("ENTMTP+lookup",) if ns.lookup_tokens else ()):
+            for cfg in (("STATIC", "ENTMTP") + (("ENTMTP+lookup",) if ns.lookup_tokens else ())
+                        + (("ENTMTP-unpipelined",) if ns.pipeline_ab else ())):
                 kw = {"tree_library": lib} if lib else {}
                 kw["lookup_tokens"] = ns.lookup_tokens if cfg == "ENTMTP+lookup" else 0
                 eng = Engine(EngineArgs(device=ns.device, speculative_algorithm="ENTMTP", drafter=drafter,
                                         max_running_requests=C, context_length=2048, kv_slots=ns.kv_slots,
                                         cuda_graph=not ns.eager, **kw))
                 specs = [SpecOptions(task=f) for f, _ in prompts]
+                if cfg == "ENTMTP-unpipelined":
+                    eng.worker.pipeline = False
                 if cfg == "STATIC":
                     name = _static_name(eng, static)
                     specs = [SpecOptions(task=f, tree=name) for f, _ in prompts]
@@ -323,6 +332,8 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--min-prompts", type=int, default=8, help="requests per run at low concurrency (run C at a time)")
     ap.add_argument("--c-repeats", type=int, default=3, help="runs per configuration in (c); the median is kept")
+    ap.add_argument("--pipeline-ab", action="store_true",
+                    help="(c) also runs NONE and ENTMTP with greedy steps not pipelined (the A/B of Worker.pipeline)")
     ap.add_argument("--library-dir", default=None)
     ap.add_argument("--lookup-tokens", type=int, default=0,
                     help="also run ENTMTP with a prompt-lookup branch of up to N tokens (part c)")

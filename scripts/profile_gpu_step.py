@@ -116,6 +116,7 @@ def profile_engine(algorithm, drafter, B, n_tokens, prompts, library=None, spec_
         eng.scheduler.add(r, bounded=False)
     while not all(r.status.name == "DECODE" for r in more):
         eng.scheduler.step()
+    eng.scheduler.step()  # collects a step left in flight by the last batch, and starts this one's
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         eng.scheduler.step()

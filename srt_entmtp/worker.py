@@ -23,7 +23,9 @@ class Worker:
     def __init__(self, runner: ModelRunner):
         self.runner = runner
         self.kv = runner.kv
-        self.pipeline = None  # pipeline greedy plain steps: None = where decode graphs run (CUDA)
+        # pipeline greedy steps one deep: None = plain steps where decode graphs run (CUDA) and
+        # device speculative steps always; False = never (an A/B switch for benchmarks)
+        self.pipeline = None
         self._plain_inflight = None  # (requests, their new slots) of the pipelined plain step in flight
         self._next_host = None       # pinned copy of that step's next tokens, and its event
 

@@ -352,7 +352,8 @@ class SpecWorker(Worker):
         if spare:
             self.kv.free(torch.cat(spare))
         self._deferred = (f["reqs"], out.entropy)
-        if len(alive) == len(f["reqs"]) and len(reqs) == len(alive) and all(a is b for a, b in zip(alive, reqs)):
+        if self.pipeline is not False and len(alive) == len(f["reqs"]) == len(reqs) and all(
+                a is b for a, b in zip(alive, reqs)):
             self._relaunch(reqs, [results[r.rid][-1] for r in reqs])
         return results
 
