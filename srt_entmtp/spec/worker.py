@@ -335,26 +335,27 @@ class SpecWorker(Worker):
         of its tree's; relaunch the same batch if it is unchanged; return the step's tokens."""
         f, self._inflight = self._inflight, None
         out = self.device_step.collect(f["step"])
-        est, est_in = f["est"].tolist(), f["entropy_in"].tolist()
-        spare = []
-        self.step_info = {}
-        results = {}
-        alive = []
+        spare, alive = [], []
         for i, r in enumerate(f["reqs"]):
             if r.slot < 0:  # finished while the step ran: on_finish freed its tree slots
                 continue
             a, sl = out.accept[i], out.slots[i]
             r.kv_slots = torch.cat([r.kv_slots, sl[:a + 1]])
             spare.append(sl[a + 1:])
-            self._record(r, f["trees"][i], a, est[i], est_in[i])
-            results[r.rid] = out.tokens[i]
-            alive.append(r)
+            alive.append(i)
         if spare:
             self.kv.free(torch.cat(spare))
         self._deferred = (f["reqs"], out.entropy)
         if self.pipeline is not False and len(alive) == len(f["reqs"]) == len(reqs) and all(
-                a is b for a, b in zip(alive, reqs)):
-            self._relaunch(reqs, [results[r.rid][-1] for r in reqs])
+                a is b for a, b in zip(f["reqs"], reqs)):
+            self._relaunch(reqs, [toks[-1] for toks in out.tokens])  # before the records: the GPU waits on it
+        est, est_in = f["est"].tolist(), f["entropy_in"].tolist()
+        self.step_info = {}
+        results = {}
+        for i in alive:
+            r = f["reqs"][i]
+            self._record(r, f["trees"][i], out.accept[i], est[i], est_in[i])
+            results[r.rid] = out.tokens[i]
         return results
 
     def _relaunch(self, reqs: list[Request], roots: list[int]) -> None:
