@@ -86,13 +86,19 @@ def test_cli_reports_bad_model_path_in_one_line(tmp_path):
     assert "Traceback" not in res.stderr
 
 
-def test_pipelined_plain_steps_give_the_same_tokens_and_free_every_slot(runner, engine):
-    """Greedy plain steps (NONE) pipelined one step deep (on by default where decode graphs run;
-    forced on here, on CPU): the next step is launched before the scheduler sees a step's tokens.
-    With requests that stop at different steps (lengths, a stop token) and one waiting its turn,
-    the tokens equal unpipelined decoding and every KV slot comes back."""
+@pytest.mark.parametrize("algorithm", ["NONE", "ENTMTP"])
+def test_pipelined_plain_steps_give_the_same_tokens_and_free_every_slot(runner, engine, algorithm):
+    """Greedy plain steps pipelined one step deep (on by default where decode graphs run; forced
+    on here, on CPU): the next step is launched before the scheduler sees a step's tokens. With
+    requests that stop at different steps (lengths, a stop token) and one waiting its turn, the
+    tokens equal unpipelined decoding and every KV slot comes back. ENTMTP with a library that
+    never drafts (the root-only Medusa GPU library) takes the same plain steps."""
+    from srt_entmtp.spec.worker import PACKAGE
+
+    kw = {} if algorithm == "NONE" else {"speculative_algorithm": "ENTMTP", "drafter": "medusa", "lookup_tokens": 0,
+                                         "tree_library": str(PACKAGE / "spec" / "libraries" / "medusa_gpu.json")}
     eng = Engine(EngineArgs(model_path=str(runner.model_dir), kv_slots=8192, context_length=2048,
-                            max_running_requests=4, chunked_prefill_size=64))
+                            max_running_requests=4, chunked_prefill_size=64, **kw))
     eng.worker.pipeline = True
     prompts = _prompts(eng, 5)
     free_run = engine.generate(prompts[:1], SamplingParams(max_new_tokens=20, ignore_eos=True))[0]

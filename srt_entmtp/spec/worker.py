@@ -223,6 +223,8 @@ class SpecWorker(Worker):
     def decode(self, reqs: list[Request]) -> dict[str, list[int]]:
         if self._inflight is not None:  # launched by the last call, before its tokens went back
             return self._collect_device(reqs)
+        if self._plain_inflight is not None:  # a pipelined plain step of a batch that never drafts
+            return self._record_never_drafting(self._plain_inflight[0], self._plain_collect(reqs))
         ahead = self._take_chosen_ahead(reqs)
         if ahead is not None:  # chosen while this batch's last device step ran
             slots, entropy, trees = ahead
@@ -230,9 +232,7 @@ class SpecWorker(Worker):
             self._fold_deferred()
             never = self._never_draft(reqs)
             if never is not None:  # no estimate, no policy: nothing would read them; a plain step
-                # (not pipelined: in one H200 run that made this path ~20% slower at batch 64,
-                # for a reason not found; NONE's pipelined plain steps were neutral there)
-                return self._record_never_drafting(reqs, self.plain_step(reqs)[0])
+                return self._record_never_drafting(reqs, self.plain_decode(reqs))
             slots = torch.tensor([r.slot for r in reqs])
             entropy = self.tracker.value(slots)
             trees = self._trees(reqs, slots, entropy)
