@@ -53,6 +53,7 @@ class EngineArgs:
     cuda_graph_max_bs: int = 64          # largest batch with a graph; bigger batches run eagerly
     cuda_graph_min_tree_nodes: int = 0   # capture verify graphs for trees at least this big (calibration)
     spec_step: str = "auto"              # greedy speculative steps: device (fixed-shape, graphs), host; auto = device on CUDA
+    pipeline: bool = True                # launch the next greedy step of an unchanged batch before the tokens go back
     extra: dict = field(default_factory=dict)
 
 
@@ -68,6 +69,8 @@ class Engine:
         self.model_name = self.runner.model_dir.name
         self.context_length = self.runner.context_length
         self.worker = self._make_worker()
+        if not args.pipeline:
+            self.worker.pipeline = False
         if args.cuda_graph and self.runner.device.type == "cuda":
             # plain decode steps (NONE, and speculative steps where no request drafts), and tree
             # verification bounded by the library's largest tree
