@@ -89,7 +89,6 @@ class ForwardBatch:
             kv_lens=kv_lens,
         )
 
-
     def to(self, device: torch.device | str) -> ForwardBatch:
         """The same batch with its tensors on `device` (a no-op where they already are)."""
         dev = torch.device(device)
