@@ -232,15 +232,11 @@ def divergence_gaps(base, prompts, ref_outputs, outputs) -> list[dict]:
     return rows
 
 
-def repeated(eng, prompts, n_tokens, repeats, specs=None):
-    """throughput() `repeats` times; the run with the median tokens/s, with every run's rate."""
-    runs = sorted((throughput(eng, prompts, n_tokens, specs) for _ in range(repeats)), key=lambda r: r["tokens_per_s"])
-    best = runs[len(runs) // 2]
-    best["tokens_per_s_runs"] = [r["tokens_per_s"] for r in runs]
-    return best
-
-
 def part_c(ns, dev):
+    """Per concurrency, every configuration's engine is built first and the repeats run
+    round-robin (NONE, STATIC, ENTMTP, NONE, ...), so drift and order effects fall on all of them
+    alike: with one engine after another, an engine built right after STATIC's measured up to 19%
+    slower than a twin running the same code (docs/gpu.md)."""
     base = Engine(EngineArgs(device=ns.device, speculative_algorithm="NONE", max_running_requests=max(ns.concurrency),
                              context_length=2048, kv_slots=ns.kv_slots, cuda_graph=not ns.eager))
     per = max(ns.concurrency) // len(FAMILIES) + 1
@@ -252,16 +248,10 @@ def part_c(ns, dev):
         # at least --min-prompts requests, C at a time (one prompt at C = 1 would be one family's noise)
         prompts = [pool[i % len(pool)] for i in range(max(C, ns.min_prompts))]
         base.scheduler.max_running = C  # NONE at the same concurrency as the speculative engines
-        throughput(base, prompts[:1], 8)  # warm-up (kernels compiled, caches allocated)
-        ref = repeated(base, prompts, ns.max_new_tokens, ns.c_repeats)
-        rows.append({"concurrency": C, "config": "NONE", "drafter": None, "graphs": graph_info(base),
-                     **{k: v for k, v in ref.items() if k != "outputs"}})
-        if ns.pipeline_ab:  # the same engine with greedy steps not pipelined (Worker.pipeline)
-            base.worker.pipeline = False
-            res = repeated(base, prompts, ns.max_new_tokens, ns.c_repeats)
-            base.worker.pipeline = None
-            rows.append({"concurrency": C, "config": "NONE-unpipelined", "drafter": None,
-                         **{k: v for k, v in res.items() if k != "outputs"}})
+        plain = [SpecOptions(task=f) for f, _ in prompts]
+        # (config, drafter, engine, per-request options, pipeline setting)
+        runs = [("NONE", None, base, None, None)] + ([("NONE-unpipelined", None, base, None, False)]
+                                                      if ns.pipeline_ab else [])
         for drafter in ns.drafters:
             lib, static = library_for(ns, drafter, C)
             for cfg in (("STATIC", "ENTMTP") + (("ENTMTP+lookup",) if ns.lookup_tokens else ())
@@ -271,24 +261,38 @@ def part_c(ns, dev):
                 eng = Engine(EngineArgs(device=ns.device, speculative_algorithm="ENTMTP", drafter=drafter,
                                         max_running_requests=C, context_length=2048, kv_slots=ns.kv_slots,
                                         cuda_graph=not ns.eager, **kw))
-                specs = [SpecOptions(task=f) for f, _ in prompts]
-                if cfg == "ENTMTP-unpipelined":
-                    eng.worker.pipeline = False
+                specs = plain
                 if cfg == "STATIC":
                     name = _static_name(eng, static)
                     specs = [SpecOptions(task=f, tree=name) for f, _ in prompts]
-                throughput(eng, prompts[:1], 8, specs[:1])
-                res = repeated(eng, prompts, ns.max_new_tokens, ns.c_repeats, specs)
-                outs = res.pop("outputs")
-                same = sum(a == b for a, b in zip(outs, ref["outputs"]))
-                graphs = graph_info(eng)
-                del eng
-                free_memory()
-                gaps = divergence_gaps(base, prompts, ref["outputs"], outs)
-                rows.append({"concurrency": C, "config": cfg, "drafter": drafter, **res, "graphs": graphs,
-                             "speedup": res["tokens_per_s"] / ref["tokens_per_s"], "outputs_equal_none": same,
-                             "requests": len(prompts), "divergences": gaps,
-                             "max_divergence_gap_ulps": max((g["gap_ulps"] for g in gaps), default=None)})
+                runs.append((cfg, drafter, eng, specs, False if cfg == "ENTMTP-unpipelined" else None))
+        for _, _, eng, specs, _ in runs:  # warm-up (kernels compiled, caches allocated)
+            throughput(eng, prompts[:1], 8, specs[:1] if specs else None)
+        results = [[] for _ in runs]
+        for _ in range(ns.c_repeats):
+            for k, (_, _, eng, specs, pipe) in enumerate(runs):
+                eng.worker.pipeline = pipe
+                results[k].append(throughput(eng, prompts, ns.max_new_tokens, specs))
+        base.worker.pipeline = None
+        med = []
+        for res in results:
+            res.sort(key=lambda r: r["tokens_per_s"])
+            m = res[len(res) // 2]
+            m["tokens_per_s_runs"] = [r["tokens_per_s"] for r in res]
+            med.append(m)
+        ref, ref_outs = med[0], med[0]["outputs"]
+        for (cfg, drafter, eng, _, _), res in zip(runs, med):
+            outs = res.pop("outputs")
+            row = {"concurrency": C, "config": cfg, "drafter": drafter, **res, "graphs": graph_info(eng)}
+            if drafter is not None:
+                gaps = divergence_gaps(base, prompts, ref_outs, outs)
+                row |= {"speedup": res["tokens_per_s"] / ref["tokens_per_s"],
+                        "outputs_equal_none": sum(a == b for a, b in zip(outs, ref_outs)),
+                        "requests": len(prompts), "divergences": gaps,
+                        "max_divergence_gap_ulps": max((g["gap_ulps"] for g in gaps), default=None)}
+            rows.append(row)
+        del runs, eng, results, med
+        free_memory()
     return rows
 
 
@@ -331,7 +335,8 @@ def main():
     ap.add_argument("--drafters", nargs="+", default=["medusa", "hydra", "mtp"])
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--min-prompts", type=int, default=8, help="requests per run at low concurrency (run C at a time)")
-    ap.add_argument("--c-repeats", type=int, default=3, help="runs per configuration in (c); the median is kept")
+    ap.add_argument("--c-repeats", type=int, default=3,
+                    help="runs per configuration in (c), round-robin over the configurations; the median is kept")
     ap.add_argument("--pipeline-ab", action="store_true",
                     help="(c) also runs NONE and ENTMTP with greedy steps not pipelined (the A/B of Worker.pipeline)")
     ap.add_argument("--library-dir", default=None)

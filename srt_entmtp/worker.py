@@ -127,7 +127,8 @@ class Worker:
                 continue
             r.kv_slots = torch.cat([r.kv_slots, s])
             results[r.rid] = [t]
-        if len(results) == len(launched) == len(reqs) and all(a is b for a, b in zip(launched, reqs)):
+        if len(results) == len(launched) == len(reqs) and all(a is b for a, b in zip(launched, reqs)) and (
+                self._pipelines(reqs)):
             self._plain_launch(reqs, [results[r.rid][0] for r in reqs])
         return results
 
