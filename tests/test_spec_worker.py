@@ -85,6 +85,31 @@ def test_device_step_equals_plain_decoding_with_mixed_trees_and_padding(runner, 
     assert sum(o.accepted_tokens for o in out) > 0
 
 
+def test_request_aborted_while_its_device_step_is_in_flight(runner, prompts, reference):
+    """The device step is pipelined: after each decode step the next one is already launched.
+    Aborting a request then (as the server does between steps) frees its slots of the step in
+    flight; the others still equal plain decoding, and every KV slot comes back."""
+    rows, ids = prompts
+    eng = _spec_engine(runner, "ENTMTP", "mtp", tree_library=str(PRIOR_LIBRARY), spec_step="device", lookup_tokens=0)
+    free0 = eng.runner.kv.num_free
+    reqs = [eng.make_request(i, SamplingParams(max_new_tokens=N_TOKENS, ignore_eos=True), SpecOptions(task=r["task"]))
+            for i, r in zip(ids[:3], rows[:3])]
+    for q in reqs:
+        eng.scheduler.add(q, bounded=False)
+    while not all(q.status.name == "DECODE" for q in reqs):
+        eng.scheduler.step()
+    for _ in range(2):
+        eng.scheduler.step()
+    assert eng.worker._inflight is not None, "no device step in flight after a decode step"
+    eng.scheduler.abort(reqs[1].rid)
+    while eng.scheduler.has_work():
+        eng.scheduler.step()
+    assert reqs[1].finish_reason == "abort" and len(reqs[1].output_ids) < N_TOKENS
+    for i in (0, 2):
+        assert reqs[i].output_ids == reference[i]
+    assert eng.runner.kv.num_free == free0, "KV slots leaked"
+
+
 def test_lone_request_verifies_its_tree_in_its_own_layout(runner, prompts, reference):
     """With the shipped batch-1 GPU library (trees of 32-33 nodes whose covering layout has 46
     slots), a lone request's step takes its tree's exact layout, a pair takes the covering one,
