@@ -225,10 +225,6 @@ class DeviceSpecStep:
 
     # ---- one step -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, li: int, reqs, trees: list[Tree]) -> DeviceStepResult:
-        return self.collect(self.launch(li, reqs, trees))
-
-    @torch.inference_mode()
     def launch(self, li: int, reqs, trees: list[Tree], roots: list[int] | None = None) -> InFlightStep:
         """Start the step for `reqs` (each verifying its tree from `trees`, rooted at `roots`,
         default each request's pending token) and return without waiting for the device: the

@@ -364,12 +364,9 @@ class SpecWorker(Worker):
         if ahead is None:
             return
         slots, entropy, trees = ahead
-        if not any(t.num_nodes > 1 for t in trees):
-            self._ahead = (tuple(r.rid for r in reqs), slots, entropy, trees)  # the next call takes the plain path
-            return
-        li = self.device_step.pick(trees, len(reqs))
-        if li is None:
-            self._ahead = (tuple(r.rid for r in reqs), slots, entropy, trees)
+        li = self.device_step.pick(trees, len(reqs)) if any(t.num_nodes > 1 for t in trees) else None
+        if li is None:  # root-only trees, or no layout: the next call takes another path with these trees
+            self._ahead = (tuple(r.rid for r in reqs), *ahead)
             return
         self._launch_device(li, reqs, trees, slots, entropy, roots)
 
