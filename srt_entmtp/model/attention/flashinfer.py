@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from srt_entmtp.model.attention.base import AttentionBackend
+from srt_entmtp.model.attention.tree_mask import mask_byte_offsets
 from srt_entmtp.model.forward_batch import ForwardBatch
 
 log = logging.getLogger(__name__)
@@ -156,8 +157,7 @@ class GraphAttention(AttentionBackend):
         h[0] = 0
         np.cumsum(kv_lens, out=h[1: B + 1])
         if mask_rows:
-            h[B + 1] = 0
-            np.cumsum((mask_rows * kv_lens + 7) // 8, out=h[B + 2: 2 * B + 2])
+            mask_byte_offsets(kv_lens, mask_rows, h[B + 1: 2 * B + 2])
         n = kv_indices.numel()
         top = 2 * (B + 1) + n
         if kv_indices.device.type == "cpu":

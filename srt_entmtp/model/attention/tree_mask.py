@@ -10,14 +10,22 @@ which was ~1 ms of every verify step on the H200).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+
+def mask_byte_offsets(kv_lens: np.ndarray, rows: int, out: np.ndarray) -> None:
+    """Write into out ([B+1] int32) the byte offsets of each request's packed mask of `rows` x
+    kv_len bits, each request starting on a byte boundary."""
+    out[0] = 0
+    np.cumsum((rows * kv_lens + 7) // 8, out=out[1:])
 
 
 def mask_byte_indptr(prefix_lens: list[int], S: int) -> torch.Tensor:
     """[B+1] int32 byte offsets of each request's packed mask (host)."""
-    out = torch.zeros(len(prefix_lens) + 1, dtype=torch.int32)
-    out[1:] = torch.tensor([(S * (p + S) + 7) // 8 for p in prefix_lens], dtype=torch.int32).cumsum(0)
-    return out
+    out = np.zeros(len(prefix_lens) + 1, dtype=np.int32)
+    mask_byte_offsets(np.asarray(prefix_lens, dtype=np.int32) + S, S, out)
+    return torch.from_numpy(out)
 
 
 def pack_tree_mask_torch(out: torch.Tensor, byte_indptr: torch.Tensor, prefix: torch.Tensor,
