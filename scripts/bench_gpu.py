@@ -38,6 +38,9 @@ from srt_entmtp.bench_prompts import benchmark_prompts
 from srt_entmtp.calibrate.cost import measure_step_latency
 from srt_entmtp.engine import Engine, EngineArgs
 from srt_entmtp.sched.request import SamplingParams, SpecOptions
+from srt_entmtp.spec import device_step
+
+TREE_ATTENTION = device_step.TREE_ATTENTION  # the default verify attention (ENTMTP_TREE_ATTENTION)
 
 FAMILIES = ("code", "math", "chat", "writing")
 
@@ -189,7 +192,8 @@ def graph_info(eng) -> dict | None:
     if step is not None:  # the greedy speculative step's own graphs (spec/device_step.py)
         info["spec_step"] = {"layouts": [str(lay) for lay in step.layouts], "graphs": len(step.graphs),
                              "capture_s": step.capture_seconds, "memory_bytes": step.memory_bytes,
-                             "steps": step.steps, "replays": step.replays}
+                             "steps": step.steps, "replays": step.replays,
+                             "tree_attention": sorted(step.attention_kinds())}
     return info
 
 
@@ -255,12 +259,16 @@ def part_c(ns, dev):
         for drafter in ns.drafters:
             lib, static = library_for(ns, drafter, C)
             for cfg in (("STATIC", "ENTMTP") + (("ENTMTP+lookup",) if ns.lookup_tokens else ())
-                        + (("ENTMTP-unpipelined",) if ns.pipeline_ab else ())):
+                        + (("ENTMTP-unpipelined",) if ns.pipeline_ab else ())
+                        + (("ENTMTP-flashinfer-tree",) if ns.tree_attention_ab else ())):
                 kw = {"tree_library": lib} if lib else {}
                 kw["lookup_tokens"] = ns.lookup_tokens if cfg == "ENTMTP+lookup" else 0
+                # the verify graphs capture their tree attention at construction (spec/device_step.py)
+                device_step.TREE_ATTENTION = "flashinfer" if cfg == "ENTMTP-flashinfer-tree" else TREE_ATTENTION
                 eng = Engine(EngineArgs(device=ns.device, speculative_algorithm="ENTMTP", drafter=drafter,
                                         max_running_requests=C, context_length=2048, kv_slots=ns.kv_slots,
                                         cuda_graph=not ns.eager, **kw))
+                device_step.TREE_ATTENTION = TREE_ATTENTION
                 specs = plain
                 if cfg == "STATIC":
                     name = _static_name(eng, static)
@@ -339,6 +347,9 @@ def main():
                     help="runs per configuration in (c), round-robin over the configurations; the median is kept")
     ap.add_argument("--pipeline-ab", action="store_true",
                     help="(c) also runs NONE and ENTMTP with greedy steps not pipelined (the A/B of Worker.pipeline)")
+    ap.add_argument("--tree-attention-ab", action="store_true",
+                    help="(c) also runs ENTMTP with FlashInfer's custom-mask prefill as the verify graphs' tree "
+                         "attention (the A/B of the Triton tree kernel)")
     ap.add_argument("--library-dir", default=None)
     ap.add_argument("--lookup-tokens", type=int, default=0,
                     help="also run ENTMTP with a prompt-lookup branch of up to N tokens (part c)")

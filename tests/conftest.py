@@ -11,6 +11,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# without CUDA, Triton kernels (where triton is installed) run in its interpreter; this must be set
+# before triton is first imported, which the engine's modules do at import
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def prompts_dir() -> Path | None:

@@ -8,6 +8,7 @@ distribution of tokens emitted by tree verification equals that of plain samplin
 from __future__ import annotations
 
 import collections
+import importlib.util
 
 import pytest
 
@@ -83,6 +84,38 @@ def test_device_step_equals_plain_decoding_with_mixed_trees_and_padding(runner, 
     steps = max(o.verify_ct for o in out)
     assert 0 < steps <= step.steps <= steps + len(out), "not every step ran on the device"
     assert sum(o.accepted_tokens for o in out) > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_device_step_with_triton_tree_attention_equals_plain_decoding_graph_replay_mocked(runner, prompts, reference):
+    """The verify graphs' Triton tree attention (model/attention/tree_triton.py), planned and fed
+    as in a graph replay: every (layout, bucket) gets a TreeAttention and a stand-in for its CUDA
+    graph (no CUDA here) whose replay runs the step's body eagerly, so the kernel (Triton's
+    interpreter) sees the staged indices, the gathered ancestor bits and the padding requests."""
+    from srt_entmtp.model.attention import tree_triton
+
+    rows, ids = prompts
+    n_tok = 6
+    eng = _spec_engine(runner, "ENTMTP", "mtp", tree_library=str(PRIOR_LIBRARY), spec_step="device", lookup_tokens=0)
+    step = eng.worker.device_step
+    cfg = eng.runner.config
+
+    class EagerReplay:  # the CUDA graph's stand-in: replay = run the captured body now
+        def __init__(self, sh, B, attn):
+            self.replay = lambda: step._body(sh, B, attn)
+
+    for li, sh in enumerate(step.shapes):
+        S = sh.layout.num_slots
+        for B in ([1] if sh.lone else [1, 2, 4]):
+            attn = tree_triton.TreeAttention(eng.runner.kv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                             sh.out_slots[:B * S], B, S, B * (2048 + S))
+            step.graphs[(li, B)] = (attn, EagerReplay(sh, B, attn))
+    sel = [0, 4, 8]  # three families
+    out = eng.generate([ids[i] for i in sel], SamplingParams(max_new_tokens=n_tok, ignore_eos=True),
+                       [SpecOptions(task=rows[i]["task"]) for i in sel])
+    for i, o in zip(sel, out):
+        assert o.output_ids == reference[i][:n_tok], f"{rows[i]['task']} prompt diverged from plain decoding"
+    assert step.replays > 0 and sum(o.accepted_tokens for o in out) > 0
 
 
 def test_request_aborted_while_its_device_step_is_in_flight(runner, prompts, reference):

@@ -19,11 +19,13 @@ CPU tests check it token for token against plain decoding.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
 import torch
 
+from srt_entmtp.model.attention import tree_triton
 from srt_entmtp.model.attention.tree_mask import pack_tree_mask
 from srt_entmtp.model.forward_batch import ForwardBatch, _indptr
 from srt_entmtp.spec.entropy import entropy_from_logits
@@ -35,6 +37,9 @@ log = logging.getLogger(__name__)
 ROOT_ONLY = Tree.from_paths([])
 MAX_LAYOUTS = 4
 LONE_LAYOUTS = 8  # a lone request's tree verifies in its own exact layout if the library has at most this many
+# the verify graphs' attention: "triton" (tree_triton.py, where Triton imports and a layout has at most 64
+# slots) or "flashinfer" (its custom-mask prefill); read at capture
+TREE_ATTENTION = os.environ.get("ENTMTP_TREE_ATTENTION", "triton")
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -188,9 +193,13 @@ class DeviceSpecStep:
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - t0
         self.memory_bytes = free0 - torch.cuda.mem_get_info()[0]
-        log.info("captured %d speculative-step CUDA graphs (layouts %s, batch <= %d) in %.1fs, holding %.0f MiB",
-                 len(self.graphs), ", ".join(map(str, self.layouts)), self._graph_ctx[2], self.capture_seconds,
-                 self.memory_bytes / 2**20)
+        log.info("captured %d speculative-step CUDA graphs (layouts %s, batch <= %d; tree attention %s) in %.1fs, "
+                 "holding %.0f MiB", len(self.graphs), ", ".join(map(str, self.layouts)), self._graph_ctx[2],
+                 ", ".join(sorted(self.attention_kinds())), self.capture_seconds, self.memory_bytes / 2**20)
+
+    def attention_kinds(self) -> set[str]:
+        """Which tree attention the captured graphs use ("triton", "flashinfer")."""
+        return {"triton" if isinstance(a, tree_triton.TreeAttention) else "flashinfer" for a, _ in self.graphs.values()}
 
     @torch.inference_mode()
     def capture_layout(self, li: int) -> None:
@@ -201,15 +210,26 @@ class DeviceSpecStep:
             if (li, B) not in self.graphs:
                 self._capture_one(li, B)
 
-    def _capture_one(self, li: int, B: int) -> None:
+    def _graph_attention(self, sh: _Shape, B: int, workspace: torch.Tensor):
+        """The attention a (layout, batch) graph captures: Triton's tree kernel where it can, else
+        FlashInfer's custom-mask prefill (the ENTMTP_TREE_ATTENTION setting picks)."""
         from srt_entmtp.model.attention.flashinfer import GraphAttention
 
-        pool, workspace, _ = self._graph_ctx
         cfg, ctx = self.runner.config, self.runner.context_length
+        S = sh.layout.num_slots
+        if TREE_ATTENTION not in ("triton", "flashinfer"):
+            raise ValueError(f"ENTMTP_TREE_ATTENTION must be triton or flashinfer, got {TREE_ATTENTION!r}")
+        if TREE_ATTENTION == "triton" and sh.table.anc is not None and tree_triton.available():
+            return tree_triton.TreeAttention(self.kv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                             sh.out_slots[:B * S], B, S, B * (ctx + S))
+        return GraphAttention(self.kv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, workspace,
+                              sh.out_slots[:B * S], B, B * S, B * (ctx + S), True, B * S * (ctx + S))
+
+    def _capture_one(self, li: int, B: int) -> None:
+        pool, workspace, _ = self._graph_ctx
         sh = self.shapes[li]
         S = sh.layout.num_slots
-        attn = GraphAttention(self.kv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, workspace,
-                              sh.out_slots[:B * S], B, B * S, B * (ctx + S), True, B * S * (ctx + S))
+        attn = self._graph_attention(sh, B, workspace)
         self._fill(sh, [], [], [], [], torch.zeros(0, dtype=torch.long), B)  # all padding: touches slot 0 only
         attn.plan_fixed_trees(S, [1] * B, torch.zeros(B * (1 + S), dtype=torch.long))
         side = torch.cuda.Stream()
@@ -316,7 +336,9 @@ class DeviceSpecStep:
         ids, pos = sh.input_ids[:B * S], sh.positions[:B * S]
         ids.copy_(tokens.view(-1))
         pos.copy_((prefix.unsqueeze(1) + depth).view(-1))
-        if getattr(attn, "tree", False) and hasattr(attn, "mask_indptr"):  # FlashInfer graph mode
+        if isinstance(attn, tree_triton.TreeAttention):  # the masks as one int64 of ancestor bits per node
+            attn.set_trees(tab.anc[row])
+        elif getattr(attn, "tree", False) and hasattr(attn, "mask_indptr"):  # FlashInfer graph mode: packed bits
             pack_tree_mask(attn.mask, attn.mask_indptr, prefix, mask, attn.mask.numel())
         hidden = self.model.forward(ids, pos, attn)
         logits = self.model.logits(hidden)                       # [B*S, V] float32

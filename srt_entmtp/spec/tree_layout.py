@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from srt_entmtp.model.attention.tree_triton import MAX_NODES, ancestor_bits
 from srt_entmtp.spec.tree import Tree
 
 
@@ -132,6 +133,8 @@ class LayoutTable:
         for f in self.FIELDS:
             setattr(self, f, torch.stack([getattr(p, f) for p in placed]).to(device))
         self.mask_cpu = torch.stack([p.mask for p in placed])
+        # the mask rows as ancestor bits, for the Triton tree attention (layouts of up to 64 slots)
+        self.anc = ancestor_bits(self.mask_cpu).to(device) if layout.num_slots <= MAX_NODES else None
         self.slot_of_node = [p.slot_of_node for p in placed]
 
     def holds(self, trees: list[Tree]) -> bool:

@@ -1,0 +1,215 @@
+"""Tree attention for the fixed-shape verify step: one Triton kernel, no mask in memory.
+
+Every request verifies S tree nodes (S <= 64) over its cached prefix keys plus its own S keys,
+which the step just wrote. Node i sees the whole prefix and the tree key j iff bit j of
+anc[b, i] is set (ancestor-or-self), so the mask is one int64 per query row instead of a
+packed bit per (query, key) pair.
+
+Why not FlashInfer here: its custom-mask prefill costs 14-23 us a layer at batch 1 (8-33
+nodes over 256-1,024 keys) on the H200, and ~8 us of that is the kernel's fixed cost: its
+tree part alone over 33 keys is 9-11 us, so a cascade (mask-free prefix + masked tree +
+merge) gains nothing below batch 64 (scripts/bench_tree_attention.py,
+benchmarks/results/tree_attention_h200_2026-12-01.json). FlashInfer stays the backend of
+every other forward, and of this one without Triton or for trees over 64 slots.
+
+Grid: (request, KV head x row tile, KV split). A program's rows are its KV head's query heads
+for every node (GQA packing: S x H/KH rows), and its keys one contiguous share of the request's
+KV; with more than one split, each writes a partial output and log-sum-exp and a second
+kernel merges them (flash-decoding). The split count is fixed per captured shape, chosen so a
+small batch still fills the GPU; the key range per split follows the live lengths. Only the
+node count, the row tile and whether keys are split are compile-time constants, so a library's
+shapes compile a handful of kernels (cached by Triton across starts).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+
+from srt_entmtp.model.attention.base import AttentionBackend
+
+MAX_NODES = 64          # one int64 of ancestor bits per node
+BLOCK_N = 64
+TARGET_PROGRAMS = 128   # split the keys until a step has about this many programs
+
+
+@functools.cache
+def _kernels():
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def tree_attn_kernel(q_ptr, k_ptr, v_ptr, kv_indptr_ptr, kv_indices_ptr, anc_ptr, out_ptr, part_o_ptr,
+                         part_lse_ptr, scale_log2, N, nsplit, S: tl.constexpr, H: tl.constexpr, KH: tl.constexpr,
+                         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+        G: tl.constexpr = H // KH
+        MT: tl.constexpr = (S * G + BLOCK_M - 1) // BLOCK_M
+        b = tl.program_id(0)
+        kh = tl.program_id(1) // MT
+        split = tl.program_id(2)
+        m = (tl.program_id(1) % MT) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = m < S * G
+        node = tl.where(row_ok, m // G, 0)
+        head = kh * G + m % G
+        tok = b * S + node
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + (tok * H + head)[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
+        anc = tl.load(anc_ptr + b * S + node, mask=row_ok, other=0)
+        kv0 = tl.load(kv_indptr_ptr + b)
+        kv_len = tl.load(kv_indptr_ptr + b + 1) - kv0
+        prefix = kv_len - S
+        chunk = tl.cdiv(tl.cdiv(kv_len, nsplit), BLOCK_N) * BLOCK_N
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, kv_len)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        for start in range(lo, hi, BLOCK_N):
+            j = start + tl.arange(0, BLOCK_N)
+            live = j < hi
+            slot = tl.load(kv_indices_ptr + kv0 + j, mask=live, other=0).to(tl.int64)
+            off = (slot * KH + kh)[:, None] * D + d[None, :]
+            k = tl.load(k_ptr + off, mask=live[:, None], other=0.0)
+            v = tl.load(v_ptr + off, mask=live[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale_log2
+            t = j - prefix  # column among the tree's keys; < 0 for prefix keys
+            bit = (anc[:, None] >> tl.maximum(t, 0).to(tl.int64)[None, :]) & 1
+            vis = live[None, :] & ((t[None, :] < 0) | (bit != 0))
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        row = tok * H + head
+        if not SPLIT:
+            tl.store(out_ptr + row[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        else:
+            part = split * N * H + row
+            tl.store(part_o_ptr + part[:, None] * D + d[None, :], o, mask=row_ok[:, None])
+            tl.store(part_lse_ptr + part, m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)), mask=row_ok)
+
+    @triton.jit
+    def merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, R, D: tl.constexpr, NSPLIT: tl.constexpr,
+                     BLOCK_R: tl.constexpr):
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        ok = r < R
+        d = tl.arange(0, D)
+        mx = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        for s in tl.static_range(NSPLIT):
+            mx = tl.maximum(mx, tl.load(part_lse_ptr + s * R + r, mask=ok, other=float("-inf")))
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        den = tl.zeros([BLOCK_R], tl.float32)
+        acc = tl.zeros([BLOCK_R, D], tl.float32)
+        for s in tl.static_range(NSPLIT):
+            w = tl.exp2(tl.load(part_lse_ptr + s * R + r, mask=ok, other=float("-inf")) - mx)
+            den += w
+            acc += w[:, None] * tl.load(part_o_ptr + (s * R + r)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+        tl.store(out_ptr + r[:, None] * D + d[None, :], (acc / den[:, None]).to(out_ptr.dtype.element_ty),
+                 mask=ok[:, None])
+
+    return triton, tree_attn_kernel, merge_kernel
+
+
+def available() -> bool:
+    return _kernels() is not None
+
+
+def ancestor_bits(mask: torch.Tensor) -> torch.Tensor:
+    """[..., S, S] bool ancestor-or-self masks -> [..., S] int64, bit j of row i = mask[i, j]."""
+    S = mask.shape[-1]
+    if S > MAX_NODES:
+        raise ValueError(f"tree attention takes at most {MAX_NODES} nodes, got {S}")
+    # distinct bits: the sum is their OR (bit 63 wraps to the sign bit, as intended)
+    return (mask.to(torch.long) << torch.arange(S, device=mask.device)).sum(-1)
+
+
+def num_splits(batch: int, nodes: int, num_heads: int, num_kv_heads: int, block_m: int) -> int:
+    tiles = math.ceil(nodes * (num_heads // num_kv_heads) / block_m)
+    return max(1, min(16, TARGET_PROGRAMS // (batch * num_kv_heads * tiles)))
+
+
+def tree_attention(q, k_cache, v_cache, kv_indptr, kv_indices, anc, out, part_o, part_lse, scale: float,
+                   nodes: int, nsplit: int, block_m: int) -> torch.Tensor:
+    """out[N, H, D] = attention of q[N, H, D] (B requests x `nodes` tokens) over each request's
+    kv_indices[kv_indptr[b]:kv_indptr[b+1]] (prefix, then its `nodes` tree keys) under the
+    ancestor bits anc[B, nodes]. part_o / part_lse: [nsplit, N, H, (D)] float32 scratch."""
+    triton, attn_k, merge_k = _kernels()
+    N, H, D = q.shape
+    KH = k_cache.shape[1]
+    B = N // nodes
+    tiles = math.ceil(nodes * (H // KH) / block_m)
+    attn_k[(B, KH * tiles, nsplit)](q, k_cache, v_cache, kv_indptr, kv_indices, anc, out, part_o, part_lse,
+                                    scale * 1.4426950408889634, N, nsplit, S=nodes, H=H, KH=KH, D=D, BLOCK_M=block_m,
+                                    BLOCK_N=BLOCK_N, SPLIT=nsplit > 1, num_warps=4)
+    if nsplit > 1:
+        R = N * H
+        merge_k[(triton.cdiv(R, 64),)](part_o, part_lse, out, R, D=D, NSPLIT=nsplit, BLOCK_R=64, num_warps=4)
+    return out
+
+
+class TreeAttention(AttentionBackend):
+    """The verify graph's attention for one shape (`batch` requests x `nodes` tree nodes each):
+    plan_fixed_trees stages kv_indptr and kv_indices (one pinned copy, no FlashInfer plan),
+    `set_trees` (inside the graph) gathers each request's ancestor bits, run() stores K/V and
+    attends."""
+
+    tree = True
+
+    def __init__(self, kv, num_heads: int, num_kv_heads: int, head_dim: int, out_slots: torch.Tensor, batch: int,
+                 nodes: int, kv_capacity: int):
+        super().__init__(kv, num_heads, num_kv_heads, head_dim)
+        if nodes > MAX_NODES:
+            raise ValueError(f"TreeAttention takes at most {MAX_NODES} nodes, got {nodes}")
+        dev = kv.k.device
+        self.batch, self.nodes, self.tokens, self.kv_capacity = batch, nodes, batch * nodes, kv_capacity
+        self._out_slots = out_slots
+        self.meta = torch.zeros(batch + 1 + kv_capacity, dtype=torch.int32, device=dev)  # [kv_indptr | kv_indices]
+        self.meta_host = torch.zeros(self.meta.numel(), dtype=torch.int32, pin_memory=dev.type == "cuda")
+        self._meta_np = self.meta_host.numpy()
+        self.kv_indptr, self.kv_indices = self.meta[: batch + 1], self.meta[batch + 1:]
+        self.anc = torch.zeros(batch, nodes, dtype=torch.long, device=dev)
+        g = num_heads // num_kv_heads
+        self.block_m = max(16, min(64, 1 << (nodes * g - 1).bit_length()))
+        self.nsplit = num_splits(batch, nodes, num_heads, num_kv_heads, self.block_m)
+        n = self.tokens
+        self.out = torch.zeros(n, num_heads, head_dim, dtype=kv.k.dtype, device=dev)
+        self.part_o = torch.zeros(self.nsplit if self.nsplit > 1 else 0, n, num_heads, head_dim, dtype=torch.float32,
+                                  device=dev)
+        self.part_lse = torch.zeros(self.nsplit if self.nsplit > 1 else 0, n, num_heads, dtype=torch.float32,
+                                    device=dev)
+
+    def plan(self, fb) -> None:
+        raise NotImplementedError("TreeAttention is planned with plan_fixed_trees (the device step's graphs)")
+
+    def plan_fixed_trees(self, nodes: int, prefix_lens: list[int], kv_indices: torch.Tensor) -> None:
+        """kv_indices (host): per request its prefix slots then its `nodes` tree slots."""
+        if nodes != self.nodes:
+            raise ValueError(f"TreeAttention captured for {self.nodes} nodes per request, got {nodes}")
+        B, h = self.batch, self._meta_np
+        h[0] = 0
+        np.cumsum(np.asarray(prefix_lens, dtype=np.int32) + nodes, out=h[1: B + 1])
+        n = kv_indices.numel()
+        self.meta_host[B + 1: B + 1 + n] = kv_indices
+        self.meta[: B + 1 + n].copy_(self.meta_host[: B + 1 + n], non_blocking=True)
+
+    def set_trees(self, anc: torch.Tensor) -> None:
+        """The step's ancestor bits [batch, nodes] (a device op, captured with the graph)."""
+        self.anc.copy_(anc)
+
+    def run(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None) -> torch.Tensor:
+        kc, vc = self.kv.k[layer], self.kv.v[layer]
+        if k is not None:  # else the fused RoPE kernel stored them (model/fused.py: rope_qkv_store)
+            kc[self._out_slots] = k
+            vc[self._out_slots] = v
+        tree_attention(q.contiguous(), kc, vc, self.kv_indptr, self.kv_indices, self.anc, self.out, self.part_o,
+                       self.part_lse, self.scale, self.nodes, self.nsplit, self.block_m)
+        return self.out.reshape(q.shape[0], self.num_heads * self.head_dim)

@@ -1,0 +1,87 @@
+"""The Triton tree-attention kernel (model/attention/tree_triton.py) against plain softmax
+attention. On a machine without CUDA it runs in Triton's interpreter (conftest.py sets
+TRITON_INTERPRET=1), in float32; with CUDA, compiled, in bfloat16."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                reason="triton is not installed (pip install triton runs these in its interpreter)")
+
+H, KH, D = 9, 3, 64
+
+
+def random_tree_masks(B: int, S: int, g: torch.Generator) -> torch.Tensor:
+    m = torch.zeros(B, S, S, dtype=torch.bool)
+    for b in range(B):
+        for i in range(S):
+            if i:
+                m[b, i] = m[b, int(torch.randint(0, i, (1,), generator=g))]
+            m[b, i, i] = True
+    return m
+
+
+def reference(q, kc, vc, prefix, slots, masks, scale):
+    """Per request: softmax over its prefix keys (all visible) and tree keys (its mask), GQA."""
+    S = masks.shape[1]
+    outs = []
+    for b, p in enumerate(prefix):
+        keys = slots[b]
+        k = kc[keys].float().repeat_interleave(H // KH, 1)  # [L, H, D]
+        v = vc[keys].float().repeat_interleave(H // KH, 1)
+        qb = q[b * S:(b + 1) * S].float()                     # [S, H, D]
+        s = torch.einsum("shd,lhd->hsl", qb, k) * scale
+        vis = torch.cat([torch.ones(S, p, dtype=torch.bool), masks[b]], 1)
+        s = s.masked_fill(~vis, float("-inf"))
+        outs.append(torch.einsum("hsl,lhd->shd", s.softmax(-1), v))
+    return torch.cat(outs)
+
+
+# a lone node; splits over several key blocks; a one-key prefix (padding requests); row tiles; 64 nodes
+@pytest.mark.parametrize("B, S, prefix, nsplit", [(1, 1, [5], 1), (1, 9, [70], 4), (2, 5, [1, 130], 1),
+                                                  (3, 33, [3, 64, 200], 3), (1, 64, [17], 2)])
+def test_tree_attention_kernel_matches_softmax_attention(B, S, prefix, nsplit):
+    from srt_entmtp.model.attention.tree_triton import ancestor_bits, tree_attention
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(B * 100 + S)
+    total = sum(prefix) + B * S
+    kc = torch.randn(total + 7, KH, D, generator=g).to(dt)
+    vc = torch.randn(total + 7, KH, D, generator=g).to(dt)
+    q = torch.randn(B * S, H, D, generator=g).to(dt)
+    perm = torch.randperm(total + 6, generator=g)[:total] + 1  # scattered slots, never slot 0
+    slots, a = [], 0
+    for p in prefix:
+        slots.append(perm[a:a + p + S])
+        a += p + S
+    masks = random_tree_masks(B, S, g)
+    kv_indptr = torch.tensor([0] + [p + S for p in prefix], dtype=torch.int32).cumsum(0).to(torch.int32)
+    kv_indices = torch.cat(slots).to(torch.int32)
+    out = torch.zeros(B * S, H, D, dtype=dt)
+    part_o = torch.zeros(nsplit, B * S, H, D)
+    part_lse = torch.zeros(nsplit, B * S, H)
+    block_m = max(16, min(64, 1 << (S * H // KH - 1).bit_length()))
+    to = (lambda t: t.to(dev))
+    res = tree_attention(to(q), to(kc), to(vc), to(kv_indptr), to(kv_indices), to(ancestor_bits(masks)), to(out),
+                         to(part_o), to(part_lse), D ** -0.5, S, nsplit, block_m)
+    want = reference(q, kc, vc, prefix, slots, masks, D ** -0.5)
+    tol = 2e-2 if dt == torch.bfloat16 else 1e-4
+    assert torch.allclose(res.float().cpu(), want, atol=tol, rtol=tol), (res.float().cpu() - want).abs().max()
+
+
+def test_ancestor_bits_set_bit_j_of_row_i_for_mask_i_j():
+    from srt_entmtp.model.attention.tree_triton import ancestor_bits
+
+    g = torch.Generator().manual_seed(1)
+    m = random_tree_masks(2, 64, g)
+    bits = ancestor_bits(m)
+    for b in range(2):
+        for i in (0, 5, 63):
+            row = int(bits[b, i]) & (2**64 - 1)
+            assert [(row >> j) & 1 for j in range(64)] == m[b, i].int().tolist()
+    with pytest.raises(ValueError, match="at most 64"):
+        ancestor_bits(torch.ones(1, 65, 65, dtype=torch.bool))
