@@ -260,7 +260,8 @@ def part_c(ns, dev):
             lib, static = library_for(ns, drafter, C)
             for cfg in (("STATIC", "ENTMTP") + (("ENTMTP+lookup",) if ns.lookup_tokens else ())
                         + (("ENTMTP-unpipelined",) if ns.pipeline_ab else ())
-                        + (("ENTMTP-flashinfer-tree",) if ns.tree_attention_ab else ())):
+                        + (("ENTMTP-flashinfer-tree",) if ns.tree_attention_ab else ())
+                        + (("ENTMTP-no-draft-ahead",) if ns.draft_ahead_ab else ())):
                 kw = {"tree_library": lib} if lib else {}
                 kw["lookup_tokens"] = ns.lookup_tokens if cfg == "ENTMTP+lookup" else 0
                 # the verify graphs capture their tree attention at construction (spec/device_step.py)
@@ -269,6 +270,8 @@ def part_c(ns, dev):
                                         max_running_requests=C, context_length=2048, kv_slots=ns.kv_slots,
                                         cuda_graph=not ns.eager, **kw))
                 device_step.TREE_ATTENTION = TREE_ATTENTION
+                if cfg == "ENTMTP-no-draft-ahead":
+                    eng.worker.draft_ahead = False
                 specs = plain
                 if cfg == "STATIC":
                     name = _static_name(eng, static)
@@ -350,6 +353,9 @@ def main():
     ap.add_argument("--tree-attention-ab", action="store_true",
                     help="(c) also runs ENTMTP with FlashInfer's custom-mask prefill as the verify graphs' tree "
                          "attention (the A/B of the Triton tree kernel)")
+    ap.add_argument("--draft-ahead-ab", action="store_true",
+                    help="(c) also runs ENTMTP drafting each step only after the one before is collected "
+                         "(the A/B of SpecWorker.draft_ahead)")
     ap.add_argument("--library-dir", default=None)
     ap.add_argument("--lookup-tokens", type=int, default=0,
                     help="also run ENTMTP with a prompt-lookup branch of up to N tokens (part c)")

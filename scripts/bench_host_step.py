@@ -36,14 +36,16 @@ ACCEPT = 2  # drafted tokens the stubbed device step accepts per request and ste
 
 
 def stub_device_step(eng) -> None:
-    """The device step without its graph: the body writes a fixed result, the plan does nothing."""
+    """The device step without its graphs: drafting does nothing, verifying writes a fixed
+    result, the plan does nothing."""
     step = eng.worker.device_step
 
-    def body(sh, B, attn):
+    def verify(sh, B, attn):
         sh.result[:B, 0] = ACCEPT
         sh.result[:B, 1:] = 500
         sh.entropy[:B] = 1.0
-    step._body = body
+    step._draft_body = lambda sh, B: None
+    step._verify_body = verify
     eng.runner.attn.plan = lambda fb: None
 
 

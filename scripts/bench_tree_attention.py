@@ -78,7 +78,7 @@ def graph_us(fn) -> float:
     return statistics.median(ts)
 
 
-def one(B: int, S: int, prefix: int, g: torch.Generator) -> dict:
+def one(B: int, S: int, prefix: int, g: torch.Generator, sweep: list[int]) -> dict:
     import flashinfer
     from flashinfer.cascade import merge_state_in_place
 
@@ -164,6 +164,14 @@ def one(B: int, S: int, prefix: int, g: torch.Generator) -> dict:
            "max_abs_diff": err, "triton_max_abs_diff": (out_full.float() - out_tri.float()).abs().max().item()}
     for p in ("prefix", "tree", "merge"):
         row[f"{p}_us"] = graph_us(run_parts(p))
+    if sweep:  # the kernel at other key-split counts than num_splits picks
+        by = {}
+        for k in sweep:
+            po = torch.empty(k, B * S, H, D, dtype=torch.float32, device=dev)
+            pl = torch.empty(k, B * S, H, dtype=torch.float32, device=dev)
+            by[k] = graph_us(lambda k=k, po=po, pl=pl: tree_attention(q, kc3, vc3, kv_indptr, idx_dev, anc, out_tri,
+                                                                       po, pl, D ** -0.5, S, k, blk))
+        row["triton_us_by_splits"] = by
     return row
 
 
@@ -201,6 +209,8 @@ def main(argv=None):
     ap.add_argument("--prefix", type=int, nargs="+", default=[512])
     ap.add_argument("--shapes", default="1x8,1x16,1x33,8x4,8x8,8x16,64x2,64x4,64x8",
                     help="requests x tree tokens, comma-separated")
+    ap.add_argument("--splits", type=int, nargs="*", default=[1, 2, 4, 8, 16],
+                    help="also time the Triton kernel at these key-split counts (batches up to 8)")
     ap.add_argument("--out", default=None)
     ns = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -210,7 +220,7 @@ def main(argv=None):
     for prefix in ns.prefix:
         for shape in ns.shapes.split(","):
             B, S = map(int, shape.split("x"))
-            rows.append(one(B, S, prefix, g))
+            rows.append(one(B, S, prefix, g, ns.splits if B <= 8 else []))
     gpu = torch.cuda.get_device_name()
     print(f"\ntree attention per layer call, in CUDA graphs, {gpu} (us)")
     print(f"{'B':>3} {'S':>3} {'prefix':>6} {'masked':>8} {'cascade':>8} {'prefix':>8} {'tree':>6} {'merge':>6} "
@@ -220,6 +230,13 @@ def main(argv=None):
               f"{r['prefix_us']:>8.2f} {r['tree_us']:>6.2f} {r['merge_us']:>6.2f} {r['triton_us']:>7.2f} "
               f"{r['triton_splits']:>6} {r['masked_us'] / r['triton_us']:>12.2f}x {r['max_abs_diff']:>12.4f} "
               f"{r['triton_max_abs_diff']:>11.4f}")
+    if any("triton_us_by_splits" in r for r in rows):
+        print("\nTriton tree kernel by key splits (us; * = num_splits' pick)")
+        for r in rows:
+            if "triton_us_by_splits" in r:
+                cells = "  ".join(f"{k}:{v:.2f}{'*' if k == r['triton_splits'] else ''}"
+                                  for k, v in r["triton_us_by_splits"].items())
+                print(f"{r['batch']:>3} {r['tree_tokens']:>3} {r['prefix']:>6}   {cells}")
     dec = [decode_row(B, p, g) for p in ns.prefix for B in (1, 8, 64)]
     print(f"\ndecode attention per layer call, in CUDA graphs, {gpu} (us)")
     print(f"{'B':>3} {'prefix':>6} {'tensor cores':>12} {'CUDA cores':>10} {'max|diff|':>9}")

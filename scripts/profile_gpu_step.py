@@ -69,10 +69,12 @@ def profile_engine(algorithm, drafter, B, n_tokens, prompts, library=None, spec_
         pt.wrap(w.tracker, "update", "entropy update (overlapped)", sync=False)
         pt.wrap(step.kv, "alloc", "KV alloc", sync=False)
         pt.wrap(step.kv, "free", "KV free", sync=False)
-        pt.wrap(step, "_fill", "device step: inputs copy", sync=False)
-        for attn, g in step.graphs.values():
-            pt.wrap(attn, "plan_fixed_trees", "device step: FlashInfer plan", sync=False)
-            pt.wrap(g, "replay", "device step: graph launch", sync=False)
+        pt.wrap(step, "_fill_draft", "device step: inputs copy (draft)", sync=False)
+        pt.wrap(step, "_fill_verify", "device step: inputs copy (verify)", sync=False)
+        for attn, gd, gv in step.graphs.values():
+            pt.wrap(attn, "plan_fixed_trees", "device step: attention plan", sync=False)
+            pt.wrap(gd, "replay", "device step: draft graph launch", sync=False)
+            pt.wrap(gv, "replay", "device step: verify graph launch", sync=False)
         pt.wrap(step, "collect", "device step: wait for the GPU, read result", sync=False)
     elif algorithm != "NONE":
         import srt_entmtp.spec.worker as sw

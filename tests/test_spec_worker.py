@@ -68,17 +68,27 @@ def _generate_mixed_trees_as_plain(eng, rows, ids, reference, label):
     return out
 
 
-@pytest.mark.parametrize("drafter", ["medusa", "mtp"])
-def test_device_step_equals_plain_decoding_with_mixed_trees_and_padding(runner, prompts, reference, drafter):
-    """The fixed-shape device step (the default on CUDA, one graph per shape there; eager here),
-    with every batch padded to its bucket as graphs pad it, so padding requests run too."""
+@pytest.mark.parametrize("drafter, draft_ahead", [("medusa", True), ("mtp", True), ("mtp", False)])
+def test_device_step_equals_plain_decoding_with_mixed_trees_and_padding(runner, prompts, reference, drafter,
+                                                                        draft_ahead):
+    """The fixed-shape device step (the default on CUDA, two graphs per shape there; eager here),
+    with every batch padded to its bucket as graphs pad it, so padding requests run too; with
+    the next step's drafts launched before the step in flight is collected, and without."""
     rows, ids = prompts
     eng = _spec_engine(runner, "ENTMTP", drafter, tree_library=str(PRIOR_LIBRARY), spec_step="device",
                        lookup_tokens=0)
+    eng.worker.draft_ahead = draft_ahead
     step = eng.worker.device_step
     assert step is not None and len(step.layouts) > 1
     step.pad_eager = True
+    ahead = []  # drafts launched before the step in flight was collected (pooled=True)
+    launch = step.launch_draft
+    step.launch_draft = lambda li, reqs, trees, pooled=False: ahead.append(pooled) or launch(li, reqs, trees, pooled)
     out = _generate_mixed_trees_as_plain(eng, rows, ids, reference, f"{drafter} device step")
+    if draft_ahead:
+        assert sum(ahead) > len(ahead) / 2, "most steps should be drafted ahead of the step before them"
+    else:
+        assert ahead and not any(ahead)
     # every decode step ran on the device (the prior library's trees all draft); the step launched
     # ahead of a batch that then changed is wasted, at most one per request that finished
     steps = max(o.verify_ct for o in out)
@@ -100,16 +110,17 @@ def test_device_step_with_triton_tree_attention_equals_plain_decoding_graph_repl
     step = eng.worker.device_step
     cfg = eng.runner.config
 
-    class EagerReplay:  # the CUDA graph's stand-in: replay = run the captured body now
-        def __init__(self, sh, B, attn):
-            self.replay = lambda: step._body(sh, B, attn)
+    class EagerReplay:  # a CUDA graph's stand-in: replay = run what it would have captured, now
+        def __init__(self, fn):
+            self.replay = fn
 
     for li, sh in enumerate(step.shapes):
         S = sh.layout.num_slots
         for B in ([1] if sh.lone else [1, 2, 4]):
             attn = tree_triton.TreeAttention(eng.runner.kv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                                              sh.out_slots[:B * S], B, S, B * (2048 + S))
-            step.graphs[(li, B)] = (attn, EagerReplay(sh, B, attn))
+            step.graphs[(li, B)] = (attn, EagerReplay(lambda sh=sh, B=B: step._draft_body(sh, B)),
+                                    EagerReplay(lambda sh=sh, B=B, attn=attn: step._verify_body(sh, B, attn)))
     sel = [0, 4, 8]  # three families
     out = eng.generate([ids[i] for i in sel], SamplingParams(max_new_tokens=n_tok, ignore_eos=True),
                        [SpecOptions(task=rows[i]["task"]) for i in sel])
@@ -165,8 +176,8 @@ def test_lone_request_verifies_its_tree_in_its_own_layout(runner, prompts, refer
         assert step.shapes[li].layout == TreeLayout.covering([t])
         assert step.shapes[li].layout.num_slots < step.shapes[cover].layout.num_slots
     used = []
-    launch = step.launch
-    step.launch = lambda li, *a: used.append(step.shapes[li].lone) or launch(li, *a)
+    launch = step.launch_draft
+    step.launch_draft = lambda li, *a, **kw: used.append(step.shapes[li].lone) or launch(li, *a, **kw)
     pick = [0, 2]  # a code and a math prompt, one at a time
     out = eng.generate([ids[i] for i in pick], SamplingParams(max_new_tokens=N_TOKENS, ignore_eos=True),
                        [SpecOptions(task=rows[i]["task"]) for i in pick])

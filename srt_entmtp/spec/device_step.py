@@ -1,9 +1,15 @@
-"""DeviceSpecStep: the whole greedy speculative step on the device, one CUDA graph per shape.
+"""DeviceSpecStep: the whole greedy speculative step on the device, two CUDA graphs per shape.
 
-    host: choose trees, take KV slots, plan attention, one input copy
-    device (one graph per batch bucket x tree layout):
-        draft -> build mask -> verify forward -> accept -> compact KV -> next hidden, entropy
+    host: choose trees, one input copy          -> device, draft graph: draft every tree
+    host: take KV slots, plan attention, one input copy
+                                                -> device, verify graph: verify forward -> accept
+                                                   -> compact KV -> next hidden, root, entropy
     host: one result copy, then per-request bookkeeping
+
+The two halves launch separately so the next step's drafts can be launched before this step's
+result is read (`launch_draft` right after `launch_verify`): the draft graph reads only the
+per-request pools the verify graph writes (each request's last hidden state and its next root
+token), so the GPU drafts while the host collects the step and prepares the next verify.
 
 The host path (`SpecWorker.decode`) builds a ragged batch of each request's exact tree and runs
 drafting, acceptance and compaction as a few dozen eager ops with Python around them; on a GPU
@@ -77,6 +83,15 @@ class InFlightStep:
     slots: torch.Tensor             # [n * S] the trees' KV slots, request by request
 
 
+@dataclass
+class DraftedStep:
+    """A launched draft graph, waiting for its verify half (`launch_verify`)."""
+    li: int
+    B: int                          # the batch bucket (padded size) both halves run at
+    reqs: list
+    trees: list
+
+
 class _Shape:
     """Static buffers for one layout, sized for the largest batch bucket (1 for a lone layout)."""
 
@@ -85,16 +100,23 @@ class _Shape:
         self.table, self.layout, self.lone = table, lay, lone
         S, D, Bm = lay.num_slots, lay.depth, max_batch
         long = {"dtype": torch.long, "device": device}
-        # inputs, one host-to-device copy a step: req_slot, root, tree row, prefix len, then out slots
-        self.inputs = torch.zeros(4 * Bm + Bm * S, **long)
-        self.host = torch.zeros_like(self.inputs, device="cpu").pin_memory() if device.type == "cuda" else None
-        self.req_slot, self.root, self.row, self.prefix = self.inputs[:4 * Bm].view(4, Bm).unbind(0)
-        self.out_slots = self.inputs[4 * Bm:]
+        pin = device.type == "cuda"
+        # the draft graph's inputs: req_slot, root (-1: take the request's root from the pool), tree row.
+        # Two pinned host twins, alternating: the next step's drafts are staged while this step's copy
+        # may still wait on the stream
+        self.draft_in = torch.zeros(3 * Bm, **long)
+        self.draft_host = [torch.zeros(3 * Bm, dtype=torch.long, pin_memory=True) for _ in range(2)] if pin else None
+        self._draft_turn = 0
+        self.req_slot, self.root, self.row = self.draft_in.view(3, Bm).unbind(0)
+        self.tokens = torch.zeros(Bm, S, **long)  # the draft graph's output, the verify graph's input
+        # the verify graph's inputs: prefix len, then out slots
+        self.verify_in = torch.zeros(Bm + Bm * S, **long)
+        self.verify_host = torch.zeros_like(self.verify_in, device="cpu").pin_memory() if pin else None
+        self.prefix, self.out_slots = self.verify_in[:Bm], self.verify_in[Bm:]
         self.input_ids = torch.zeros(Bm * S, **long)
         self.positions = torch.zeros(Bm * S, **long)
         # outputs, one device-to-host copy of one byte buffer: accept, then D+1 emitted tokens
         # (-1 pad) as int64; the entropies at the path's D+1 positions as float32
-        pin = device.type == "cuda"
         n_long, n_float = Bm * (D + 2), Bm * (D + 1)
         self.out = torch.zeros(8 * n_long + 4 * n_float, dtype=torch.uint8, device=device)
         self.out_host = torch.zeros_like(self.out, device="cpu", pin_memory=pin)
@@ -133,8 +155,12 @@ class DeviceSpecStep:
         # each request's last hidden state (row = its worker slot; row `capacity` is padding's)
         self.hidden = torch.zeros(capacity + 1, H, dtype=runner.dtype, device=self.dev)
         self._pool_rows = list(self.hidden.unbind(0))
+        # and the token each request's next step starts from (the verify graph writes its bonus token):
+        # a request whose hidden state is its pool row has its root here too
+        self.roots = torch.zeros(capacity + 1, dtype=torch.long, device=self.dev)
         self._order = [i for i, sh in enumerate(self.shapes) if not sh.lone]  # by size (choose_layouts sorts them)
-        self.graphs: dict[tuple[int, int], tuple[object, torch.cuda.CUDAGraph]] = {}
+        # (layout, batch bucket) -> (attention, draft graph, verify graph)
+        self.graphs: dict[tuple[int, int], tuple[object, torch.cuda.CUDAGraph, torch.cuda.CUDAGraph]] = {}
         self._graph_ctx = None  # (pool, workspace, largest batch with a graph) once capture() ran
         self.capture_seconds = 0.0
         self.memory_bytes = 0
@@ -199,7 +225,7 @@ class DeviceSpecStep:
 
     def attention_kinds(self) -> set[str]:
         """Which tree attention the captured graphs use ("triton", "flashinfer")."""
-        return {"triton" if isinstance(a, tree_triton.TreeAttention) else "flashinfer" for a, _ in self.graphs.values()}
+        return {"triton" if isinstance(a, tree_triton.TreeAttention) else "flashinfer" for a, _, _ in self.graphs.values()}
 
     @torch.inference_mode()
     def capture_layout(self, li: int) -> None:
@@ -230,53 +256,81 @@ class DeviceSpecStep:
         sh = self.shapes[li]
         S = sh.layout.num_slots
         attn = self._graph_attention(sh, B, workspace)
-        self._fill(sh, [], [], [], [], torch.zeros(0, dtype=torch.long), B)  # all padding: touches slot 0 only
+        self._fill_draft(sh, [], [], [], B)  # all padding: touches slot 0 only
+        self._fill_verify(sh, [], torch.zeros(0, dtype=torch.long), B)
         attn.plan_fixed_trees(S, [1] * B, torch.zeros(B * (1 + S), dtype=torch.long))
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside capture: cuBLAS handles, Triton and lazy inits
             for _ in range(2):
-                self._body(sh, B, attn)
+                self._draft_body(sh, B)
+                self._verify_body(sh, B, attn)
         torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=pool):
-            self._body(sh, B, attn)
-        self.graphs[(li, B)] = (attn, g)
+        gd, gv = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(gd, pool=pool):
+            self._draft_body(sh, B)
+        with torch.cuda.graph(gv, pool=pool):
+            self._verify_body(sh, B, attn)
+        self.graphs[(li, B)] = (attn, gd, gv)
 
     # ---- one step -----------------------------------------------------------------------------
+    def launch(self, li: int, reqs, trees: list[Tree]) -> InFlightStep:
+        """Draft and verify `reqs` (each its tree from `trees`) without waiting for the device;
+        `collect` reads the result. The two halves, for callers that draft ahead:
+        `launch_verify(launch_draft(...))`."""
+        return self.launch_verify(self.launch_draft(li, reqs, trees))
+
     @torch.inference_mode()
-    def launch(self, li: int, reqs, trees: list[Tree], roots: list[int] | None = None) -> InFlightStep:
-        """Start the step for `reqs` (each verifying its tree from `trees`, rooted at `roots`,
-        default each request's pending token) and return without waiting for the device: the
-        caller may do host work until `collect`. Slots for the trees are taken here; the step's
-        result lands in pinned host memory."""
+    def launch_draft(self, li: int, reqs, trees: list[Tree], pooled: bool = False) -> DraftedStep:
+        """Start drafting: each request's tree from its hidden state and root (its pending
+        token; a hidden state computed elsewhere, by prefill or a plain step, enters the pool).
+        pooled=True: every request's last step is the device step in flight or just collected,
+        whose verify graph writes both pools (hidden state, bonus token) before this graph runs
+        (one stream): the roots come from there, since the host does not know them yet."""
         sh = self.shapes[li]
-        S, n = sh.layout.num_slots, len(reqs)
+        n = len(reqs)
         B = 1 if sh.lone else self.bucket(n)
         if (li, B) not in self.graphs and self._graph_ctx is not None and B <= self._graph_ctx[2]:
             self._capture_one(li, B)  # a layout added after start-up (calibration)
         if (li, B) not in self.graphs and not self.pad_eager:
             B = n  # eager: no padding needed
-        for r in reqs:  # hidden states computed elsewhere (prefill, plain steps) enter the pool
-            if r.last_hidden is not self._pool_rows[r.slot]:
-                self.hidden[r.slot].copy_(r.last_hidden)
+        if pooled:
+            roots = [-1] * n
+        else:
+            roots = [r.pending_token for r in reqs]
+            for r in reqs:
+                if r.last_hidden is not self._pool_rows[r.slot]:
+                    self.hidden[r.slot].copy_(r.last_hidden)
+        self._fill_draft(sh, [r.slot for r in reqs], roots, [sh.table.rows[t] for t in trees], B)
+        entry = self.graphs.get((li, B))
+        if entry is not None:
+            entry[1].replay()
+        else:
+            self._draft_body(sh, B)
+        return DraftedStep(li, B, reqs, trees)
+
+    @torch.inference_mode()
+    def launch_verify(self, d: DraftedStep) -> InFlightStep:
+        """Take the trees' KV slots, plan attention and start verifying a drafted step; the
+        result lands in pinned host memory (`collect` waits for it)."""
+        sh, B, reqs = self.shapes[d.li], d.B, d.reqs
+        S, n = sh.layout.num_slots, len(reqs)
         slots = self.kv.alloc(n * S)
         prefix = [int(r.kv_slots.numel()) for r in reqs]
-        self._fill(sh, [r.slot for r in reqs], roots if roots is not None else [r.pending_token for r in reqs],
-                   [sh.table.rows[t] for t in trees], prefix, slots, B)
+        self._fill_verify(sh, prefix, slots, B)
         kv_idx = torch.cat([x for r, s in zip(reqs, slots.view(n, S)) for x in (r.kv_slots, s)]
                            + [torch.zeros((B - n) * (1 + S), dtype=torch.long)])
-        entry = self.graphs.get((li, B))
+        entry = self.graphs.get((d.li, B))
         padded = prefix + [1] * (B - n)  # padding requests: slot 0 is their one prefix key
         if entry is not None:
-            attn, graph = entry
+            attn, _, graph = entry
             attn.plan_fixed_trees(S, padded, kv_idx)
             graph.replay()
             self.replays += 1
         else:
             attn = self.runner.attn
             attn.plan(self._eager_batch(sh, B, padded, kv_idx))
-            self._body(sh, B, attn)
+            self._verify_body(sh, B, attn)
         self.steps += 1
         sh.out_host.copy_(sh.out, non_blocking=True)  # the step's one device-to-host copy; `collect` waits for it
         if sh.done is not None:
@@ -297,19 +351,29 @@ class DeviceSpecStep:
         return DeviceStepResult(accept=accept, tokens=[row[:a + 1] for row, a in zip(rows, accept)],
                                 entropy=[e[:a + 1] for e, a in zip(ents, accept)], slots=list(step.slots.view(n, S)))
 
-    def _fill(self, sh: _Shape, req_slots, roots, rows, prefix, out_slots: torch.Tensor, B: int) -> None:
-        """Write the step's inputs (padded to B requests) with one host-to-device copy."""
-        n, Bm, S = len(req_slots), sh.req_slot.numel(), sh.layout.num_slots
+    def _fill_draft(self, sh: _Shape, req_slots, roots, rows, B: int) -> None:
+        """The draft graph's inputs (padded to B requests), one host-to-device copy."""
+        n, Bm = len(req_slots), sh.req_slot.numel()
         pad = B - n
-        host = sh.host if sh.host is not None else torch.empty_like(sh.inputs)
-        v = host[:4 * Bm].view(4, Bm)
-        # padding requests: the pool's spare hidden row, a root-only tree, slot 0 as their one prefix key
-        v[:, :B] = torch.tensor([req_slots + [sh.capacity] * pad, roots + [0] * pad, rows + [sh.root_row] * pad,
-                                 prefix + [1] * pad], dtype=torch.long)
-        o = host[4 * Bm: 4 * Bm + B * S]
+        if sh.draft_host is not None:
+            host = sh.draft_host[sh._draft_turn]
+            sh._draft_turn ^= 1
+        else:
+            host = torch.empty_like(sh.draft_in)
+        # padding requests: the pool's spare hidden row, root token 0, a root-only tree
+        host.view(3, Bm)[:, :B] = torch.tensor([req_slots + [sh.capacity] * pad, roots + [0] * pad,
+                                                rows + [sh.root_row] * pad], dtype=torch.long)
+        sh.draft_in.copy_(host, non_blocking=True)  # whole (1.5 KB at batch 64): one contiguous copy
+
+    def _fill_verify(self, sh: _Shape, prefix, out_slots: torch.Tensor, B: int) -> None:
+        """The verify graph's inputs (padded to B requests), one host-to-device copy."""
+        n, Bm, S = len(prefix), sh.prefix.numel(), sh.layout.num_slots
+        host = sh.verify_host if sh.verify_host is not None else torch.empty_like(sh.verify_in)
+        host[:B] = torch.tensor(prefix + [1] * (B - n), dtype=torch.long)  # padding: slot 0 is their one prefix key
+        o = host[Bm: Bm + B * S]
         o[: n * S] = out_slots
         o[n * S:] = 0
-        sh.inputs[:4 * Bm + B * S].copy_(host[:4 * Bm + B * S], non_blocking=True)
+        sh.verify_in.copy_(host, non_blocking=True)  # whole: one contiguous copy (rows past B are unused)
 
     def _eager_batch(self, sh: _Shape, B: int, prefix: list[int], kv_idx: torch.Tensor) -> ForwardBatch:
         """The same forward as a ForwardBatch, for backends planned eagerly (SDPA, CPU)."""
@@ -321,18 +385,25 @@ class DeviceSpecStep:
                             kv_indptr=_indptr(kv_lens, dev), kv_indices=kv_idx.to(dev), q_lens=[S] * B,
                             kv_lens=kv_lens, custom_mask=sh.table.mask_cpu[rows].reshape(-1).to(dev))
 
-    def _body(self, sh: _Shape, B: int, attn) -> None:
-        """Draft, verify and accept for B requests; only static shapes and device ops."""
+    def _draft_body(self, sh: _Shape, B: int) -> None:
+        """Draft B requests' trees into sh.tokens; static shapes, device ops only."""
+        row, req = sh.row[:B], sh.req_slot[:B]
+        tab = sh.table
+        root = torch.where(sh.root[:B] >= 0, sh.root[:B], self.roots[req])
+        sh.tokens[:B] = self.drafter.propose_layout(self.hidden[req], root, sh.layout, tab.parent_in_level[row],
+                                                    tab.rank[row])
+
+    def _verify_body(self, sh: _Shape, B: int, attn) -> None:
+        """Verify and accept the drafted trees of B requests; static shapes, device ops only."""
         lay, tab = sh.layout, sh.table
         S, D = lay.num_slots, lay.depth
         dev = self.dev
         row = sh.row[:B]
-        par, pil, rank = tab.parent[row], tab.parent_in_level[row], tab.rank[row]
-        depth, valid, mask = tab.depth[row], tab.valid[row], tab.mask[row]
+        par, depth, valid, mask = tab.parent[row], tab.depth[row], tab.valid[row], tab.mask[row]
         prefix = sh.prefix[:B]
         out_slots = sh.out_slots[:B * S].view(B, S)
 
-        tokens = self.drafter.propose_layout(self.hidden[sh.req_slot[:B]], sh.root[:B], lay, pil, rank)
+        tokens = sh.tokens[:B]
         ids, pos = sh.input_ids[:B * S], sh.positions[:B * S]
         ids.copy_(tokens.view(-1))
         pos.copy_((prefix.unsqueeze(1) + depth).view(-1))
@@ -367,6 +438,7 @@ class DeviceSpecStep:
 
         H = hidden.shape[-1]
         self.hidden[sh.req_slot[:B]] = hidden.view(B, S, H)[torch.arange(B, device=dev), leaf]
+        self.roots[sh.req_slot[:B]] = bonus.squeeze(1)  # the next step's root
         ent = entropy_from_logits(logits).view(B, S).gather(1, path)
         sh.result[:B, 0] = a
         sh.result[:B, 1:] = emitted

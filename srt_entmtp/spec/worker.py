@@ -124,6 +124,8 @@ class SpecWorker(Worker):
         self._deferred = None  # (requests, entropies) of the last device step, not yet in the estimates
         self._ahead = None     # (rids, slots, estimate, trees) chosen for the next step of that batch
         self._inflight = None  # the device step launched and not yet collected (see _decode_device)
+        self._drafted_ahead = None  # the drafts of the next step of the batch in flight (DraftedStep)
+        self.draft_ahead = True     # False: draft each step only once the one before is collected (an A/B switch)
         if spec_step == "device":
             trees = [t for lib in self.libraries for t in lib.all_trees()] + ([static_tree] if static_tree else [])
             self.device_step = DeviceSpecStep(runner, drafter, trees, capacity, max_batch)
@@ -310,7 +312,9 @@ class SpecWorker(Worker):
         The host works while the device runs a step:
           * it folds the previous step's entropies into the estimates and chooses this batch's
             trees for the next step from them, so the estimate a device step's policy sees is one
-            step behind (it lacks the step just verified);
+            step behind (it lacks the step just verified); then it launches the next step's
+            drafts, which read only what this step writes on the device (hidden states and bonus
+            tokens), so the GPU drafts while the host collects this step;
           * once a step is collected and its KV kept, the next step of the same batch is launched
             before the tokens go back to the scheduler (`_collect_device`): stop checks, streaming
             and metrics then run while the GPU works. A request that stops meanwhile wastes its
@@ -321,14 +325,23 @@ class SpecWorker(Worker):
         self._launch_device(li, reqs, trees, slots, entropy)
         return self._collect_device(reqs)
 
-    def _launch_device(self, li, reqs, trees, slots, entropy, roots=None) -> None:
-        step = self.device_step.launch(li, reqs, trees, roots)
+    def _launch_device(self, li, reqs, trees, slots, entropy, drafted=None) -> None:
+        """Launch a step (its drafts already launched ahead, or drafted now), then, while it runs,
+        fold the last step's entropies, choose the next step's trees and launch their drafts."""
+        ds = self.device_step
+        step = ds.launch_verify(drafted if drafted is not None else ds.launch_draft(li, reqs, trees))
         self._inflight = {"step": step, "reqs": reqs, "trees": trees, "entropy_in": entropy,
                           "slots": {id(r): s for r, s in zip(reqs, step.slots.view(len(reqs), -1))}}
         self._fold_deferred()
         est = self.tracker.value(slots)
         self._inflight["est"] = est
-        self._ahead = (tuple(r.rid for r in reqs), slots, est, self._trees(reqs, slots, est))
+        nxt = self._trees(reqs, slots, est)
+        self._ahead = (tuple(r.rid for r in reqs), slots, est, nxt)
+        self._drafted_ahead = None
+        if self.pipeline is not False and self.draft_ahead and any(t.num_nodes > 1 for t in nxt):
+            li2 = ds.pick(nxt, len(reqs))
+            if li2 is not None:  # the GPU drafts the next step while the host collects this one
+                self._drafted_ahead = ds.launch_draft(li2, reqs, nxt, pooled=True)
 
     def _collect_device(self, reqs: list[Request]) -> dict[str, list[int]]:
         """Wait for the step in flight; keep each live request's accepted slots and free the rest
@@ -348,7 +361,9 @@ class SpecWorker(Worker):
         self._deferred = (f["reqs"], out.entropy)
         if self.pipeline is not False and len(alive) == len(f["reqs"]) == len(reqs) and all(
                 a is b for a, b in zip(f["reqs"], reqs)):
-            self._relaunch(reqs, [toks[-1] for toks in out.tokens])  # before the records: the GPU waits on it
+            self._relaunch(reqs)  # before the records: the GPU waits on it
+        else:
+            self._drafted_ahead = None  # drafts of a batch that changed are not verified
         est, est_in = f["est"].tolist(), f["entropy_in"].tolist()
         self.step_info = {}
         results = {}
@@ -358,17 +373,22 @@ class SpecWorker(Worker):
             results[r.rid] = out.tokens[i]
         return results
 
-    def _relaunch(self, reqs: list[Request], roots: list[int]) -> None:
-        """Start the next device step of an unchanged batch, from the tokens just collected."""
+    def _relaunch(self, reqs: list[Request]) -> None:
+        """Verify the next step of an unchanged batch, whose drafts were launched ahead (they
+        start from the pools the step just collected wrote: its hidden states and bonus tokens)."""
+        drafted, self._drafted_ahead = self._drafted_ahead, None
         ahead = self._take_chosen_ahead(reqs)
         if ahead is None:
             return
         slots, entropy, trees = ahead
-        li = self.device_step.pick(trees, len(reqs)) if any(t.num_nodes > 1 for t in trees) else None
-        if li is None:  # root-only trees, or no layout: the next call takes another path with these trees
+        if drafted is None and any(t.num_nodes > 1 for t in trees):  # not drafted ahead (draft_ahead off)
+            li = self.device_step.pick(trees, len(reqs))
+            if li is not None:
+                drafted = self.device_step.launch_draft(li, reqs, trees, pooled=True)  # roots: the step just collected
+        if drafted is None:  # root-only trees, or no layout: the next call takes another path with these trees
             self._ahead = (tuple(r.rid for r in reqs), *ahead)
             return
-        self._launch_device(li, reqs, trees, slots, entropy, roots)
+        self._launch_device(drafted.li, reqs, trees, slots, entropy, drafted)
 
     def _take_chosen_ahead(self, reqs: list[Request]):
         """(slots, estimate, trees) chosen for exactly this batch during its last device step, or None."""
