@@ -455,10 +455,19 @@ class SpecWorker(Worker):
         """Counters and step info of a plain step of a batch that can never draft (`_never_draft`):
         no estimate is kept, since nothing would read it, so it costs what a NONE step costs."""
         never = self._never_drafts_for(len(reqs))
-        self.step_info = {}
-        for r in reqs:
-            if r.rid in results:
-                self._record(r, ROOT_ONLY if r.spec.policy == "none" else never.get(r.task, ROOT_ONLY), 0, None, None)
+        self.step_info = info = {}
+        shared: dict[tuple[str, str], dict] = {}  # one read-only info dict per (tree, task): a step at batch
+        for r in reqs:                            # 64 is host-bound, and this loop is all ENTMTP adds to NONE
+            if r.rid not in results:
+                continue
+            tree = ROOT_ONLY if r.spec.policy == "none" else never.get(r.task, ROOT_ONLY)
+            r.verify_ct += 1
+            r.tree_counts[tree.name] = r.tree_counts.get(tree.name, 0) + 1
+            key = (tree.name, r.task)
+            if key not in shared:
+                shared[key] = {"tree": tree.name, "task": r.task, "accepted": 0, "entropy": None,
+                               "entropy_in": None, "nodes": tree.num_nodes, "lookup": 0}
+            info[r.rid] = shared[key]
         return results
 
     def _decode_root_only(self, reqs, trees, slots=None, entropy=None):
