@@ -46,7 +46,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "tokens occurred before) to every tree; default: the tree library's setting; 0: off")
     s.add_argument("--spec-step", default="auto", choices=["auto", "device", "host"],
                    help="how greedy speculative steps run: device = draft, verify and accept as one fixed-shape "
-                        "step (one CUDA graph per batch bucket and tree layout on CUDA); host = per-request trees "
+                        "step (a draft and a verify CUDA graph per batch bucket and tree layout on CUDA); host = per-request trees "
                         "with host-side acceptance (also sampling and lookup steps, always); auto = device on CUDA")
     s.add_argument("--disable-pipeline", action="store_true",
                    help="do not pipeline greedy steps (by default the next device speculative step, and on CUDA "

@@ -155,8 +155,8 @@ class DeviceSpecStep:
         # each request's last hidden state (row = its worker slot; row `capacity` is padding's)
         self.hidden = torch.zeros(capacity + 1, H, dtype=runner.dtype, device=self.dev)
         self._pool_rows = list(self.hidden.unbind(0))
-        # and the token each request's next step starts from (the verify graph writes its bonus token):
-        # a request whose hidden state is its pool row has its root here too
+        # and the token each request's next step starts from (the verify graph writes its bonus token),
+        # which a draft launched before that step is collected reads (launch_draft(pooled=True))
         self.roots = torch.zeros(capacity + 1, dtype=torch.long, device=self.dev)
         self._order = [i for i, sh in enumerate(self.shapes) if not sh.lone]  # by size (choose_layouts sorts them)
         # (layout, batch bucket) -> (attention, draft graph, verify graph)

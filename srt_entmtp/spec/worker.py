@@ -75,6 +75,13 @@ def default_library_path(kind: str, device: torch.device) -> Path:
     raise FileNotFoundError(f"no tree library in {libs}")
 
 
+def _step_info(tree: Tree, task: str, accepted: int, est: float | None, est_in: float | None,
+               nodes: int | None = None, lookup: int = 0) -> dict:
+    """One request's info about one step, as StepOutput.spec carries it (metrics, calibration)."""
+    return {"tree": tree.name, "task": task, "accepted": accepted, "entropy": est, "entropy_in": est_in,
+            "nodes": nodes or tree.num_nodes, "lookup": lookup}
+
+
 class SpecWorker(Worker):
     def __init__(self, runner: ModelRunner, drafter, library: TreeLibrary | list[TreeLibrary],
                  algorithm: str = "ENTMTP", static_tree: Tree | None = None, capacity: int = 256,
@@ -437,37 +444,37 @@ class SpecWorker(Worker):
         return grafted, RaggedTreeBatch.build(grafted, torch.tensor(prefix), device=dev), torch.cat(parts)
 
     def _record(self, r: Request, tree: Tree, accepted: int, est: float | None, est_in: float | None,
-                nodes: int | None = None, lookup: int = 0) -> None:
+                nodes: int | None = None, lookup: int = 0, info: dict | None = None) -> None:
         """A request's counters and this step's info (metrics, calibration) after one step.
         `tree` is the heads' tree (the policy's choice, pruned where asked); `nodes` what was
         verified, with a lookup chain of `lookup` tokens grafted on. est None: no estimate was
-        kept this step (a batch that can never draft)."""
+        kept this step (a batch that can never draft). `info`: this step's info dict, if the
+        caller shares one between requests (it is read-only downstream)."""
         r.verify_ct += 1
         r.accepted_tokens += accepted
         r.tree_counts[tree.name] = r.tree_counts.get(tree.name, 0) + 1
         if est is not None:
             r.entropy_sum += est
             r.entropy_n += 1
-        self.step_info[r.rid] = {"tree": tree.name, "task": r.task, "accepted": accepted, "entropy": est,
-                                 "entropy_in": est_in, "nodes": nodes or tree.num_nodes, "lookup": lookup}
+        self.step_info[r.rid] = info if info is not None else _step_info(tree, r.task, accepted, est, est_in,
+                                                                          nodes, lookup)
 
     def _record_never_drafting(self, reqs: list[Request], results: dict[str, list[int]]) -> dict[str, list[int]]:
         """Counters and step info of a plain step of a batch that can never draft (`_never_draft`):
-        no estimate is kept, since nothing would read it, so it costs what a NONE step costs."""
+        no estimate is kept, since nothing would read it, so it costs what a NONE step costs. The
+        requests of one (tree, task) share one info dict: a step at batch 64 is host-bound, and
+        this loop is all such a step adds to NONE's."""
         never = self._never_drafts_for(len(reqs))
-        self.step_info = info = {}
-        shared: dict[tuple[str, str], dict] = {}  # one read-only info dict per (tree, task): a step at batch
-        for r in reqs:                            # 64 is host-bound, and this loop is all ENTMTP adds to NONE
+        self.step_info = {}
+        shared: dict[tuple[str, str], dict] = {}
+        for r in reqs:
             if r.rid not in results:
                 continue
             tree = ROOT_ONLY if r.spec.policy == "none" else never.get(r.task, ROOT_ONLY)
-            r.verify_ct += 1
-            r.tree_counts[tree.name] = r.tree_counts.get(tree.name, 0) + 1
             key = (tree.name, r.task)
             if key not in shared:
-                shared[key] = {"tree": tree.name, "task": r.task, "accepted": 0, "entropy": None,
-                               "entropy_in": None, "nodes": tree.num_nodes, "lookup": 0}
-            info[r.rid] = shared[key]
+                shared[key] = _step_info(tree, r.task, 0, None, None)
+            self._record(r, tree, 0, None, None, info=shared[key])
         return results
 
     def _decode_root_only(self, reqs, trees, slots=None, entropy=None):
