@@ -38,9 +38,6 @@ from srt_entmtp.bench_prompts import benchmark_prompts
 from srt_entmtp.calibrate.cost import measure_step_latency
 from srt_entmtp.engine import Engine, EngineArgs
 from srt_entmtp.sched.request import SamplingParams, SpecOptions
-from srt_entmtp.spec import device_step
-
-TREE_ATTENTION = device_step.TREE_ATTENTION  # the default verify attention (ENTMTP_TREE_ATTENTION)
 
 FAMILIES = ("code", "math", "chat", "writing")
 
@@ -264,12 +261,10 @@ def part_c(ns, dev):
                         + (("ENTMTP-no-draft-ahead",) if ns.draft_ahead_ab else ())):
                 kw = {"tree_library": lib} if lib else {}
                 kw["lookup_tokens"] = ns.lookup_tokens if cfg == "ENTMTP+lookup" else 0
-                # the verify graphs capture their tree attention at construction (spec/device_step.py)
-                device_step.TREE_ATTENTION = "flashinfer" if cfg == "ENTMTP-flashinfer-tree" else TREE_ATTENTION
+                kw["tree_attention"] = "flashinfer" if cfg == "ENTMTP-flashinfer-tree" else "auto"
                 eng = Engine(EngineArgs(device=ns.device, speculative_algorithm="ENTMTP", drafter=drafter,
                                         max_running_requests=C, context_length=2048, kv_slots=ns.kv_slots,
                                         cuda_graph=not ns.eager, **kw))
-                device_step.TREE_ATTENTION = TREE_ATTENTION
                 if cfg == "ENTMTP-no-draft-ahead":
                     eng.worker.draft_ahead = False
                 specs = plain

@@ -48,6 +48,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="how greedy speculative steps run: device = draft, verify and accept as one fixed-shape "
                         "step (a draft and a verify CUDA graph per batch bucket and tree layout on CUDA); host = per-request trees "
                         "with host-side acceptance (also sampling and lookup steps, always); auto = device on CUDA")
+    s.add_argument("--tree-attention", default="auto", choices=["auto", "flashinfer"],
+                   help="tree attention of the device step's verify graphs (CUDA): auto = a Triton kernel that "
+                        "reads one word of ancestor bits per tree node, where Triton imports and a tree layout "
+                        "has at most 64 slots, else FlashInfer; flashinfer = FlashInfer's custom-mask prefill")
     s.add_argument("--disable-pipeline", action="store_true",
                    help="do not pipeline greedy steps (by default the next device speculative step, and on CUDA "
                         "the next plain step, of an unchanged batch is launched before the scheduler sees the "
@@ -63,7 +67,7 @@ def engine_args_from(ns: argparse.Namespace):
                       chunked_prefill_size=ns.chunked_prefill_size, speculative_algorithm=ns.speculative_algorithm,
                       drafter=ns.drafter, draft_heads=ns.draft_heads, tree_library=ns.tree_library,
                       static_tree=ns.static_tree, draft_dtype=ns.draft_dtype, lookup_tokens=ns.lookup_tokens,
-                      spec_step=ns.spec_step, pipeline=not ns.disable_pipeline, cuda_graph=not ns.disable_cuda_graph,
+                      spec_step=ns.spec_step, tree_attention=ns.tree_attention, pipeline=not ns.disable_pipeline, cuda_graph=not ns.disable_cuda_graph,
                       cuda_graph_max_bs=ns.cuda_graph_max_bs)
 
 

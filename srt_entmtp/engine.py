@@ -53,6 +53,7 @@ class EngineArgs:
     cuda_graph_max_bs: int = 64          # largest batch with a graph; bigger batches run eagerly
     cuda_graph_min_tree_nodes: int = 0   # capture verify graphs for trees at least this big (calibration)
     spec_step: str = "auto"              # greedy speculative steps: device (fixed-shape, graphs), host; auto = device on CUDA
+    tree_attention: str = "auto"         # the device step's verify attention: auto = Triton's tree kernel where it runs, flashinfer
     pipeline: bool = True                # launch the next greedy step of an unchanged batch before the tokens go back
     extra: dict = field(default_factory=dict)
 
@@ -109,7 +110,7 @@ class Engine:
                                  heads_path=a.draft_heads, library_path=a.tree_library, static_tree=a.static_tree,
                                  capacity=max(256, a.max_running_requests), draft_dtype=a.draft_dtype,
                                  lookup_tokens=a.lookup_tokens, spec_step=a.spec_step,
-                                 max_batch=a.max_running_requests)
+                                 tree_attention=a.tree_attention, max_batch=a.max_running_requests)
 
     # ---- building requests --------------------------------------------------------------------
     def tokenize_chat(self, messages: list[dict]) -> list[int]:

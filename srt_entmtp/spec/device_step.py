@@ -25,7 +25,6 @@ CPU tests check it token for token against plain decoding.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 
@@ -43,9 +42,9 @@ log = logging.getLogger(__name__)
 ROOT_ONLY = Tree.from_paths([])
 MAX_LAYOUTS = 4
 LONE_LAYOUTS = 8  # a lone request's tree verifies in its own exact layout if the library has at most this many
-# the verify graphs' attention: "triton" (tree_triton.py, where Triton imports and a layout has at most 64
-# slots) or "flashinfer" (its custom-mask prefill); read at capture
-TREE_ATTENTION = os.environ.get("ENTMTP_TREE_ATTENTION", "triton")
+# the verify graphs' attention: "auto" = tree_triton.py where Triton imports and a layout has at most 64
+# slots, else FlashInfer's custom-mask prefill; "flashinfer" = always that
+TREE_ATTENTIONS = ("auto", "flashinfer")
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -130,7 +129,11 @@ class _Shape:
 
 
 class DeviceSpecStep:
-    def __init__(self, runner, drafter, trees: list[Tree], capacity: int, max_batch: int = 64):
+    def __init__(self, runner, drafter, trees: list[Tree], capacity: int, max_batch: int = 64,
+                 tree_attention: str = "auto"):
+        if tree_attention not in TREE_ATTENTIONS:
+            raise ValueError(f"tree attention must be one of {', '.join(TREE_ATTENTIONS)}, got {tree_attention!r}")
+        self.tree_attention = tree_attention
         self.runner, self.drafter = runner, drafter
         self.model, self.kv, self.dev = runner.model, runner.kv, runner.device
         self.capacity, self.max_batch = capacity, max_batch
@@ -238,14 +241,12 @@ class DeviceSpecStep:
 
     def _graph_attention(self, sh: _Shape, B: int, workspace: torch.Tensor):
         """The attention a (layout, batch) graph captures: Triton's tree kernel where it can, else
-        FlashInfer's custom-mask prefill (the ENTMTP_TREE_ATTENTION setting picks)."""
+        FlashInfer's custom-mask prefill (`tree_attention` picks)."""
         from srt_entmtp.model.attention.flashinfer import GraphAttention
 
         cfg, ctx = self.runner.config, self.runner.context_length
         S = sh.layout.num_slots
-        if TREE_ATTENTION not in ("triton", "flashinfer"):
-            raise ValueError(f"ENTMTP_TREE_ATTENTION must be triton or flashinfer, got {TREE_ATTENTION!r}")
-        if TREE_ATTENTION == "triton" and sh.table.anc is not None and tree_triton.available():
+        if self.tree_attention == "auto" and sh.table.anc is not None and tree_triton.available():
             return tree_triton.TreeAttention(self.kv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                                              sh.out_slots[:B * S], B, S, B * (ctx + S))
         return GraphAttention(self.kv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, workspace,

@@ -86,7 +86,7 @@ class SpecWorker(Worker):
     def __init__(self, runner: ModelRunner, drafter, library: TreeLibrary | list[TreeLibrary],
                  algorithm: str = "ENTMTP", static_tree: Tree | None = None, capacity: int = 256,
                  confidence_threshold: float = 0.05, lookup_tokens: int | None = None, spec_step: str = "host",
-                 max_batch: int = 64):
+                 max_batch: int = 64, tree_attention: str = "auto"):
         super().__init__(runner)
         self.algorithm = algorithm
         self.drafter = drafter
@@ -135,7 +135,7 @@ class SpecWorker(Worker):
         self.draft_ahead = True     # False: draft each step only once the one before is collected (an A/B switch)
         if spec_step == "device":
             trees = [t for lib in self.libraries for t in lib.all_trees()] + ([static_tree] if static_tree else [])
-            self.device_step = DeviceSpecStep(runner, drafter, trees, capacity, max_batch)
+            self.device_step = DeviceSpecStep(runner, drafter, trees, capacity, max_batch, tree_attention)
             # each request takes a whole layout's slots for the step
             self.max_nodes = max([self.max_nodes] + [sh.layout.num_slots for sh in self.device_step.shapes])
 
@@ -143,7 +143,7 @@ class SpecWorker(Worker):
     def create(cls, runner: ModelRunner, algorithm: str, drafter: str, heads_path: str | None = None,
                library_path: str | None = None, static_tree: str | None = None,
                capacity: int = 256, draft_dtype: str = "auto", lookup_tokens: int | None = None,
-               spec_step: str = "auto", max_batch: int = 64) -> SpecWorker:
+               spec_step: str = "auto", max_batch: int = 64, tree_attention: str = "auto") -> SpecWorker:
         from srt_entmtp.spec.drafters import load_drafter
 
         heads = Path(heads_path) if heads_path else default_heads_dir(drafter)
@@ -158,7 +158,7 @@ class SpecWorker(Worker):
         if static_tree:
             tree = _tree_by_name(libraries, static_tree)
         w = cls(runner, d, libraries, algorithm=algorithm, static_tree=tree, capacity=capacity,
-                lookup_tokens=lookup_tokens, spec_step=spec_step, max_batch=max_batch)
+                lookup_tokens=lookup_tokens, spec_step=spec_step, max_batch=max_batch, tree_attention=tree_attention)
         n_trees = len({t for lib in libraries for t in lib.all_trees()})
         log.info("speculation: %s, %s drafter from %s (%s weights), tree library %s (%d trees), prompt lookup %s, "
                  "%s", algorithm, drafter, heads, "int8" if int8 else str(d.param_dtype).replace("torch.", ""),

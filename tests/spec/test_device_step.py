@@ -7,6 +7,7 @@ same model token for token, with different trees in one batch and padding reques
 """
 from __future__ import annotations
 
+import importlib.util
 import random
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 
 from srt_entmtp.model.attention.flashinfer import full_kv_mask
 from srt_entmtp.model.attention.tree_mask import mask_byte_indptr, pack_tree_mask_torch
+from srt_entmtp.model.attention.tree_triton import ancestor_bits
 from srt_entmtp.model.forward_batch import ForwardBatch
 from srt_entmtp.spec.device_step import choose_layouts
 from srt_entmtp.spec.ragged import RaggedTreeBatch
@@ -122,3 +124,22 @@ def test_propose_layout_drafts_what_propose_drafts(runner, kind):
         starts.append(starts[-1] + t.num_nodes)
     for i, t in enumerate(trees):
         assert got[i, table.slot_of_node[table.rows[t]]].tolist() == ref[starts[i]:starts[i + 1]].tolist(), t.name
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_verify_graphs_take_the_triton_tree_attention_unless_told_flashinfer(runner):
+    """`tree_attention="auto"` gives every layout of at most 64 slots the Triton kernel (the
+    CUDA graphs' choice, made here without capturing); an unknown setting is refused by name."""
+    from srt_entmtp.model.attention.tree_triton import TreeAttention
+    from srt_entmtp.spec.device_step import DeviceSpecStep
+    from srt_entmtp.spec.drafters import load_drafter
+    from srt_entmtp.spec.worker import default_heads_dir
+
+    d = load_drafter(default_heads_dir("mtp"), runner)
+    step = DeviceSpecStep(runner, d, TREES, capacity=8, max_batch=4)
+    for sh in step.shapes:
+        attn = step._graph_attention(sh, 2, None)
+        assert isinstance(attn, TreeAttention) and attn.nodes == sh.layout.num_slots and attn.batch == 2
+        assert torch.equal(sh.table.anc, ancestor_bits(sh.table.mask_cpu))
+    with pytest.raises(ValueError, match="tree attention must be one of auto, flashinfer"):
+        DeviceSpecStep(runner, d, TREES, capacity=8, max_batch=4, tree_attention="cudnn")
