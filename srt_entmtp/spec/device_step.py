@@ -88,7 +88,6 @@ class DraftedStep:
     li: int
     B: int                          # the batch bucket (padded size) both halves run at
     reqs: list
-    trees: list
 
 
 class _Shape:
@@ -308,7 +307,7 @@ class DeviceSpecStep:
             entry[1].replay()
         else:
             self._draft_body(sh, B)
-        return DraftedStep(li, B, reqs, trees)
+        return DraftedStep(li, B, reqs)
 
     @torch.inference_mode()
     def launch_verify(self, d: DraftedStep) -> InFlightStep:
