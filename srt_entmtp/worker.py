@@ -17,6 +17,12 @@ from srt_entmtp.sched.request import Request
 _EMPTY = torch.empty(0, dtype=torch.long)
 
 
+def same_batch(a: list[Request], b: list[Request]) -> bool:
+    """Whether two running batches are the same requests in the same order (a pipelined step
+    relaunches only an unchanged batch)."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
 class Worker:
     algorithm = "NONE"
 
@@ -127,8 +133,7 @@ class Worker:
                 continue
             r.kv_slots = torch.cat([r.kv_slots, s])
             results[r.rid] = [t]
-        if len(results) == len(launched) == len(reqs) and all(a is b for a, b in zip(launched, reqs)) and (
-                self._pipelines(reqs)):
+        if len(results) == len(launched) and same_batch(launched, reqs) and self._pipelines(reqs):
             self._plain_launch(reqs, [results[r.rid][0] for r in reqs])
         return results
 

@@ -274,12 +274,6 @@ class DeviceSpecStep:
         self.graphs[(li, B)] = (attn, gd, gv)
 
     # ---- one step -----------------------------------------------------------------------------
-    def launch(self, li: int, reqs, trees: list[Tree]) -> InFlightStep:
-        """Draft and verify `reqs` (each its tree from `trees`) without waiting for the device;
-        `collect` reads the result. The two halves, for callers that draft ahead:
-        `launch_verify(launch_draft(...))`."""
-        return self.launch_verify(self.launch_draft(li, reqs, trees))
-
     @torch.inference_mode()
     def launch_draft(self, li: int, reqs, trees: list[Tree], pooled: bool = False) -> DraftedStep:
         """Start drafting: each request's tree from its hidden state and root (its pending

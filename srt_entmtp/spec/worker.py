@@ -32,7 +32,7 @@ from srt_entmtp.spec.policy import ConfidencePolicy, EntMTPPolicy, LoadAwarePoli
 from srt_entmtp.spec.ragged import RaggedTreeBatch
 from srt_entmtp.spec.tree import Tree
 from srt_entmtp.spec.verify import sample_verify
-from srt_entmtp.worker import Worker
+from srt_entmtp.worker import Worker, same_batch
 
 log = logging.getLogger(__name__)
 
@@ -247,9 +247,9 @@ class SpecWorker(Worker):
             trees = self._trees(reqs, slots, entropy)
         dev = self.runner.device
         chains = self._lookup_chains(reqs) if self.lookup_tokens else None
-        if self.device_step is not None and not (chains and any(chains)) and any(t.num_nodes > 1 for t in trees) and all(
+        if self.device_step is not None and not (chains and any(chains)) and all(
                 r.sampling.greedy and r.spec.policy != "confidence" for r in reqs):
-            li = self.device_step.pick(trees, len(reqs))
+            li = self._device_layout(trees)
             if li is not None:
                 return self._decode_device(li, reqs, trees, slots, entropy)
         self._fold_deferred()  # every other path reads or updates the estimates now
@@ -345,10 +345,9 @@ class SpecWorker(Worker):
         nxt = self._trees(reqs, slots, est)
         self._ahead = (tuple(r.rid for r in reqs), slots, est, nxt)
         self._drafted_ahead = None
-        if self.pipeline is not False and self.draft_ahead and any(t.num_nodes > 1 for t in nxt):
-            li2 = ds.pick(nxt, len(reqs))
-            if li2 is not None:  # the GPU drafts the next step while the host collects this one
-                self._drafted_ahead = ds.launch_draft(li2, reqs, nxt, pooled=True)
+        li2 = self._device_layout(nxt) if self.pipeline is not False and self.draft_ahead else None
+        if li2 is not None:  # the GPU drafts the next step while the host collects this one
+            self._drafted_ahead = ds.launch_draft(li2, reqs, nxt, pooled=True)
 
     def _collect_device(self, reqs: list[Request]) -> dict[str, list[int]]:
         """Wait for the step in flight; keep each live request's accepted slots and free the rest
@@ -366,8 +365,7 @@ class SpecWorker(Worker):
         if spare:
             self.kv.free(torch.cat(spare))
         self._deferred = (f["reqs"], out.entropy)
-        if self.pipeline is not False and len(alive) == len(f["reqs"]) == len(reqs) and all(
-                a is b for a, b in zip(f["reqs"], reqs)):
+        if self.pipeline is not False and len(alive) == len(f["reqs"]) and same_batch(f["reqs"], reqs):
             self._relaunch(reqs)  # before the records: the GPU waits on it
         else:
             self._drafted_ahead = None  # drafts of a batch that changed are not verified
@@ -388,14 +386,21 @@ class SpecWorker(Worker):
         if ahead is None:
             return
         slots, entropy, trees = ahead
-        if drafted is None and any(t.num_nodes > 1 for t in trees):  # not drafted ahead (draft_ahead off)
-            li = self.device_step.pick(trees, len(reqs))
+        if drafted is None:  # not drafted ahead (draft_ahead off)
+            li = self._device_layout(trees)
             if li is not None:
                 drafted = self.device_step.launch_draft(li, reqs, trees, pooled=True)  # roots: the step just collected
         if drafted is None:  # root-only trees, or no layout: the next call takes another path with these trees
             self._ahead = (tuple(r.rid for r in reqs), *ahead)
             return
         self._launch_device(drafted.li, reqs, trees, slots, entropy, drafted)
+
+    def _device_layout(self, trees: list[Tree]) -> int | None:
+        """The device step's layout for these trees (one per request), or None: no tree drafts,
+        or no layout holds them all (the host path, or a plain step, takes the batch)."""
+        if not any(t.num_nodes > 1 for t in trees):
+            return None
+        return self.device_step.pick(trees, len(trees))
 
     def _take_chosen_ahead(self, reqs: list[Request]):
         """(slots, estimate, trees) chosen for exactly this batch during its last device step, or None."""

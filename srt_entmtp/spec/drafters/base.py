@@ -47,8 +47,6 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 UNBOUNDED_DEPTH = sys.maxsize  # a recursive drafter (MTP) can fill a tree of any depth
 
-
-
 TOPK_CHUNKS = 32  # chunks per row of the two-pass top-k (top_k)
 
 
@@ -74,6 +72,7 @@ def top_k(x: torch.Tensor, k: int, two_pass: bool | None = None) -> tuple[torch.
     i1 = i1 + torch.arange(0, G * n, n, device=x.device).view(G, 1)
     v2, j = v1.flatten(-2).topk(k, dim=-1)
     return v2, i1.flatten(-2).gather(-1, j)
+
 
 class HeadsLoadError(ModelLoadError):
     """A heads directory is missing, malformed, or made for another model."""
