@@ -148,6 +148,29 @@ def model_weight_bytes(runner) -> int:
     return n * torch.tensor([], dtype=runner.dtype).element_size()
 
 
+def kernel_ab(ns, dev) -> list[dict]:
+    """(b)'s graph forward and engine step with one kernel choice undone at a time: FlashInfer's
+    decode wrapper as the decode graphs' attention, and the unfused matmuls (cuBLAS + norm /
+    SiLU kernels) in place of model/small_linear.py. Each variant is its own engine (graphs
+    capture the path taken at capture)."""
+    from srt_entmtp.model import small_linear
+
+    rows = []
+    for name, kw in (("flashinfer-decode-attention", {"tree_attention": "flashinfer"}), ("unfused-matmuls", {})):
+        small_linear.ENABLED = name != "unfused-matmuls"
+        try:
+            eng = Engine(EngineArgs(device=ns.device, speculative_algorithm="NONE", context_length=2048,
+                                    max_running_requests=max(ns.batch_sizes), kv_slots=ns.kv_slots, **kw))
+            for B in ns.batch_sizes:
+                fwd, _, step = ours_decode(eng, B, ns.context, dev)
+                rows.append({"variant": name, "batch": B, "forward_s": fwd, "engine_step_s": step})
+        finally:
+            small_linear.ENABLED = True
+        del eng
+        free_memory()
+    return rows
+
+
 def part_b(ns, dev):
     eng = Engine(EngineArgs(device=ns.device, speculative_algorithm="NONE", max_running_requests=max(ns.batch_sizes),
                             context_length=2048, kv_slots=ns.kv_slots, cuda_graph=not ns.eager))
@@ -351,6 +374,9 @@ def main():
     ap.add_argument("--draft-ahead-ab", action="store_true",
                     help="(c) also runs ENTMTP drafting each step only after the one before is collected "
                          "(the A/B of SpecWorker.draft_ahead)")
+    ap.add_argument("--kernel-ab", action="store_true",
+                    help="(b) also times the decode step with FlashInfer's decode attention, and with the unfused "
+                         "matmuls, each undone alone")
     ap.add_argument("--library-dir", default=None)
     ap.add_argument("--lookup-tokens", type=int, default=0,
                     help="also run ENTMTP with a prompt-lookup branch of up to N tokens (part c)")
@@ -380,6 +406,8 @@ def main():
     free_memory()
     if "b" in ns.parts:
         res["decode"] = part_b(ns, dev)
+        if ns.kernel_ab:
+            res["decode_kernel_ab"] = kernel_ab(ns, dev)
     if "c" in ns.parts:
         res["throughput"] = part_c(ns, dev)
     Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
@@ -405,6 +433,10 @@ def print_tables(res):
             print(f"batch {r['batch']:3d}: {r['ours_forward_s'] * 1e3:8.3f} {r['ours_eager_forward_s'] * 1e3:8.3f} "
                   f"{r['ours_engine_step_s'] * 1e3:8.3f} {hf} "
                   f"{r['floor_s'] * 1e3:8.3f}   (forward / floor = {r['ours_forward_s'] / r['floor_s']:.1f}x)")
+    if res.get("decode_kernel_ab"):
+        print("\n(b) with one kernel choice undone: forward (graph) ms | engine step ms")
+        for r in res["decode_kernel_ab"]:
+            print(f"batch {r['batch']:3d} {r['variant']:28s} {r['forward_s'] * 1e3:8.3f} {r['engine_step_s'] * 1e3:8.3f}")
     if "throughput" in res:
         print("\n(c) offline throughput: tokens/s (accepted tokens per step) [speedup vs NONE]")
         for r in res["throughput"]:

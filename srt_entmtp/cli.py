@@ -49,9 +49,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "step (a draft and a verify CUDA graph per batch bucket and tree layout on CUDA); host = per-request trees "
                         "with host-side acceptance (also sampling and lookup steps, always); auto = device on CUDA")
     s.add_argument("--tree-attention", default="auto", choices=["auto", "flashinfer"],
-                   help="tree attention of the device step's verify graphs (CUDA): auto = a Triton kernel that "
-                        "reads one word of ancestor bits per tree node, where Triton imports and a tree layout "
-                        "has at most 64 slots, else FlashInfer; flashinfer = FlashInfer's custom-mask prefill")
+                   help="attention of the CUDA graphs: auto = a Triton kernel that reads one word of ancestor "
+                        "bits per tree node, for the device step's verify graphs (where a tree layout has at most "
+                        "64 slots) and for decode steps (a one-node tree), where Triton imports, else FlashInfer; "
+                        "flashinfer = FlashInfer's decode wrapper and custom-mask prefill")
     s.add_argument("--disable-pipeline", action="store_true",
                    help="do not pipeline greedy steps (by default the next device speculative step, and on CUDA "
                         "the next plain step, of an unchanged batch is launched before the scheduler sees the "

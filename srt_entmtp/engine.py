@@ -53,7 +53,7 @@ class EngineArgs:
     cuda_graph_max_bs: int = 64          # largest batch with a graph; bigger batches run eagerly
     cuda_graph_min_tree_nodes: int = 0   # capture verify graphs for trees at least this big (calibration)
     spec_step: str = "auto"              # greedy speculative steps: device (fixed-shape, graphs), host; auto = device on CUDA
-    tree_attention: str = "auto"         # the device step's verify attention: auto = Triton's tree kernel where it runs, flashinfer
+    tree_attention: str = "auto"         # the graphs' attention: auto = Triton's tree kernel where it runs (decode steps as one-node trees), flashinfer
     pipeline: bool = True                # launch the next greedy step of an unchanged batch before the tokens go back
     extra: dict = field(default_factory=dict)
 
@@ -78,7 +78,8 @@ class Engine:
             plain = args.speculative_algorithm == "NONE"
             self.runner.capture_cuda_graphs(min(args.max_running_requests, args.cuda_graph_max_bs),
                                             max_tree_nodes=0 if plain else max(self.worker.max_new_slots_per_step(),
-                                                                               args.cuda_graph_min_tree_nodes))
+                                                                               args.cuda_graph_min_tree_nodes),
+                                            decode_attention=args.tree_attention)
             step = getattr(self.worker, "device_step", None)
             if step is not None and self.runner.graphs is not None:
                 step.capture(min(args.max_running_requests, args.cuda_graph_max_bs), self.runner.graphs.workspace)

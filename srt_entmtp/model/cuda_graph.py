@@ -81,15 +81,23 @@ def pad_batch(fb: ForwardBatch, batch: int, tokens: int) -> ForwardBatch:
 
 @dataclass
 class CapturedForward:
-    attn: object                 # GraphAttention: the shape's FlashInfer wrapper and buffers
+    attn: object                 # GraphAttention (FlashInfer) or DecodeAttention (Triton): the shape's buffers
     graph: torch.cuda.CUDAGraph
 
 
 class CudaGraphRunner:
     """Captures the runner's model for every bucket at start-up; `forward` replays or says None."""
 
-    def __init__(self, runner, max_batch: int, max_tree_nodes: int = 0, decode: bool = True):
+    def __init__(self, runner, max_batch: int, max_tree_nodes: int = 0, decode: bool = True,
+                 decode_attention: str = "auto"):
         self.runner = runner
+        # decode graphs' attention: auto = the Triton tree kernel (one node a request) where Triton
+        # imports, flashinfer = FlashInfer's decode wrapper
+        from srt_entmtp.model.attention import tree_triton
+
+        if decode_attention not in ("auto", "flashinfer"):
+            raise ValueError(f"decode attention must be auto or flashinfer, got {decode_attention!r}")
+        self.triton_decode = decode_attention == "auto" and tree_triton.available()
         self.model = runner.model
         self.max_batch = max_batch
         self.max_tree_nodes = max_tree_nodes
@@ -118,6 +126,7 @@ class CudaGraphRunner:
     @torch.inference_mode()
     def capture(self) -> None:
         from srt_entmtp.model.attention.flashinfer import WORKSPACE_BYTES, GraphAttention
+        from srt_entmtp.model.attention.tree_triton import DecodeAttention
 
         r, cfg = self.runner, self.runner.config
         self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=r.device)
@@ -129,8 +138,12 @@ class CudaGraphRunner:
         for batch, tokens, tree in sorted(self.shapes, key=lambda s: -s[1]):  # largest first: the pool fits all
             kv_cap = batch * ctx + tokens
             bits = tokens * (ctx + tokens) if tree else 0
-            attn = GraphAttention(r.kv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.workspace,
-                                  self.out_slots[:tokens], batch, tokens, kv_cap, tree, bits)
+            if self.triton_decode and not tree:
+                attn = DecodeAttention(r.kv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.out_slots[:tokens],
+                                       batch, kv_cap)
+            else:
+                attn = GraphAttention(r.kv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.workspace,
+                                      self.out_slots[:tokens], batch, tokens, kv_cap, tree, bits)
             attn.plan(self._dummy(batch, tokens, tree))
             self.input_ids[:tokens].zero_()
             self.positions[:tokens].zero_()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from srt_entmtp.errors import ModelLoadError
-from srt_entmtp.model import fused
+from srt_entmtp.model import fused, small_linear
 from srt_entmtp.model.attention.base import AttentionBackend
 from srt_entmtp.model.config import ModelConfig
 from srt_entmtp.model.fused import add_rms_norm, rms_norm, rope_qkv_store, rope_torch, silu_mul
@@ -110,6 +110,8 @@ class LlamaModel:
         h = F.embedding(input_ids, self.embed)
         qk_size = self.q_size + self.kv_size
         fused_rope = fused.enabled(h) and not self.cfg.qk_norm
+        if fused_rope and small_linear.usable(h):
+            return self._forward_few_tokens(h, positions, attn, hidden_indices)
         if not fused_rope:
             cos = self.cos[positions].to(self.dtype).unsqueeze(1)  # [N, 1, d], shared by all heads
             sin = self.sin_signed[positions].to(self.dtype).unsqueeze(1)
@@ -137,6 +139,21 @@ class LlamaModel:
         if hidden_indices is not None:
             return rms_norm((h + pending)[hidden_indices], self.final_norm, eps)
         return add_rms_norm(pending, h, self.final_norm, eps)[0]
+
+    def _forward_few_tokens(self, h: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend,
+                            hidden_indices: torch.Tensor | None) -> torch.Tensor:
+        """forward() for decode steps and small trees (<= small_linear.SMALL_M tokens): six kernels
+        a layer (norm+qkv, RoPE+KV store, attention, o+residual, norm+gate/up+SiLU, down+residual)."""
+        cfg, sl = self.cfg, small_linear
+        H, Hk, d, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+        n = h.shape[0]
+        for i, L in enumerate(self.layers):
+            qkv = sl.norm_linear(h, L["ln1"], L["qkv"].weight, L["qkv"].bias, eps)
+            kc, vc, slots = attn.cache_target(i)
+            q = rope_qkv_store(qkv.view(n, H + 2 * Hk, d), H, Hk, positions, self.cos, self.sin_signed, kc, vc, slots)
+            h = sl.linear_residual(attn.run(i, q, None, None), L["o"].weight, h)
+            h = sl.linear_residual(sl.norm_gate_silu(h, L["ln2"], L["gate_up"].weight, eps), L["down"].weight, h)
+        return rms_norm(h if hidden_indices is None else h[hidden_indices], self.final_norm, eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits (entropy and sampling want float32 anyway)."""

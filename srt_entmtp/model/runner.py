@@ -82,16 +82,19 @@ class ModelRunner:
         """The served model's name (its directory), which draft heads and libraries are keyed on."""
         return self.model_dir.name
 
-    def capture_cuda_graphs(self, max_batch: int, max_tree_nodes: int = 0, decode: bool = True) -> bool:
+    def capture_cuda_graphs(self, max_batch: int, max_tree_nodes: int = 0, decode: bool = True,
+                            decode_attention: str = "auto") -> bool:
         """Capture decode graphs (if `decode`) and tree-verify graphs for trees of up to
-        max_tree_nodes nodes (if > 0), for batches up to max_batch. CUDA with FlashInfer only."""
+        max_tree_nodes nodes (if > 0), for batches up to max_batch. CUDA with FlashInfer only.
+        decode_attention: auto = the decode graphs attend with the Triton tree kernel where
+        Triton imports; flashinfer = FlashInfer's decode wrapper."""
         if self.device.type != "cuda" or self.backend_name != "flashinfer":
             log.info("CUDA graphs are off: they need a CUDA device and the flashinfer backend (have %s, %s)",
                      self.device, self.backend_name)
             return False
         from srt_entmtp.model.cuda_graph import CudaGraphRunner
 
-        graphs = CudaGraphRunner(self, max_batch, max_tree_nodes, decode)
+        graphs = CudaGraphRunner(self, max_batch, max_tree_nodes, decode, decode_attention)
         graphs.capture()
         self.graphs = graphs
         return True

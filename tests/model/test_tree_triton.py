@@ -85,3 +85,44 @@ def test_ancestor_bits_set_bit_j_of_row_i_for_mask_i_j():
             assert [(row >> j) & 1 for j in range(64)] == m[b, i].int().tolist()
     with pytest.raises(ValueError, match="at most 64"):
         ancestor_bits(torch.ones(1, 65, 65, dtype=torch.bool))
+
+
+def test_decode_attention_matches_the_sdpa_backend_on_a_padded_decode_batch():
+    """The decode graphs' attention (a one-node tree a request) planned from a decode
+    ForwardBatch padded as the graph runner pads it, against the SDPA backend's decode on the
+    real requests; the padding requests write only slot 0."""
+    from srt_entmtp.model.attention.sdpa import SdpaBackend
+    from srt_entmtp.model.attention.tree_triton import DecodeAttention
+    from srt_entmtp.model.cuda_graph import pad_batch
+    from srt_entmtp.model.forward_batch import ForwardBatch
+    from srt_entmtp.model.kv_cache import KVPool
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(7)
+    kv = KVPool(1, 400, KH, D, dt, dev)
+    kv.k.copy_(torch.randn(kv.k.shape, generator=g).to(dt))
+    kv.v.copy_(torch.randn(kv.v.shape, generator=g).to(dt))
+    prefixes = [kv.alloc(n) for n in (3, 150, 64)]
+    new = kv.alloc(3)
+    fb = ForwardBatch.build_decode([1, 2, 3], prefixes, new, device="cpu")
+    q = torch.randn(3, H, D, generator=g).to(dev, dt)
+    k_new, v_new = torch.randn(3, KH, D, generator=g).to(dev, dt), torch.randn(3, KH, D, generator=g).to(dev, dt)
+
+    ref = SdpaBackend(kv, H, KH, D)
+    ref.plan(fb.to(dev))
+    want = ref.run(0, q, k_new, v_new).float().cpu()
+
+    out_slots = torch.zeros(4, dtype=torch.long, device=dev)
+    attn = DecodeAttention(kv, H, KH, D, out_slots, batch=4, kv_capacity=400)
+    fbp = pad_batch(fb, 4, 4)
+    assert attn.fits(fbp) and not attn.fits(pad_batch(fb, 5, 5))
+    attn.plan(fbp)
+    out_slots.copy_(fbp.out_slots)
+    q4 = torch.cat([q, torch.randn(1, H, D, generator=g).to(dev, dt)])
+    got = attn.run(0, q4, torch.cat([k_new, k_new[:1]]), torch.cat([v_new, v_new[:1]]))[:3].float().cpu()
+    tol = 2e-2 if dt == torch.bfloat16 else 1e-4
+    assert torch.allclose(got, want, atol=tol, rtol=tol), (got - want).abs().max()
+    assert attn.nsplit > 1, "a batch of 4 should split its keys to fill the GPU"
+    assert torch.equal(kv.k[0][new], k_new) and torch.equal(kv.v[0][new], v_new), "new K/V stored in their slots"
+    assert torch.equal(kv.k[0][0], k_new[0]), "the padding token writes slot 0, and only slot 0"

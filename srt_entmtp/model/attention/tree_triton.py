@@ -214,3 +214,29 @@ class TreeAttention(AttentionBackend):
         tree_attention(q.contiguous(), kc, vc, self.kv_indptr, self.kv_indices, self.anc, self.out, self.part_o,
                        self.part_lse, self.scale, self.nodes, self.nsplit, self.block_m)
         return self.out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+
+class DecodeAttention(TreeAttention):
+    """The decode graphs' attention: each request's one new token is a one-node tree over its
+    prefix, so the tree kernel serves decode too, planned from the step's ForwardBatch with one
+    pinned copy (FlashInfer's decode wrapper needs its plan on the host every step, and at batch 1
+    its kernel plus merge takes ~8 us a layer against ~6 here; bench_tree_attention.py)."""
+
+    tree = False
+
+    def __init__(self, kv, num_heads: int, num_kv_heads: int, head_dim: int, out_slots: torch.Tensor, batch: int,
+                 kv_capacity: int):
+        super().__init__(kv, num_heads, num_kv_heads, head_dim, out_slots, batch, 1, kv_capacity)
+        self.anc.fill_(1)  # a node sees itself
+
+    def fits(self, fb) -> bool:
+        """Whether a batch already padded to this shape fits the buffers."""
+        return fb.batch_size == self.batch and fb.num_tokens == self.tokens and sum(fb.kv_lens) <= self.kv_capacity
+
+    def plan(self, fb) -> None:
+        if fb.num_tokens != fb.batch_size:
+            raise ValueError("DecodeAttention: one new token per request")
+        self.plan_fixed_trees(1, [k - 1 for k in fb.kv_lens], fb.kv_indices)
+
+    def set_trees(self, anc: torch.Tensor) -> None:
+        raise NotImplementedError("DecodeAttention has no trees")

@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""The few-row fused matmuls (model/small_linear.py) against cuBLAS plus the elementwise kernels
+they replace, at the default model's shapes, in CUDA graphs of 30 layers (distinct weights per
+layer, so weights come from HBM as in a forward, and launch gaps count as they do there).
+
+  (1) per op and tile config: us per layer call at 1, 4, 8, 16 rows (the sweep behind
+      small_linear.CONFIGS);
+  (2) a layer's matmul chain without attention, at the chosen configs:
+      unfused  add_rms_norm, qkv, o, add_rms_norm, gate_up, silu_mul, down   (7 kernels)
+      fused    norm_linear, linear_residual, norm_gate_silu, linear_residual (4 kernels)
+
+    python scripts/bench_small_linear.py [--out small_linear.json] [--sweep]
+
+Needs CUDA and Triton, not the model. Prints a table last and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from srt_entmtp.model import fused, small_linear
+
+HID, INTER, QKV, LAYERS = 576, 1536, 960, 30  # SmolLM2-135M
+ROWS = (1, 4, 8, 16, 32, 64)
+
+
+def graph_us(fn, reps=50) -> float:
+    """us per call of fn, where fn runs all LAYERS layers, replayed as one CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    for _ in range(5):
+        g.replay()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    a.record()
+    for _ in range(reps):
+        g.replay()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) * 1e3 / reps / LAYERS
+
+
+def weights(dt):
+    def w(n, k):
+        return [torch.randn(n, k, device="cuda", dtype=dt) * 0.05 for _ in range(LAYERS)]
+    return {"qkv": w(QKV, HID), "o": w(HID, HID), "gate_up": w(2 * INTER, HID), "down": w(HID, INTER),
+            "ln": [1 + 0.1 * torch.randn(HID, device="cuda", dtype=dt) for _ in range(LAYERS)]}
+
+
+def op_call(op, W, M, dt, config):
+    h = torch.randn(M, HID, device="cuda", dtype=dt)
+    act = torch.randn(M, INTER, device="cuda", dtype=dt)
+    if op == "norm_linear/qkv":
+        return lambda: [small_linear.norm_linear(h, W["ln"][i], W["qkv"][i], None, 1e-5, config) for i in range(LAYERS)]
+    if op == "norm_gate_silu/gate_up":
+        return lambda: [small_linear.norm_gate_silu(h, W["ln"][i], W["gate_up"][i], 1e-5, config) for i in range(LAYERS)]
+    if op == "linear_residual/o":
+        return lambda: [small_linear.linear_residual(h, W["o"][i], h, config) for i in range(LAYERS)]
+    return lambda: [small_linear.linear_residual(act, W["down"][i], h, config) for i in range(LAYERS)]
+
+
+OPS = ("norm_linear/qkv", "norm_gate_silu/gate_up", "linear_residual/o", "linear_residual/down")
+CONFIG_KEY = {"norm_linear/qkv": "norm_linear", "norm_gate_silu/gate_up": "norm_gate_silu",
+              "linear_residual/o": "linear_residual", "linear_residual/down": "linear_residual"}
+
+
+def sweep(W, dt, grid):
+    rows = []
+    for op in OPS:
+        for cfg in grid:
+            try:
+                us = {M: graph_us(op_call(op, W, M, dt, cfg)) for M in ROWS}
+            except Exception as e:  # a config Triton cannot build (too much shared memory, ...)
+                print(f"  {op} {cfg}: {type(e).__name__}", flush=True)
+                continue
+            rows.append({"op": op, "config": list(cfg), "us": us})
+            print(f"  {op:24s} {str(cfg):18s} " + " ".join(f"{us[M]:6.2f}" for M in ROWS), flush=True)
+    return rows
+
+
+def chains(W, dt):
+    out = []
+    for M in ROWS:
+        h = torch.randn(M, HID, device="cuda", dtype=dt)
+        r = torch.randn(M, HID, device="cuda", dtype=dt)
+        attn = torch.randn(M, HID, device="cuda", dtype=dt)  # stands in for attention's output
+
+        def unfused():
+            hh, pending = h, r
+            for i in range(LAYERS):
+                x, hh = fused.add_rms_norm(pending, hh, W["ln"][i], 1e-5)
+                F.linear(x, W["qkv"][i])
+                x, hh = fused.add_rms_norm(F.linear(attn, W["o"][i]), hh, W["ln"][i], 1e-5)
+                pending = F.linear(fused.silu_mul(F.linear(x, W["gate_up"][i])), W["down"][i])
+
+        def fused_chain():
+            hh = h
+            for i in range(LAYERS):
+                small_linear.norm_linear(hh, W["ln"][i], W["qkv"][i], None, 1e-5)
+                hh = small_linear.linear_residual(attn, W["o"][i], hh)
+                hh = small_linear.linear_residual(small_linear.norm_gate_silu(hh, W["ln"][i], W["gate_up"][i], 1e-5),
+                                                  W["down"][i], hh)
+        out.append({"rows": M, "unfused_us": graph_us(unfused), "fused_us": graph_us(fused_chain)})
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="small_linear.json")
+    ap.add_argument("--sweep", action="store_true", help="time every tile config of the grid (~1-2 min of compiles)")
+    ns = ap.parse_args()
+    if not torch.cuda.is_available() or small_linear._kernel() is None:
+        sys.exit("bench_small_linear.py needs a CUDA device and Triton")
+    dt = torch.bfloat16
+    W = weights(dt)
+    # correctness at the chosen configs, against the torch forms
+    h = torch.randn(8, HID, device="cuda", dtype=dt)
+    got = small_linear.norm_gate_silu(h, W["ln"][0], W["gate_up"][0], 1e-5)
+    g, u = F.linear(fused.rms_norm_torch(h, W["ln"][0], 1e-5), W["gate_up"][0]).chunk(2, -1)
+    err = (got.float() - (F.silu(g) * u).float()).abs().max().item()
+    # (the first sweep, over BLOCK_K 64-256 and 2-4 stages, found the widest K tile and the deepest
+    # pipeline fastest everywhere; this grid goes on from there)
+    grid = list(itertools.product((16, 32), (256, 512), (2, 4), (3, 4, 5))) if ns.sweep else []
+    res = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(), "layers": LAYERS,
+           "rows": list(ROWS), "configs": small_linear.CONFIGS, "norm_gate_silu_max_abs_err": err,
+           "sweep": sweep(W, dt, grid) if grid else [], "chains": chains(W, dt)}
+    Path(ns.out).write_text(json.dumps(res, indent=1))
+    if res["sweep"]:
+        print("\nbest config per op (sum of us over rows 1 and 8):")
+        for op in OPS:
+            best = min((r for r in res["sweep"] if r["op"] == op), key=lambda r: r["us"][1] + r["us"][8])
+            print(f"  {op:24s} {best['config']}  " + " ".join(f"{best['us'][M]:.2f}" for M in ROWS))
+    print(f"\n{res['gpu']}: a layer's matmul chain (no attention), us per layer in a {LAYERS}-layer graph")
+    print("| rows | unfused (7 kernels) | fused (4 kernels) | saved |\n| --- | --- | --- | --- |")
+    for c in res["chains"]:
+        print(f"| {c['rows']} | {c['unfused_us']:.2f} | {c['fused_us']:.2f} | {c['unfused_us'] - c['fused_us']:.2f} |")
+    print(f"norm_gate_silu vs torch, max |diff|: {err:.4f}\nwrote {ns.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""The fused few-row matmuls (model/small_linear.py) against the torch ops they replace, and the
+model's few-token forward path against its ordinary one. Without CUDA they run in Triton's
+interpreter (conftest.py sets TRITON_INTERPRET=1) in float32; with CUDA, compiled, in bf16."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                reason="triton is not installed (pip install triton runs these in its interpreter)")
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DT = torch.bfloat16 if DEV == "cuda" else torch.float32
+TOL = 3e-2 if DT == torch.bfloat16 else 1e-4
+
+
+def rand(*shape, g, scale=1.0):
+    return (torch.randn(*shape, generator=g) * scale).to(DEV, DT)
+
+
+def rms(h, w, eps):
+    from srt_entmtp.model.fused import rms_norm_torch
+
+    return rms_norm_torch(h, w, eps)
+
+
+def close(a, b):
+    return torch.allclose(a.float().cpu(), b.float().cpu(), atol=TOL, rtol=TOL), (a.float() - b.float()).abs().max()
+
+
+# rows: one, a few, a full tile, past one tile; K and N not multiples of the tiles (200 / 128, 40 / 16)
+@pytest.mark.parametrize("M", [1, 5, 16, 19])
+@pytest.mark.parametrize("config", [None, (32, 64, 2, 2)])
+def test_norm_linear_is_rms_norm_then_linear(M, config):
+    from srt_entmtp.model.small_linear import norm_linear
+
+    g = torch.Generator().manual_seed(M)
+    h, ln, w, b = rand(M, 200, g=g), rand(200, g=g), rand(40, 200, g=g, scale=0.1), rand(40, g=g)
+    for bias in (None, b):
+        ok, err = close(norm_linear(h, ln, w, bias, 1e-5, config=config), F.linear(rms(h, ln, 1e-5), w, bias))
+        assert ok, err
+
+
+@pytest.mark.parametrize("M", [1, 7, 16, 21])
+def test_norm_gate_silu_is_rms_norm_linear_then_silu_times_up(M):
+    from srt_entmtp.model.small_linear import norm_gate_silu
+
+    g = torch.Generator().manual_seed(10 + M)
+    h, ln, w = rand(M, 96, g=g), rand(96, g=g), rand(2 * 56, 96, g=g, scale=0.1)
+    gate, up = F.linear(rms(h, ln, 1e-6), w).chunk(2, dim=-1)
+    ok, err = close(norm_gate_silu(h, ln, w, 1e-6), F.silu(gate) * up)
+    assert ok, err
+
+
+@pytest.mark.parametrize("M", [1, 9, 16, 18])
+def test_linear_residual_adds_the_product_to_the_residual(M):
+    from srt_entmtp.model.small_linear import linear_residual
+
+    g = torch.Generator().manual_seed(20 + M)
+    x, w, r = rand(M, 150, g=g), rand(48, 150, g=g, scale=0.1), rand(M, 48, g=g)
+    before = r.clone()
+    ok, err = close(linear_residual(x, w, r), r + F.linear(x, w))
+    assert ok, err
+    assert torch.equal(r, before), "the residual is read, not written"
+
+
+def tiny_model(qkv_bias: bool, monkeypatch):
+    from srt_entmtp.model import llama
+    from srt_entmtp.model.config import ModelConfig
+
+    monkeypatch.setattr(llama, "onednn_available", lambda *a: False)  # plain weights: the kernels read them
+
+    cfg = ModelConfig(model_type="llama", vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
+                      rope_scaling=None, max_position_embeddings=128, tie_word_embeddings=True, qkv_bias=qkv_bias,
+                      qk_norm=False)
+    g = torch.Generator().manual_seed(3)
+    sd = {"model.embed_tokens.weight": torch.randn(97, 64, generator=g), "model.norm.weight": 1 + 0.1 * torch.randn(64, generator=g)}
+    for i in range(2):
+        p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
+        sd[p + "input_layernorm.weight"] = 1 + 0.1 * torch.randn(64, generator=g)
+        sd[p + "post_attention_layernorm.weight"] = 1 + 0.1 * torch.randn(64, generator=g)
+        for n, (o, k) in {"q_proj": (64, 64), "k_proj": (32, 64), "v_proj": (32, 64), "o_proj": (64, 64)}.items():
+            sd[a + n + ".weight"] = 0.1 * torch.randn(o, k, generator=g)
+            if qkv_bias and n != "o_proj":
+                sd[a + n + ".bias"] = 0.1 * torch.randn(o, generator=g)
+        sd[p + "mlp.gate_proj.weight"] = 0.1 * torch.randn(96, 64, generator=g)
+        sd[p + "mlp.up_proj.weight"] = 0.1 * torch.randn(96, 64, generator=g)
+        sd[p + "mlp.down_proj.weight"] = 0.1 * torch.randn(64, 96, generator=g)
+    return cfg, llama.LlamaModel(cfg, sd, DT, DEV, max_positions=128)
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_few_token_forward_matches_the_ordinary_forward(monkeypatch, qkv_bias):
+    """A 40-token prompt (the ordinary path), then a 3-token chunk on top of it (the few-token
+    path: fused matmuls, fused RoPE + KV store) give the unfused forward's hidden states, and
+    write the same KV."""
+    from srt_entmtp.model import fused, llama, small_linear
+    from srt_entmtp.model.attention.sdpa import SdpaBackend
+    from srt_entmtp.model.forward_batch import ForwardBatch
+    from srt_entmtp.model.kv_cache import KVPool
+
+    cfg, model = tiny_model(qkv_bias, monkeypatch)
+    prompt = torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(4))
+    chunk = torch.randint(0, 97, (3,), generator=torch.Generator().manual_seed(5))
+
+    def run():
+        kv = KVPool(2, 64, 2, 16, DT, DEV)
+        attn = SdpaBackend(kv, 4, 2, 16)
+        slots = kv.alloc(43)
+        outs = []
+        for toks, prefix, new in ((prompt, slots[:0], slots[:40]), (chunk, slots[:40], slots[40:])):
+            fb = ForwardBatch.build([toks], [prefix], [new], device=DEV)
+            attn.plan(fb)
+            outs.append(model.forward(fb.input_ids, fb.positions, attn))
+        return outs, kv.k.clone(), kv.v.clone()
+
+    calls = []
+    real_norm_linear = small_linear.norm_linear
+
+    def counted(*a, **k):
+        calls.append(a[0].shape[0])
+        return real_norm_linear(*a, **k)
+
+    with monkeypatch.context() as m:  # the Triton kernels, on CPU in the interpreter, in float32
+        m.setattr(fused, "enabled", lambda x: True)
+        m.setattr(llama.small_linear, "norm_linear", counted)
+        few_out, few_k, few_v = run()
+    base_out, base_k, base_v = run()
+    assert calls == [3, 3], calls  # once a layer, for the 3-token forward only
+    for a, b in zip(few_out, base_out):
+        ok, err = close(a, b)
+        assert ok, err
+    assert close(few_k, base_k)[0] and close(few_v, base_v)[0]
