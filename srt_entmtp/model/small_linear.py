@@ -31,7 +31,8 @@ SMALL_M = 32      # rows up to which the model takes this path (at 64 the unfuse
 BLOCK_M = 16      # the smallest tile tl.dot takes; rows past M are masked
 # per-op tile shapes (BLOCK_N, BLOCK_K, num_warps, num_stages), the fastest at 1 and 8 rows in
 # scripts/bench_small_linear.py --sweep on the H200; the loads are latency-bound, so deep
-# pipelining (4 stages) and wide K tiles matter most
+# pipelining (4 stages) and wide K tiles matter most (a second sweep, over 256-512 wide K tiles
+# and 3-5 stages, found at most 0.1 us more; benchmarks/results/small_linear_h200_2026-12-01*.json)
 CONFIGS = {"norm_linear": (16, 256, 4, 4), "norm_gate_silu": (32, 256, 4, 4), "linear_residual": (16, 256, 2, 4)}
 
 
