@@ -85,11 +85,11 @@ def sweep(W, dt, grid):
         for cfg in grid:
             try:
                 us = {M: graph_us(op_call(op, W, M, dt, cfg)) for M in ROWS}
-            except Exception as e:  # a config Triton cannot build (too much shared memory, ...)
+            except Exception as e:  # noqa: BLE001  (a config Triton cannot build: shared memory, registers)
                 print(f"  {op} {cfg}: {type(e).__name__}", flush=True)
                 continue
             rows.append({"op": op, "config": list(cfg), "us": us})
-            print(f"  {op:24s} {str(cfg):18s} " + " ".join(f"{us[M]:6.2f}" for M in ROWS), flush=True)
+            print(f"  {op:24s} {cfg!s:18s} " + " ".join(f"{us[M]:6.2f}" for M in ROWS), flush=True)
     return rows
 
 
@@ -100,7 +100,7 @@ def chains(W, dt):
         r = torch.randn(M, HID, device="cuda", dtype=dt)
         attn = torch.randn(M, HID, device="cuda", dtype=dt)  # stands in for attention's output
 
-        def unfused():
+        def unfused(h=h, r=r, attn=attn):
             hh, pending = h, r
             for i in range(LAYERS):
                 x, hh = fused.add_rms_norm(pending, hh, W["ln"][i], 1e-5)
@@ -108,7 +108,7 @@ def chains(W, dt):
                 x, hh = fused.add_rms_norm(F.linear(attn, W["o"][i]), hh, W["ln"][i], 1e-5)
                 pending = F.linear(fused.silu_mul(F.linear(x, W["gate_up"][i])), W["down"][i])
 
-        def fused_chain():
+        def fused_chain(h=h, attn=attn):
             hh = h
             for i in range(LAYERS):
                 small_linear.norm_linear(hh, W["ln"][i], W["qkv"][i], None, 1e-5)

@@ -103,7 +103,7 @@ def test_few_token_forward_matches_the_ordinary_forward(monkeypatch, qkv_bias):
     from srt_entmtp.model.forward_batch import ForwardBatch
     from srt_entmtp.model.kv_cache import KVPool
 
-    cfg, model = tiny_model(qkv_bias, monkeypatch)
+    _, model = tiny_model(qkv_bias, monkeypatch)
     prompt = torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(4))
     chunk = torch.randint(0, 97, (3,), generator=torch.Generator().manual_seed(5))
 
