@@ -7,6 +7,8 @@ back, per request, the list of new tokens; the scheduler applies stop rules.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from srt_entmtp.model.forward_batch import ForwardBatch
@@ -23,6 +25,16 @@ def same_batch(a: list[Request], b: list[Request]) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
+@dataclass
+class _PlainStep:
+    """A greedy plain step launched and not yet read."""
+    reqs: list[Request]
+    slots: dict[int, torch.Tensor]   # id(request) -> its new KV slot (on_finish takes it back)
+    next_tokens: torch.Tensor        # the step's argmax on the device (feeds a step launched ahead)
+    host: torch.Tensor               # pinned copy of next_tokens
+    done: torch.cuda.Event | None    # recorded after that copy
+
+
 class Worker:
     algorithm = "NONE"
 
@@ -32,8 +44,12 @@ class Worker:
         # pipeline greedy steps one deep: None = plain steps where decode graphs run (CUDA) and
         # device speculative steps always; False = never (an A/B switch for benchmarks)
         self.pipeline = None
-        self._plain_inflight = None  # (requests, their new slots) of the pipelined plain step in flight
-        self._next_host = None       # pinned copy of that step's next tokens, and its event
+        # launch a plain step before the one before it is read, where the decode graph allows
+        # (None: wherever it does; False: never, an A/B switch for benchmarks)
+        self.launch_ahead = None
+        self._plain_inflight: _PlainStep | None = None  # the pipelined plain step in flight
+        self._next_host = None  # two (pinned buffer for a step's next tokens, its event), used in turn
+        self._host_turn = 0
 
     def max_new_slots_per_step(self) -> int:
         """KV slots one decode step may take per request (the scheduler reserves them)."""
@@ -48,7 +64,7 @@ class Worker:
         self.kv.free(req.kv_slots)
         req.kv_slots = _EMPTY
         if self._plain_inflight is not None:
-            sl = self._plain_inflight[1].pop(id(req), None)
+            sl = self._plain_inflight.slots.pop(id(req), None)
             if sl is not None:
                 self.kv.free(sl)
 
@@ -87,54 +103,78 @@ class Worker:
         """One autoregressive step: each request's pending token in, one new token out."""
         return self.plain_decode(reqs)
 
-    # ---- plain steps, pipelined one step deep ------------------------------------------------
+    # ---- plain steps, pipelined ---------------------------------------------------------------
     def plain_decode(self, reqs: list[Request]) -> dict[str, list[int]]:
-        """A plain step's tokens. Greedy batches with decode graphs are pipelined: once a step's
-        tokens are read, the next step of the same batch is launched from them before they go
-        back to the scheduler, so its stop checks, streaming and metrics run while the GPU works
-        (the speculative device step does the same, spec/worker.py). A request that stops
-        meanwhile wastes its token of that step; a batch that changed is not relaunched."""
+        """A plain step's tokens. Greedy batches with decode graphs are pipelined: the next step of
+        an unchanged batch is launched before this step's tokens go back to the scheduler, so its
+        stop checks, streaming and metrics run while the GPU works (the speculative device step
+        does the same, spec/worker.py). Where the decode graph is planned through buffers used in
+        turn (the Triton decode attention), the next step is launched even before this step's
+        tokens are read, fed by its argmax on the device, so the GPU never waits for the host
+        between steps. A request that stops meanwhile wastes its token of the step launched
+        ahead; a batch that changed is not relaunched."""
         if self._plain_inflight is not None:
             return self._plain_collect(reqs)
         if not self._pipelines(reqs):
             return self.plain_step(reqs)[0]
-        self._plain_launch(reqs, [r.pending_token for r in reqs])
+        self._plain_inflight = self._plain_launch(reqs, [r.pending_token for r in reqs])
         return self._plain_collect(reqs)
 
     def _pipelines(self, reqs: list[Request]) -> bool:
         on = self.runner.graphs is not None if self.pipeline is None else self.pipeline
         return on and all(r.sampling.greedy for r in reqs)
 
-    def _plain_launch(self, reqs: list[Request], tokens: list[int]) -> None:
+    def _plain_launch(self, reqs: list[Request], tokens: list[int] | None, after: _PlainStep | None = None
+                      ) -> _PlainStep:
+        """Launch a greedy plain step from host tokens, or (tokens None) from the step `after`,
+        still in flight: its argmax on the device, its slots between each prefix and the new slot."""
         n = len(reqs)
         slots = self.kv.alloc(n)
-        fb = ForwardBatch.build_decode(tokens, [r.kv_slots for r in reqs], slots, device="cpu")
-        nxt = self.runner.forward(fb).logits.argmax(-1)
-        if self._next_host is None or self._next_host[0].numel() < n:
-            self._next_host = (torch.zeros(max(n, 64), dtype=torch.long, pin_memory=nxt.is_cuda),
-                               torch.cuda.Event() if nxt.is_cuda else None)
-        host, done = self._next_host
+        if after is None:
+            fb = ForwardBatch.build_decode(tokens, [r.kv_slots for r in reqs], slots, device="cpu")
+            nxt = self.runner.forward(fb).logits.argmax(-1)
+        else:
+            pending = torch.cat([after.slots[id(r)] for r in reqs])
+            fb = ForwardBatch.build_decode([0] * n, [r.kv_slots for r in reqs], slots, device="cpu",
+                                           pending_slots=pending)
+            nxt = self.runner.forward(fb, input_ids=after.next_tokens).logits.argmax(-1)
+        # two pinned buffers and events, used in turn: with a step launched ahead, two are in flight
+        if self._next_host is None or self._next_host[0][0].numel() < n:
+            self._next_host = [(torch.zeros(max(n, 64), dtype=torch.long, pin_memory=nxt.is_cuda),
+                                torch.cuda.Event() if nxt.is_cuda else None) for _ in range(2)]
+            self._host_turn = 0
+        host, done = self._next_host[self._host_turn]
+        self._host_turn ^= 1
         host[:n].copy_(nxt, non_blocking=True)
         if done is not None:
             done.record()
-        self._plain_inflight = (reqs, {id(r): s for r, s in zip(reqs, slots.split(1))})
+        return _PlainStep(reqs, {id(r): s for r, s in zip(reqs, slots.split(1))}, nxt, host, done)
+
+    def _launches_ahead(self, reqs: list[Request], step: _PlainStep) -> bool:
+        """Whether the step after `step` can be launched before `step` is read: the same batch,
+        greedy, and a decode graph that may be queued behind another (CudaGraphRunner.queue_safe)."""
+        g = self.runner.graphs
+        if self.launch_ahead is False or g is None or not same_batch(step.reqs, reqs) or not self._pipelines(reqs):
+            return False
+        return g.queue_safe_decode(len(reqs), sum(int(r.kv_slots.numel()) + 2 for r in reqs))
 
     def _plain_collect(self, reqs: list[Request]) -> dict[str, list[int]]:
-        launched, slots = self._plain_inflight
-        self._plain_inflight = None
-        host, done = self._next_host
-        if done is not None:
-            done.synchronize()
-        toks = host[: len(launched)].tolist()
+        step, self._plain_inflight = self._plain_inflight, None
+        ahead = self._plain_launch(reqs, None, after=step) if self._launches_ahead(reqs, step) else None
+        if step.done is not None:
+            step.done.synchronize()
+        toks = step.host[: len(step.reqs)].tolist()
         results = {}
-        for r, t in zip(launched, toks):
-            s = slots.get(id(r))
+        for r, t in zip(step.reqs, toks):
+            s = step.slots.get(id(r))
             if s is None:  # finished while the step ran (on_finish freed its slot)
                 continue
             r.kv_slots = torch.cat([r.kv_slots, s])
             results[r.rid] = [t]
-        if len(results) == len(launched) and same_batch(launched, reqs) and self._pipelines(reqs):
-            self._plain_launch(reqs, [results[r.rid][0] for r in reqs])
+        if ahead is not None:
+            self._plain_inflight = ahead
+        elif len(results) == len(step.reqs) and same_batch(step.reqs, reqs) and self._pipelines(reqs):
+            self._plain_inflight = self._plain_launch(reqs, [results[r.rid][0] for r in reqs])
         return results
 
     def plain_step(self, reqs: list[Request]):

@@ -108,10 +108,50 @@ def test_pipelined_plain_steps_give_the_same_tokens_and_free_every_slot(runner, 
     free0 = eng.runner.kv.num_free
     launches = []
     launch = eng.worker._plain_launch
-    eng.worker._plain_launch = lambda *a: launches.append(1) or launch(*a)
+    eng.worker._plain_launch = lambda *a, **k: launches.append(1) or launch(*a, **k)
     out = eng.generate(prompts, sps)
     for a, b in zip(out, ref):
         assert a.output_ids == b.output_ids and a.finish_reason == b.finish_reason
     assert len(launches) > 10, "the plain steps were not pipelined"
     # the step launched ahead of the last request's stop is wasted, its slot freed when it stopped
     assert eng.runner.kv.num_free == free0
+
+
+class StandInQueueSafeGraphs:
+    """Mock of CudaGraphRunner (CPU has no CUDA graphs): every decode step may be queued behind
+    the one before (as with the Triton decode attention), and every forward runs eagerly."""
+
+    def queue_safe_decode(self, batch: int, kv_tokens: int) -> bool:
+        return True
+
+    def forward(self, fb, input_ids=None):
+        return None
+
+
+def test_plain_steps_launched_before_the_step_before_is_read_give_the_same_tokens_with_a_stand_in_graph_runner(
+        runner, engine):
+    """Plain steps launched ahead, fed by the step before's argmax on the device, its KV slot
+    placed between each prefix and the new slot (Worker._plain_launch(after=...)): with requests
+    stopping at different steps and one waiting, tokens equal plain decoding, steps really are
+    launched ahead, and every KV slot comes back."""
+    eng = Engine(EngineArgs(model_path=str(runner.model_dir), kv_slots=8192, context_length=2048,
+                            max_running_requests=3, chunked_prefill_size=64))
+    eng.runner.graphs = StandInQueueSafeGraphs()
+    prompts = _prompts(eng, 4)
+    free_run = engine.generate(prompts[:1], SamplingParams(max_new_tokens=16, ignore_eos=True))[0]
+    sps = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (11, 4, 16)]
+    sps.append(SamplingParams(max_new_tokens=16, stop_token_ids=[free_run.output_ids[6]]))
+    ref = [engine.generate([p], sp)[0] for p, sp in zip(prompts, sps)]
+    free0 = eng.runner.kv.num_free
+    ahead = []
+    launch = eng.worker._plain_launch
+    eng.worker._plain_launch = lambda reqs, toks, after=None: ahead.append(after is not None) or launch(reqs, toks, after)
+    out = eng.generate(prompts, sps)
+    for a, b in zip(out, ref):
+        assert a.output_ids == b.output_ids and a.finish_reason == b.finish_reason
+    assert sum(ahead) > 10, f"steps launched ahead: {sum(ahead)} of {len(ahead)}"
+    assert eng.runner.kv.num_free == free0
+    eng.worker.launch_ahead = False
+    ahead.clear()
+    assert [r.output_ids for r in eng.generate(prompts[:2], sps[:2])] == [r.output_ids for r in ref[:2]]
+    assert ahead and not any(ahead), "launch_ahead = False launches every step from host tokens"

@@ -109,9 +109,13 @@ class CudaGraphRunner:
         if not self.shapes:
             raise ValueError("CudaGraphRunner: nothing to capture (no decode graphs and no tree size)")
         n_max = max(n for _, n, _ in self.shapes)
-        # the token-side inputs, rows of one buffer with a pinned host twin: one copy per replay
+        # the token-side inputs, rows of one buffer with pinned host twins: one copy per replay.
+        # Two twins, used in turn: a step may be launched while the one before is still queued
+        # (Worker's device-fed plain steps), whose copy must not read the next step's inputs
         self.token_inputs = torch.zeros(3, n_max, dtype=torch.long, device=dev)
-        self.token_inputs_host = torch.zeros(3, n_max, dtype=torch.long, pin_memory=dev.type == "cuda")
+        self._token_inputs_host = [torch.zeros(3, n_max, dtype=torch.long, pin_memory=dev.type == "cuda")
+                                   for _ in range(2)]
+        self._host_turn = 0
         self.input_ids, self.positions, self.out_slots = self.token_inputs.unbind(0)
         self.hidden = torch.zeros(n_max, cfg.hidden_size, dtype=runner.dtype, device=dev)
         self.logits = torch.zeros(n_max, cfg.vocab_size, dtype=torch.float32, device=dev)
@@ -193,8 +197,21 @@ class CudaGraphRunner:
                 best = (batch, tokens, tree)
         return None if best is None else self.graphs.get(best)
 
-    def forward(self, fb: ForwardBatch):
-        """Replay the graph that fits `fb` and return (hidden, logits) views; None = run eagerly."""
+    def queue_safe_decode(self, batch: int, kv_tokens: int) -> bool:
+        """Whether a decode step of `batch` requests with kv_tokens keys in all replays a graph
+        that may be launched while the forward before it is still queued: one whose per-step
+        inputs all go up through buffers used in turn (the Triton decode attention's; FlashInfer's
+        plan keeps host state of its own)."""
+        sizes = [b for b, _, tree in self.shapes if not tree and b >= batch]
+        entry = self.graphs.get((min(sizes), min(sizes), False)) if sizes else None
+        if entry is None or not getattr(entry.attn, "plans_in_turn", False):
+            return False
+        return kv_tokens + (entry.attn.batch - batch) <= entry.attn.kv_capacity  # a dummy has one key
+
+    def forward(self, fb: ForwardBatch, input_ids: torch.Tensor | None = None):
+        """Replay the graph that fits `fb` and return (hidden, logits) views; None = run eagerly.
+        input_ids: the real rows' token ids as a device tensor, in place of fb's (a step fed by
+        the one before it on the device)."""
         entry = self._pick(fb)
         if entry is None:
             return None
@@ -205,13 +222,16 @@ class CudaGraphRunner:
         attn.plan(fbp)
         N, n = attn.tokens, fb.num_tokens
         if fbp.input_ids.device.type == "cpu":  # built on the host (decode steps): one pinned copy
-            host = self.token_inputs_host
+            host = self._token_inputs_host[self._host_turn]
+            self._host_turn ^= 1
             host[0, :N], host[1, :N], host[2, :N] = fbp.input_ids, fbp.positions, fbp.out_slots
             self.token_inputs[:, :N].copy_(host[:, :N], non_blocking=True)
         else:
             self.input_ids[:N].copy_(fbp.input_ids)
             self.positions[:N].copy_(fbp.positions)
             self.out_slots[:N].copy_(fbp.out_slots)
+        if input_ids is not None:
+            self.input_ids[:n].copy_(input_ids)
         entry.graph.replay()
         self.replays += 1
         return self.hidden[:n], self.logits[:n]

@@ -65,19 +65,28 @@ class ForwardBatch:
 
     @classmethod
     def build_decode(cls, tokens: list[int], prefix_slots: list[torch.Tensor], new_slots: torch.Tensor,
-                     device: torch.device | str = "cpu") -> ForwardBatch:
+                     device: torch.device | str = "cpu", pending_slots: torch.Tensor | None = None) -> ForwardBatch:
         """One new token per request (a plain decode step): the same batch as `build`, assembled
-        with a fixed number of tensor ops whatever the batch size (no per-request tensors)."""
+        with a fixed number of tensor ops whatever the batch size (no per-request tensors).
+        pending_slots [B]: each request's token of the step still in flight, not yet in its
+        prefix; it goes between the prefix and the new slot."""
         B = len(tokens)
-        prefix_lens = [int(p.numel()) for p in prefix_slots]
+        extra = 0 if pending_slots is None else 1
+        prefix_lens = [int(p.numel()) + extra for p in prefix_slots]
         kv_lens = [n + 1 for n in prefix_lens]
         kv_indptr = _indptr(kv_lens, "cpu")
-        # each request's slots are its prefix then its new slot: put the new slots at the ends
+        # each request's slots are its prefix (then its pending slot) then its new slot
         is_new = torch.zeros(int(kv_indptr[-1]), dtype=torch.bool)
         is_new[kv_indptr[1:] - 1] = True
         kv_indices = torch.empty(is_new.numel(), dtype=torch.long)
         kv_indices[is_new] = new_slots
-        kv_indices[~is_new] = torch.cat(prefix_slots) if B else kv_indices[:0]
+        old = ~is_new
+        if extra:
+            is_pending = torch.zeros_like(is_new)
+            is_pending[kv_indptr[1:] - 2] = True
+            kv_indices[is_pending] = pending_slots
+            old &= ~is_pending
+        kv_indices[old] = torch.cat(prefix_slots) if B else kv_indices[:0]
         return cls(
             input_ids=torch.tensor(tokens, dtype=torch.long).to(device),
             positions=torch.tensor(prefix_lens, dtype=torch.long).to(device),

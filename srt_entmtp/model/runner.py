@@ -6,6 +6,7 @@ runner plans the backend, runs the layers and returns hidden states and logits.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -100,14 +101,18 @@ class ModelRunner:
         return True
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch) -> ForwardOutput:
+    def forward(self, batch: ForwardBatch, input_ids: torch.Tensor | None = None) -> ForwardOutput:
         """Hidden states and logits of one ForwardBatch. After a graph replay they are views of
-        static buffers, valid until the next forward: copy what must outlive the step."""
+        static buffers, valid until the next forward: copy what must outlive the step.
+        input_ids: the token ids as a device tensor, in place of the batch's (a step fed by the
+        one before it on the device)."""
         if self.graphs is not None:
-            out = self.graphs.forward(batch)
+            out = self.graphs.forward(batch, input_ids)
             if out is not None:
                 return ForwardOutput(hidden=out[0], logits=out[1])
         batch = batch.to(self.device)  # built on the host for a graph that did not fit
+        if input_ids is not None:
+            batch = dataclasses.replace(batch, input_ids=input_ids)
         self.attn.plan(batch)
         hidden = self.model.forward(batch.input_ids, batch.positions, self.attn, batch.logits_indices)
         return ForwardOutput(hidden=hidden, logits=self.model.logits(hidden))

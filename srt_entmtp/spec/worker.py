@@ -233,7 +233,7 @@ class SpecWorker(Worker):
         if self._inflight is not None:  # launched by the last call, before its tokens went back
             return self._collect_device(reqs)
         if self._plain_inflight is not None:  # a pipelined plain step of a batch that never drafts
-            return self._record_never_drafting(self._plain_inflight[0], self._plain_collect(reqs))
+            return self._record_never_drafting(self._plain_inflight.reqs, self._plain_collect(reqs))
         ahead = self._take_chosen_ahead(reqs)
         if ahead is not None:  # chosen while this batch's last device step ran
             slots, entropy, trees = ahead

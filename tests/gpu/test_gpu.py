@@ -372,3 +372,27 @@ def test_fused_forward_matches_the_torch_forward():
     print(f"fused vs torch forward: max |logit diff| {err:.3f}, argmax agreement {agree:.3f}")
     # next-token choices over real prompts: rounding flips only near-ties
     assert agree >= 0.97, f"fused and torch forwards pick the same next token at only {agree:.1%} of positions"
+
+
+@needs_flashinfer
+def test_plain_steps_launched_ahead_give_the_tokens_of_unpipelined_steps(prompt_ids):
+    """NONE with decode graphs (Triton decode attention): steps launched before the one before
+    is read, fed by its argmax on the device, give exactly the tokens of steps launched one at a
+    time and of unpipelined steps (the same graphs: bit-identical), with requests stopping at
+    different steps; and steps really were launched ahead."""
+    _, ids = prompt_ids
+    sps = [SamplingParams(max_new_tokens=N_TOKENS - 3 * (i % 5), ignore_eos=True) for i in range(len(ids))]
+    eng = _engine(attention_backend="flashinfer", cuda_graph=True)
+    assert eng.runner.graphs.triton_decode
+    ahead = []
+    launch = eng.worker._plain_launch
+    eng.worker._plain_launch = lambda reqs, toks, after=None: ahead.append(after is not None) or launch(reqs, toks, after)
+    free0 = eng.runner.kv.num_free
+    got = [r.output_ids for r in eng.generate(ids, sps)]
+    assert sum(ahead) > N_TOKENS // 2, f"steps launched ahead: {sum(ahead)} of {len(ahead)}"
+    assert eng.runner.kv.num_free == free0
+    eng.worker.launch_ahead = False
+    one_deep = [r.output_ids for r in eng.generate(ids, sps)]
+    eng.worker.pipeline = False
+    unpipelined = [r.output_ids for r in eng.generate(ids, sps)]
+    assert got == one_deep == unpipelined

@@ -108,3 +108,22 @@ def test_decode_and_verify_graphs_of_the_same_size_are_told_apart(runner):
                         kv_indptr=None, kv_indices=None, q_lens=[1], kv_lens=[1], custom_mask=torch.ones(1, dtype=torch.bool))
     assert both._pick(decode) == (2, 2, False)
     assert both._pick(tree) == (2, 2, True)
+
+
+def test_only_decode_graphs_planned_in_turn_may_be_queued_behind_the_step_before(runner):
+    """Worker launches a plain step before the one before is read only where the decode graph
+    plans through buffers used in turn (the Triton decode attention; stand-in attention objects
+    here) and its KV capacity holds the batch plus the padding requests' one key each."""
+    from types import SimpleNamespace
+
+    from srt_entmtp.model.cuda_graph import CapturedForward
+
+    graphs = CudaGraphRunner(runner, 8, 0, decode=True)
+    graphs.graphs = {(b, n, t): CapturedForward(SimpleNamespace(batch=b, kv_capacity=100 * b, plans_in_turn=b != 4),
+                                                None) for b, n, t in graphs.shapes}
+    assert graphs.shapes[:4] == [(1, 1, False), (2, 2, False), (4, 4, False), (8, 8, False)]
+    assert graphs.queue_safe_decode(1, 50) and graphs.queue_safe_decode(2, 200)
+    assert not graphs.queue_safe_decode(1, 101), "over the graph's KV capacity: eager"
+    assert not graphs.queue_safe_decode(3, 10), "padded to the 4-request graph, planned by FlashInfer here"
+    assert graphs.queue_safe_decode(5, 797) and not graphs.queue_safe_decode(5, 798), "797 + 3 padding keys <= 800"
+    assert not graphs.queue_safe_decode(9, 10), "beyond the largest graph: eager"

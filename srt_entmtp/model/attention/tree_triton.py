@@ -164,6 +164,7 @@ class TreeAttention(AttentionBackend):
     attends."""
 
     tree = True
+    plans_in_turn = True  # plans alternate between two pinned buffers (CudaGraphRunner.queue_safe)
 
     def __init__(self, kv, num_heads: int, num_kv_heads: int, head_dim: int, out_slots: torch.Tensor, batch: int,
                  nodes: int, kv_capacity: int):
@@ -174,8 +175,10 @@ class TreeAttention(AttentionBackend):
         self.batch, self.nodes, self.tokens, self.kv_capacity = batch, nodes, batch * nodes, kv_capacity
         self._out_slots = out_slots
         self.meta = torch.zeros(batch + 1 + kv_capacity, dtype=torch.int32, device=dev)  # [kv_indptr | kv_indices]
-        self.meta_host = torch.zeros(self.meta.numel(), dtype=torch.int32, pin_memory=dev.type == "cuda")
-        self._meta_np = self.meta_host.numpy()
+        # two pinned twins used in turn, so a step can be planned while the one before is queued
+        self._meta_hosts = [torch.zeros(self.meta.numel(), dtype=torch.int32, pin_memory=dev.type == "cuda")
+                            for _ in range(2)]
+        self._host_turn = 0
         self.kv_indptr, self.kv_indices = self.meta[: batch + 1], self.meta[batch + 1:]
         self.anc = torch.zeros(batch, nodes, dtype=torch.long, device=dev)
         g = num_heads // num_kv_heads
@@ -195,12 +198,14 @@ class TreeAttention(AttentionBackend):
         """kv_indices (host): per request its prefix slots then its `nodes` tree slots."""
         if nodes != self.nodes:
             raise ValueError(f"TreeAttention captured for {self.nodes} nodes per request, got {nodes}")
-        B, h = self.batch, self._meta_np
+        host = self._meta_hosts[self._host_turn]
+        self._host_turn ^= 1
+        B, h = self.batch, host.numpy()
         h[0] = 0
         np.cumsum(np.asarray(prefix_lens, dtype=np.int32) + nodes, out=h[1: B + 1])
         n = kv_indices.numel()
-        self.meta_host[B + 1: B + 1 + n] = kv_indices
-        self.meta[: B + 1 + n].copy_(self.meta_host[: B + 1 + n], non_blocking=True)
+        host[B + 1: B + 1 + n] = kv_indices
+        self.meta[: B + 1 + n].copy_(host[: B + 1 + n], non_blocking=True)
 
     def set_trees(self, anc: torch.Tensor) -> None:
         """The step's ancestor bits [batch, nodes] (a device op, captured with the graph)."""
