@@ -99,24 +99,33 @@ def ours_decode(eng, B, ctx, dev):
     finally:
         for s in slots:
             r.kv.free(s)
-    # the whole engine step: scheduler + ForwardBatch + forward + sampling + bookkeeping
-    reqs = [eng.make_request(torch.randint(100, 1000, (ctx,)).tolist(), SamplingParams(max_new_tokens=40, ignore_eos=True))
-            for _ in range(B)]
-    for q in reqs:
-        eng.scheduler.add(q, bounded=False)
-    while not all(q.status.name == "DECODE" for q in reqs):
-        eng.scheduler.step()
-    # no sync between steps: greedy plain steps are pipelined one deep (the next is launched
-    # before a step returns), so a step's time is the time between step() returns
-    sync(dev)
-    times, last = [], time.perf_counter()
-    while not all(q.finished for q in reqs):
-        eng.scheduler.step()
-        now = time.perf_counter()
-        times.append(now - last)
-        last = now
-    sync(dev)
-    return fwd, fwd_eager, statistics.median(times[3:] or times)
+    return fwd, fwd_eager, engine_step_time(eng, B, ctx, dev)
+
+
+def engine_step_time(eng, B, ctx, dev, launch_ahead=None):
+    """The whole engine step (scheduler + ForwardBatch + forward + sampling + bookkeeping) of B
+    requests at context ctx: the median time between step() returns (greedy plain steps are
+    pipelined, so there is no sync between steps). launch_ahead=False: each plain step launched
+    only after the one before is read (the A/B of Worker.launch_ahead)."""
+    eng.worker.launch_ahead = launch_ahead
+    try:
+        reqs = [eng.make_request(torch.randint(100, 1000, (ctx,)).tolist(),
+                                 SamplingParams(max_new_tokens=40, ignore_eos=True)) for _ in range(B)]
+        for q in reqs:
+            eng.scheduler.add(q, bounded=False)
+        while not all(q.status.name == "DECODE" for q in reqs):
+            eng.scheduler.step()
+        sync(dev)
+        times, last = [], time.perf_counter()
+        while not all(q.finished for q in reqs):
+            eng.scheduler.step()
+            now = time.perf_counter()
+            times.append(now - last)
+            last = now
+        sync(dev)
+        return statistics.median(times[3:] or times)
+    finally:
+        eng.worker.launch_ahead = None
 
 
 def hf_decode(model_dir, B, ctx, dev, dtype):
@@ -183,8 +192,10 @@ def part_b(ns, dev):
         kv_bytes = B * (ns.context + 1) * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * eng.runner.kv.k.element_size()
         floor = (weight_bytes + kv_bytes) / (rate / 2)   # each byte read once; copy rate counts read + write
         hf = hf_decode(eng.runner.model_dir, B, ns.context, dev, eng.runner.dtype) if not ns.no_hf else None
+        one_deep = engine_step_time(eng, B, ns.context, dev, launch_ahead=False)
         rows.append({"batch": B, "context": ns.context, "ours_forward_s": fwd, "ours_eager_forward_s": fwd_eager,
-                     "ours_engine_step_s": step, "graphs": graph_info(eng),
+                     "ours_engine_step_s": step, "ours_engine_step_not_launched_ahead_s": one_deep,
+                     "graphs": graph_info(eng),
                      "transformers_s": hf, "floor_s": floor, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes,
                      "copy_rate_Bps": rate})
     return rows
@@ -430,9 +441,11 @@ def print_tables(res):
               "transformers eager | bandwidth floor")
         for r in res["decode"]:
             hf = f"{r['transformers_s'] * 1e3:8.2f}" if r["transformers_s"] else "       -"
+            one = r.get("ours_engine_step_not_launched_ahead_s")
+            one = f"; engine step not launched ahead {one * 1e3:.3f}" if one else ""
             print(f"batch {r['batch']:3d}: {r['ours_forward_s'] * 1e3:8.3f} {r['ours_eager_forward_s'] * 1e3:8.3f} "
                   f"{r['ours_engine_step_s'] * 1e3:8.3f} {hf} "
-                  f"{r['floor_s'] * 1e3:8.3f}   (forward / floor = {r['ours_forward_s'] / r['floor_s']:.1f}x)")
+                  f"{r['floor_s'] * 1e3:8.3f}   (forward / floor = {r['ours_forward_s'] / r['floor_s']:.1f}x{one})")
     if res.get("decode_kernel_ab"):
         print("\n(b) with one kernel choice undone: forward (graph) ms | engine step ms")
         for r in res["decode_kernel_ab"]:
