@@ -36,7 +36,6 @@ from torch import nn
 from srt_entmtp.errors import ModelLoadError
 from srt_entmtp.model import fused
 from srt_entmtp.model.linear import Int8Linear, Linear, int8_available, onednn_available
-from srt_entmtp.spec.drafters import topk_triton
 
 if TYPE_CHECKING:
     from srt_entmtp.model.llama import LlamaModel
@@ -57,13 +56,12 @@ def top_k(x: torch.Tensor, k: int, two_pass: bool | None = None) -> tuple[torch.
     On CUDA a long row takes two passes: the top k of each of TOPK_CHUNKS chunks, then the top
     k of those winners. torch's top-k runs one thread block per row, so a few draft rows over
     the 16k draft vocabulary took ~50 us a call on the H200, 10-13% of a batch-1 drafted step;
-    the chunks spread a row over many blocks. With Triton (k <= 32) the same two passes are two
-    small kernels (drafters/topk_triton.py). The values are the same as one pass; among equal
-    values the order may differ (either is a valid top k, and verification decides)."""
+    the chunks spread a row over many blocks. (Two Triton kernels for the same two passes made
+    the drafted steps slower on the H200, 2026-12-01: docs/gpu.md.) The values are the same as
+    one pass; among equal values the order may differ (either is a valid top k, and verification
+    decides)."""
     V = x.shape[-1]
     if two_pass is None:
-        if x.is_cuda and V >= 4096 and k <= topk_triton.MAX_K and topk_triton.available():
-            return topk_triton.top_k(x, k)  # two small kernels; torch's two passes are four
         two_pass = x.is_cuda and V >= 4096 and k <= 64
     if not two_pass or V < TOPK_CHUNKS * k:
         return x.topk(k, dim=-1)
