@@ -152,7 +152,7 @@ class Worker:
 
     def _launches_ahead(self, reqs: list[Request], step: _PlainStep) -> bool:
         """Whether the step after `step` can be launched before `step` is read: the same batch,
-        greedy, and a decode graph that may be queued behind another (CudaGraphRunner.queue_safe)."""
+        greedy, and a decode graph that may be queued behind another (CudaGraphRunner.queue_safe_decode)."""
         g = self.runner.graphs
         if self.launch_ahead is False or g is None or not same_batch(step.reqs, reqs) or not self._pipelines(reqs):
             return False
