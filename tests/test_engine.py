@@ -128,14 +128,20 @@ class StandInQueueSafeGraphs:
         return None
 
 
+@pytest.mark.parametrize("algorithm", ["NONE", "ENTMTP"])
 def test_plain_steps_launched_before_the_step_before_is_read_give_the_same_tokens_with_a_stand_in_graph_runner(
-        runner, engine):
+        runner, engine, algorithm):
     """Plain steps launched ahead, fed by the step before's argmax on the device, its KV slot
     placed between each prefix and the new slot (Worker._plain_launch(after=...)): with requests
     stopping at different steps and one waiting, tokens equal plain decoding, steps really are
-    launched ahead, and every KV slot comes back."""
+    launched ahead, and every KV slot comes back. ENTMTP with a library that never drafts takes
+    the same steps."""
+    from srt_entmtp.spec.worker import PACKAGE
+
+    kw = {} if algorithm == "NONE" else {"speculative_algorithm": "ENTMTP", "drafter": "medusa", "lookup_tokens": 0,
+                                         "tree_library": str(PACKAGE / "spec" / "libraries" / "medusa_gpu.json")}
     eng = Engine(EngineArgs(model_path=str(runner.model_dir), kv_slots=8192, context_length=2048,
-                            max_running_requests=3, chunked_prefill_size=64))
+                            max_running_requests=3, chunked_prefill_size=64, **kw))
     eng.runner.graphs = StandInQueueSafeGraphs()
     prompts = _prompts(eng, 4)
     free_run = engine.generate(prompts[:1], SamplingParams(max_new_tokens=16, ignore_eos=True))[0]
