@@ -164,7 +164,7 @@ class TreeAttention(AttentionBackend):
     attends."""
 
     tree = True
-    plans_in_turn = True  # plans alternate between two pinned buffers (CudaGraphRunner.queue_safe)
+    plans_in_turn = True  # plans alternate between two pinned buffers (CudaGraphRunner.queue_safe_decode)
 
     def __init__(self, kv, num_heads: int, num_kv_heads: int, head_dim: int, out_slots: torch.Tensor, batch: int,
                  nodes: int, kv_capacity: int):
