@@ -38,6 +38,7 @@ from srt_entmtp.bench_prompts import benchmark_prompts
 from srt_entmtp.calibrate.cost import measure_step_latency
 from srt_entmtp.engine import Engine, EngineArgs
 from srt_entmtp.sched.request import SamplingParams, SpecOptions
+from srt_entmtp.spec.drafters import fused_draft
 
 FAMILIES = ("code", "math", "chat", "writing")
 
@@ -292,13 +293,19 @@ def part_c(ns, dev):
             for cfg in (("STATIC", "ENTMTP") + (("ENTMTP+lookup",) if ns.lookup_tokens else ())
                         + (("ENTMTP-unpipelined",) if ns.pipeline_ab else ())
                         + (("ENTMTP-flashinfer-tree",) if ns.tree_attention_ab else ())
-                        + (("ENTMTP-no-draft-ahead",) if ns.draft_ahead_ab else ())):
+                        + (("ENTMTP-no-draft-ahead",) if ns.draft_ahead_ab else ())
+                        + (("ENTMTP-unfused-draft",) if ns.draft_kernels_ab else ())):
                 kw = {"tree_library": lib} if lib else {}
                 kw["lookup_tokens"] = ns.lookup_tokens if cfg == "ENTMTP+lookup" else 0
                 kw["tree_attention"] = "flashinfer" if cfg == "ENTMTP-flashinfer-tree" else "auto"
-                eng = Engine(EngineArgs(device=ns.device, speculative_algorithm="ENTMTP", drafter=drafter,
-                                        max_running_requests=C, context_length=2048, kv_slots=ns.kv_slots,
-                                        cuda_graph=not ns.eager, **kw))
+                fused_draft.ENABLED = cfg != "ENTMTP-unfused-draft"  # read as the graphs are captured
+                try:
+                    eng = Engine(EngineArgs(device=ns.device, speculative_algorithm="ENTMTP", drafter=drafter,
+                                            max_running_requests=C, context_length=2048, kv_slots=ns.kv_slots,
+                                            cuda_graph=not ns.eager, **kw))
+                finally:
+                    fused_draft.ENABLED = True
+                eng.worker.drafter.fused_levels = cfg != "ENTMTP-unfused-draft"  # and in any later capture
                 if cfg == "ENTMTP-no-draft-ahead":
                     eng.worker.draft_ahead = False
                 specs = plain
@@ -385,6 +392,9 @@ def main():
     ap.add_argument("--draft-ahead-ab", action="store_true",
                     help="(c) also runs ENTMTP drafting each step only after the one before is collected "
                          "(the A/B of SpecWorker.draft_ahead)")
+    ap.add_argument("--draft-kernels-ab", action="store_true",
+                    help="(c) also runs ENTMTP drafting each level with torch's ops in place of the fused draft "
+                         "kernels (spec/drafters/fused_draft.py)")
     ap.add_argument("--kernel-ab", action="store_true",
                     help="(b) also times the decode step with FlashInfer's decode attention, and with the unfused "
                          "matmuls, each undone alone")

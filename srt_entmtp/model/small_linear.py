@@ -10,7 +10,13 @@ bandwidth-bound. Here each matmul takes its neighbours in:
   * linear_residual:  h + x @ W.T               (o projection, MLP down)
 
 so a layer is four matmul kernels, the RoPE/KV-store kernel and attention: 6 kernels where
-the unfused forward has 9. A program owns BLOCK_N output columns of a 16-row tile and reads its
+the unfused forward has 9. The MTP draft head (spec/drafters/fused_draft.py) uses two more forms:
+
+  * norm2_linear:     [RMSNorm(a) | RMSNorm(E[tokens])] @ W.T   (the concatenation and the
+                      embedding lookup are the kernel's loads)
+  * norm_linear_topk: the top k of each tile of RMSNorm(h) @ W.T   (projection onto the draft
+                      vocabulary; the logits stay in registers)
+ A program owns BLOCK_N output columns of a 16-row tile and reads its
 whole K range; the RMS of each row is computed again by every program (K <= a few thousand
 floats, nothing next to its weight tile). Rounding follows the torch forms step by step (bf16
 after the matmul, after the norm and its scale, after SiLU, after the add), as model/fused.py
@@ -33,7 +39,10 @@ BLOCK_M = 16      # the smallest tile tl.dot takes; rows past M are masked
 # scripts/bench_small_linear.py --sweep on the H200; the loads are latency-bound, so deep
 # pipelining (4 stages) and wide K tiles matter most (a second sweep, over 256-512 wide K tiles
 # and 3-5 stages, found at most 0.1 us more; benchmarks/results/small_linear_h200_2026-12-01*.json)
-CONFIGS = {"norm_linear": (16, 256, 4, 4), "norm_gate_silu": (32, 256, 4, 4), "linear_residual": (16, 256, 2, 4)}
+CONFIGS = {"norm_linear": (16, 256, 4, 4), "norm_gate_silu": (32, 256, 4, 4), "linear_residual": (16, 256, 2, 4),
+           # a draft head's projection onto its vocabulary with the per-tile top-k (norm_linear_topk):
+           # 128 columns a program (128 programs for a 16k vocabulary), narrower K tiles to fit 3 stages
+           "topk": (128, 64, 4, 3)}
 
 
 ENABLED = True    # False: the model's ordinary path at every size (benchmarks' A/B; read at capture)
@@ -52,31 +61,57 @@ def _kernel():
         return None
 
     @triton.jit
-    def small_linear_kernel(x_ptr, w_ptr, bias_ptr, ln_ptr, res_ptr, out_ptr, M, N, K, sx, sr, so, eps,
+    def small_linear_kernel(x_ptr, x2_ptr, rows2_ptr, w_ptr, bias_ptr, ln_ptr, ln2_ptr, res_ptr, out_ptr,
+                            topv_ptr, topi_ptr, M, N, K, K1, sx, sx2, sr, so, stop, top_k, eps,
                             NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            X2: tl.constexpr, X2_ROWS: tl.constexpr, TOPK: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok = rm < M
         n_ok = rn < N
         dt = x_ptr.dtype.element_ty
-        if NORM:  # each row's 1 / RMS, over the whole row
+        # X2: the row is [x | x2] (columns K1.. come from x2, each part normed on its own);
+        # X2_ROWS: x2's row r is x2[rows2[r]] (an embedding lookup done by the load)
+        K1e = K
+        if X2:
+            K1e = K1
+            r2 = rm
+            if X2_ROWS:
+                r2 = tl.load(rows2_ptr + rm, mask=m_ok, other=0)
+        if NORM:  # each row's 1 / RMS, over the whole row (over each part with X2)
             ss = tl.zeros([BLOCK_M], tl.float32)
+            ss2 = tl.zeros([BLOCK_M], tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 rk = k0 + tl.arange(0, BLOCK_K)
-                xt = tl.load(x_ptr + rm[:, None] * sx + rk[None, :], mask=m_ok[:, None] & (rk < K)[None, :],
+                xt = tl.load(x_ptr + rm[:, None] * sx + rk[None, :], mask=m_ok[:, None] & (rk < K1e)[None, :],
                              other=0.0).to(tl.float32)
                 ss += tl.sum(xt * xt, 1)
-            rstd = tl.rsqrt(ss / K + eps)
+                if X2:
+                    in2 = (rk >= K1) & (rk < K)
+                    xb = tl.load(x2_ptr + r2[:, None] * sx2 + tl.maximum(rk - K1, 0)[None, :],
+                                 mask=m_ok[:, None] & in2[None, :], other=0.0).to(tl.float32)
+                    ss2 += tl.sum(xb * xb, 1)
+            rstd = tl.rsqrt(ss / K1e + eps)
+            if X2:
+                rstd2 = tl.rsqrt(ss2 / (K - K1) + eps)
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             k_ok = rk < K
-            xt = tl.load(x_ptr + rm[:, None] * sx + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            xt = tl.load(x_ptr + rm[:, None] * sx + rk[None, :], mask=m_ok[:, None] & (rk < K1e)[None, :], other=0.0)
             if NORM:  # as transformers: normalise in float32, round, then scale and round again
-                lw = tl.load(ln_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
+                lw = tl.load(ln_ptr + rk, mask=rk < K1e, other=0.0).to(tl.float32)
                 xt = ((xt.to(tl.float32) * rstd[:, None]).to(dt).to(tl.float32) * lw[None, :]).to(dt)
+            if X2:
+                in2 = (rk >= K1) & k_ok
+                k2 = tl.maximum(rk - K1, 0)
+                xb = tl.load(x2_ptr + r2[:, None] * sx2 + k2[None, :], mask=m_ok[:, None] & in2[None, :], other=0.0)
+                if NORM:
+                    lw2 = tl.load(ln2_ptr + k2, mask=in2, other=0.0).to(tl.float32)
+                    xb = ((xb.to(tl.float32) * rstd2[:, None]).to(dt).to(tl.float32) * lw2[None, :]).to(dt)
+                xt = tl.where(in2[None, :], xb, xt)
             wmask = k_ok[:, None] & n_ok[None, :]
             wt = tl.load(w_ptr + rn[None, :] * K + rk[:, None], mask=wmask, other=0.0)  # W.T tile [K, N]
             acc = tl.dot(xt, wt, acc)
@@ -94,23 +129,47 @@ def _kernel():
         if RESIDUAL:
             r = tl.load(res_ptr + rm[:, None] * sr + rn[None, :], mask=omask, other=0.0)
             y = (y.to(tl.float32) + r.to(tl.float32)).to(dt)
-        tl.store(out_ptr + rm[:, None] * so + rn[None, :], y, mask=omask)
+        if TOPK:  # keep only each row's top_k of this tile, best first: [M, tiles, top_k] values, column ids
+            v = tl.where(n_ok[None, :], y.to(tl.float32), float("-inf"))
+            cols = tl.arange(0, BLOCK_N)
+            base = rm * stop + tl.program_id(0) * top_k
+            for i in range(top_k):
+                best, at = tl.max(v, 1, return_indices=True, return_indices_tie_break_left=True)
+                tl.store(topv_ptr + base + i, best, mask=m_ok)
+                tl.store(topi_ptr + base + i, tl.program_id(0) * BLOCK_N + at, mask=m_ok)
+                v = tl.where(cols[None, :] == at[:, None], float("-inf"), v)
+        else:
+            tl.store(out_ptr + rm[:, None] * so + rn[None, :], y, mask=omask)
 
     return triton, small_linear_kernel
 
 
-def _launch(op: str, x, w, n_out: int, *, bias=None, ln=None, eps=0.0, residual=None, silu=False, config=None):
+def _launch(op: str, x, w, n_out: int, *, bias=None, ln=None, eps=0.0, residual=None, silu=False, config=None,
+            x2=None, rows2=None, ln2=None, top_k: int = 0):
     triton, kern = _kernel()
-    M, K = x.shape
+    M, K1 = x.shape
+    K = K1 + (x2.shape[1] if x2 is not None else 0)
     assert x.stride(1) == 1 and w.is_contiguous() and w.shape[1] == K, "small_linear: row-major x and W"
+    assert x2 is None or x2.stride(1) == 1
     bn, bk, warps, stages = config or CONFIGS[op]
-    out = torch.empty(M, n_out, dtype=x.dtype, device=x.device)
+    if top_k:  # candidates, not the product: [M, tiles * top_k] values (float32) and column ids
+        tiles = triton.cdiv(n_out, bn)
+        assert top_k <= bn, f"top_k {top_k} > the tile's {bn} columns"
+        out = (torch.empty(M, tiles * top_k, dtype=torch.float32, device=x.device),
+               torch.empty(M, tiles * top_k, dtype=torch.int32, device=x.device))
+        tv, ti, o = out[0], out[1], out[0]
+    else:
+        out = o = torch.empty(M, n_out, dtype=x.dtype, device=x.device)
+        tv = ti = o
     if M:
-        res = residual if residual is not None else out
+        res = residual if residual is not None else o
         kern[(triton.cdiv(n_out, bn), triton.cdiv(M, BLOCK_M))](
-            x, w, bias if bias is not None else w, ln if ln is not None else w, res, out, M, n_out, K, x.stride(0),
-            res.stride(0), out.stride(0), eps, NORM=ln is not None, SILU=silu, RESIDUAL=residual is not None,
-            HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+            x, x2 if x2 is not None else x, rows2 if rows2 is not None else x, w, bias if bias is not None else w,
+            ln if ln is not None else w, ln2 if ln2 is not None else w, res, o, tv, ti, M, n_out, K, K1,
+            x.stride(0), x2.stride(0) if x2 is not None else 0, res.stride(0), o.stride(0), tv.stride(0), top_k, eps,
+            NORM=ln is not None, SILU=silu, RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
+            X2=x2 is not None, X2_ROWS=rows2 is not None, TOPK=top_k > 0,
+            BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -125,6 +184,23 @@ def norm_gate_silu(h: torch.Tensor, ln_w: torch.Tensor, w_gate_up: torch.Tensor,
     """SiLU(g) * u for [g | u] = RMSNorm(h; ln_w) @ w_gate_up.T (w_gate_up: gate rows, then up rows)."""
     return _launch("norm_gate_silu", h, w_gate_up, w_gate_up.shape[0] // 2, ln=ln_w, eps=eps, silu=True,
                    config=config)
+
+
+def norm2_linear(a: torch.Tensor, ln_a: torch.Tensor, b_table: torch.Tensor, b_rows: torch.Tensor | None,
+                 ln_b: torch.Tensor, w: torch.Tensor, eps: float, config=None) -> torch.Tensor:
+    """[RMSNorm(a; ln_a) | RMSNorm(b; ln_b)] @ w.T, where b = b_table[b_rows] (b_rows None: b_table
+    itself, row for row): two normed inputs side by side, e.g. a draft head's state beside the
+    embedding of its token, with the concatenation and the lookup done by the kernel's loads."""
+    return _launch("norm_linear", a, w, w.shape[0], ln=ln_a, eps=eps, x2=b_table, rows2=b_rows, ln2=ln_b,
+                   config=config)
+
+
+def norm_linear_topk(h: torch.Tensor, ln_w: torch.Tensor | None, w: torch.Tensor, eps: float, k: int,
+                     config=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top k of each row of RMSNorm(h; ln_w) @ w.T (ln_w None: h @ w.T) within each tile of
+    BLOCK_N columns, best first: (values [M, tiles * k] float32, column ids [M, tiles * k] int32).
+    The top k of a row is among these tiles * k candidates; the logits never reach memory."""
+    return _launch("topk", h, w, w.shape[0], ln=ln_w, eps=eps, top_k=k, config=config)
 
 
 def linear_residual(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, config=None) -> torch.Tensor:

@@ -396,3 +396,46 @@ def test_plain_steps_launched_ahead_give_the_tokens_of_unpipelined_steps(prompt_
     eng.worker.pipeline = False
     unpipelined = [r.output_ids for r in eng.generate(ids, sps)]
     assert got == one_deep == unpipelined
+
+
+def test_fused_draft_levels_draft_the_torch_forms_tokens_up_to_near_ties(prompt_ids):
+    """The real MTP heads in bf16 on the GPU fill the shipped batch-1 library's trees from real
+    hidden states with the fused draft kernels (spec/drafters/fused_draft.py) and with torch's
+    ops: the same tokens but where rounding flips a near-tie (and then that node's subtree), and
+    the fused path really ran."""
+    from srt_entmtp.model.runner import ModelRunner
+    from srt_entmtp.spec.device_step import choose_layouts
+    from srt_entmtp.spec.drafters import fused_draft, load_drafter
+    from srt_entmtp.spec.library import TreeLibrary
+    from srt_entmtp.spec.tree_layout import LayoutTable
+    from srt_entmtp.spec.worker import PACKAGE, default_heads_dir
+
+    _, ids = prompt_ids
+    runner = ModelRunner(dtype="bfloat16", device="cuda", kv_slots=8192)
+    d = load_drafter(default_heads_dir("mtp"), runner)
+    hidden = []
+    for p in ids[:8]:  # each prompt's final-normed last state, as the worker keeps it
+        fb = ForwardBatch.build([torch.tensor(p)], [torch.zeros(0, dtype=torch.long)], [torch.arange(len(p))],
+                                device="cuda")
+        hidden.append(runner.forward(fb).hidden[-1])
+    hidden = torch.stack(hidden)
+    B = hidden.shape[0]
+    trees = TreeLibrary.load(PACKAGE / "spec" / "libraries" / "mtp_gpu_b1.json").all_trees()
+    lay = choose_layouts(trees)[-1]
+    table = LayoutTable(lay, trees, "cuda")
+    fits = [t for t in trees if lay.fits(t)]
+    rows = torch.tensor([table.rows[fits[i % len(fits)]] for i in range(B)], device="cuda")
+    roots = torch.tensor([p[-1] for p in ids[:B]], device="cuda")
+    args = (hidden, roots, lay, table.parent_in_level[rows], table.rank[rows])
+    assert fused_draft.usable(d, hidden, max(lay.ks))
+    got = d.propose_layout(*args)
+    fused_draft.ENABLED = False
+    try:
+        want = d.propose_layout(*args)
+    finally:
+        fused_draft.ENABLED = True
+    real = table.valid[rows]
+    agree = (got == want)[real].float().mean().item()
+    first = (got == want)[:, 1:1 + lay.widths[1]][real[:, 1:1 + lay.widths[1]]].float().mean().item()
+    print(f"fused vs torch drafts: {agree:.3f} of real slots agree, {first:.3f} at depth 1")
+    assert first >= 0.95 and agree >= 0.8, (first, agree)

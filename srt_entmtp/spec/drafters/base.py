@@ -36,6 +36,7 @@ from torch import nn
 from srt_entmtp.errors import ModelLoadError
 from srt_entmtp.model import fused
 from srt_entmtp.model.linear import Int8Linear, Linear, int8_available, onednn_available
+from srt_entmtp.spec.drafters import fused_draft
 
 if TYPE_CHECKING:
     from srt_entmtp.model.llama import LlamaModel
@@ -341,6 +342,18 @@ class Drafter(nn.Module):
         """Sequential drafters: logits of x_{t+1+d} from s_d."""
         raise NotImplementedError
 
+    # sequential drafters whose state_logits(d, s) is project(rms(s, logits_norm(d))) (project(s)
+    # where that is None) may draft a level with the fused kernels (fused_draft.py)
+    fused_logits = False
+    fused_levels = True  # an instance may set False: the torch form (benchmarks' A/B)
+
+    def logits_norm(self, d: int) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def fused_step(self, d: int, state: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """step(d, state, embedding of tokens); drafters with a fused form override this."""
+        return self.step(d, state, self.embed_tokens(tokens, state))
+
     def path_logits(self, hidden: torch.Tensor, path_tokens: torch.Tensor) -> list[torch.Tensor]:
         """Teacher-forced logits: hidden [N, H] = h_t, path_tokens [N, D] = x_{t+1}..x_{t+D};
         returns D tensors [N, V'], the d-th being the distribution of x_{t+1+d}."""
@@ -424,6 +437,12 @@ class Drafter(nn.Module):
                     idx = parent_in_level[:, offs[L]:offs[L] + w].unsqueeze(-1).expand(B, w, H)
                     state = state.gather(1, idx)
                 prev = state.reshape(B * w, H)
+                if fused_draft.usable(self, prev, k):  # GPU: ~5 kernels a level, not ~20
+                    s, tok = fused_draft.draft_level(self, prev, levels[L].reshape(-1), L + 1, k,
+                                                     parent_in_level[:, kids], rank[:, kids], w)
+                    state = s.view(B, w, H)
+                    levels.append(tok)
+                    continue
                 s = self.step(L + 1, prev, self.embed_tokens(levels[L].reshape(-1), prev))
                 state = s.view(B, w, H)
                 cand = top_k(self.state_logits(L + 1, s), k)[1].view(B, w, k)

@@ -53,3 +53,8 @@ class HydraDrafter(Drafter):
 
     def state_logits(self, d: int, state: torch.Tensor) -> torch.Tensor:
         return self.project(state)
+
+    fused_logits = True
+
+    def logits_norm(self, d: int) -> None:
+        return None

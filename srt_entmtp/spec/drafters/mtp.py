@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from srt_entmtp.model import small_linear
 from srt_entmtp.spec.drafters.base import UNBOUNDED_DEPTH, Drafter, init_normal_, rms
 
 
@@ -61,3 +62,16 @@ class MTPDrafter(Drafter):
 
     def state_logits(self, d: int, state: torch.Tensor) -> torch.Tensor:
         return self.project(rms(state, self.norm_out, self.eps))
+
+    fused_logits = True
+
+    def logits_norm(self, d: int) -> torch.Tensor:
+        return self.norm_out
+
+    def fused_step(self, d: int, state: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """step() in three kernels (model/small_linear.py), for the few rows of a GPU draft level."""
+        if not (small_linear.usable(state) and self.embed.dtype == state.dtype == self.proj.dtype):
+            return super().fused_step(d, state, tokens)
+        u = small_linear.norm2_linear(state, self.norm_state, self.embed, tokens, self.norm_emb, self.proj, self.eps)
+        act = small_linear.norm_gate_silu(u, self.norm_mlp, self.gate_up, self.eps)
+        return small_linear.linear_residual(act, self.down, u)

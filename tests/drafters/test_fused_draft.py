@@ -1,0 +1,125 @@
+"""The fused draft level (spec/drafters/fused_draft.py and the two matmul forms it adds to
+model/small_linear.py) against the torch ops it replaces, and the real MTP heads drafting the
+same trees both ways. Without CUDA the kernels run in Triton's interpreter (conftest.py sets
+TRITON_INTERPRET=1) in float32; on the GPU the model takes this path itself (tests/gpu)."""
+from __future__ import annotations
+
+import importlib.util
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                reason="triton is not installed (pip install triton runs these in its interpreter)")
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DT = torch.bfloat16 if DEV == "cuda" else torch.float32
+TOL = 3e-2 if DT == torch.bfloat16 else 1e-4
+
+
+def rand(*shape, g, scale=1.0):
+    return (torch.randn(*shape, generator=g) * scale).to(DEV, DT)
+
+
+def rms(h, w, eps):
+    from srt_entmtp.model.fused import rms_norm_torch
+
+    return rms_norm_torch(h, w, eps)
+
+
+@pytest.mark.parametrize("M", [1, 6, 19])
+@pytest.mark.parametrize("gather", [False, True])
+def test_norm2_linear_is_both_norms_side_by_side_then_linear(M, gather):
+    """[RMSNorm(a) | RMSNorm(table[rows])] @ W.T, with K = 2 x 72 so a K tile straddles the seam."""
+    from srt_entmtp.model.small_linear import norm2_linear
+
+    g = torch.Generator().manual_seed(M + 100 * gather)
+    H, V = 72, 50
+    a, la, lb, w = rand(M, H, g=g), rand(H, g=g), rand(H, g=g), rand(40, 2 * H, g=g, scale=0.1)
+    table = rand(V if gather else M, H, g=g)
+    rows = torch.randint(0, V, (M,), generator=g).to(DEV) if gather else None
+    b = table[rows] if gather else table
+    want = F.linear(torch.cat([rms(a, la, 1e-5), rms(b, lb, 1e-5)], -1), w)
+    got = norm2_linear(a, la, table, rows, lb, w, 1e-5, config=(16, 64, 4, 2))
+    assert torch.allclose(got.float(), want.float(), atol=TOL, rtol=TOL), (got.float() - want.float()).abs().max()
+
+
+@pytest.mark.parametrize("M, N, k", [(1, 300, 5), (9, 1000, 12), (20, 520, 1)])
+@pytest.mark.parametrize("norm", [True, False])
+def test_norm_linear_topk_candidates_hold_every_rows_top_k(M, N, k, norm):
+    """The best k of the tiles' candidates are torch.topk of the full logits, value and index;
+    each tile's candidates come best first and point at their own logits."""
+    from srt_entmtp.model.small_linear import norm_linear_topk
+
+    g = torch.Generator().manual_seed(M * N + k)
+    h, ln, w = rand(M, 64, g=g), rand(64, g=g), rand(N, 64, g=g, scale=0.2)
+    logits = F.linear(rms(h, ln, 1e-6) if norm else h, w).float()
+    bn = 128
+    v, i = norm_linear_topk(h, ln if norm else None, w, 1e-6, k, config=(bn, 32, 4, 2))
+    tiles = -(-N // bn)
+    assert v.shape == i.shape == (M, tiles * k)
+    real = v > float("-inf")
+    assert torch.allclose(logits.gather(1, i.long().clamp(max=N - 1))[real], v[real], atol=TOL, rtol=TOL)
+    vt = v.view(M, tiles, k)
+    assert bool((vt[..., :-1] >= vt[..., 1:]).all()), "a tile's candidates are best first"
+    top_v, j = v.topk(k, dim=1)
+    want_v, want_i = logits.topk(k, dim=1)
+    assert torch.allclose(top_v, want_v, atol=TOL, rtol=TOL)
+    if DT == torch.float32:  # distinct values: the same tokens
+        assert torch.equal(i.long().gather(1, j), want_i)
+
+
+def test_pick_takes_each_childs_rank_th_candidate_of_its_parent_row():
+    from srt_entmtp.spec.drafters.fused_draft import pick
+
+    g = torch.Generator().manual_seed(7)
+    B, w, C, c, k = 3, 4, 40, 5, 6
+    top_v = torch.randn(B * w, C, generator=g).to(DEV)
+    top_i = torch.randint(0, 1000, (B * w, C), generator=g, dtype=torch.int32).to(DEV)
+    parent_full = torch.randint(0, w, (B, 9), generator=g).to(DEV)   # wider tables, sliced as the layout's are
+    rank_full = torch.randint(0, k, (B, 9), generator=g).to(DEV)
+    vocab = torch.randperm(1000, generator=g).to(DEV)
+    parent, rank = parent_full[:, 2:2 + c], rank_full[:, 2:2 + c]
+    order = top_v.argsort(dim=1, descending=True)
+    for voc in (None, vocab):
+        got = pick(top_v, top_i, parent, rank, w, k, voc)
+        rows = torch.arange(B, device=DEV).view(B, 1) * w + parent
+        want = top_i.long().gather(1, order)[rows, rank]
+        assert torch.equal(got, want if voc is None else vocab[want])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter form; on the GPU tests/gpu checks bf16")
+def test_fused_levels_draft_the_tokens_of_the_torch_form(runner, monkeypatch):
+    """The real MTP heads (float32, this CPU) fill the same trees with the fused kernels (run in
+    the interpreter: the CUDA-only gates are opened) as with torch's ops, token for token."""
+    from srt_entmtp.model import small_linear
+    from srt_entmtp.spec.drafters import fused_draft, load_drafter
+    from srt_entmtp.spec.tree import Tree
+    from srt_entmtp.spec.tree_layout import LayoutTable, TreeLayout
+    from srt_entmtp.spec.worker import default_heads_dir
+
+    d = load_drafter(default_heads_dir("mtp"), runner)
+    d.quantize_for_inference("model")
+    rng = random.Random(5)
+    trees = [Tree.from_paths([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 1, 0]]),
+             Tree.from_paths([[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]]), Tree.from_paths([]),
+             Tree.from_paths(sorted({tuple(rng.randrange(3) for _ in range(2)) for _ in range(4)} | {(0,), (1,), (2,)}))]
+    lay = TreeLayout.covering(trees)
+    table = LayoutTable(lay, trees, "cpu")
+    rows = torch.tensor([table.rows[t] for t in trees])
+    g = torch.Generator().manual_seed(1)
+    B = len(trees)
+    hidden = torch.randn(B, d.hidden_size, generator=g)
+    roots = torch.randint(0, d.vocab_size, (B,), generator=g)
+    args = (hidden, roots, lay, table.parent_in_level[rows], table.rank[rows])
+    ref = d.propose_layout(*args)
+    calls = []
+    monkeypatch.setattr(small_linear, "usable", lambda x: x.shape[0] <= small_linear.SMALL_M)
+    monkeypatch.setattr(fused_draft, "usable", lambda dr, x, k: calls.append(x.shape[0]) or x.shape[0] <= small_linear.SMALL_M)
+    got = d.propose_layout(*args)
+    assert len(calls) == lay.depth, "every level took the fused path"
+    for t, r in zip(trees, rows.tolist()):
+        real = table.slot_of_node[r]
+        assert got[trees.index(t), real].tolist() == ref[trees.index(t), real].tolist(), t.name
