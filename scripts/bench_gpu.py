@@ -294,7 +294,8 @@ def part_c(ns, dev):
                         + (("ENTMTP-unpipelined",) if ns.pipeline_ab else ())
                         + (("ENTMTP-flashinfer-tree",) if ns.tree_attention_ab else ())
                         + (("ENTMTP-no-draft-ahead",) if ns.draft_ahead_ab else ())
-                        + (("ENTMTP-unfused-draft",) if ns.draft_kernels_ab else ())):
+                        + (("ENTMTP-unfused-draft",) if ns.draft_kernels_ab else ())
+                        + (("ENTMTP-not-launched-ahead",) if ns.launch_ahead_ab else ())):
                 kw = {"tree_library": lib} if lib else {}
                 kw["lookup_tokens"] = ns.lookup_tokens if cfg == "ENTMTP+lookup" else 0
                 kw["tree_attention"] = "flashinfer" if cfg == "ENTMTP-flashinfer-tree" else "auto"
@@ -308,6 +309,8 @@ def part_c(ns, dev):
                 eng.worker.drafter.fused_levels = cfg != "ENTMTP-unfused-draft"  # and in any later capture
                 if cfg == "ENTMTP-no-draft-ahead":
                     eng.worker.draft_ahead = False
+                if cfg == "ENTMTP-not-launched-ahead":  # each step launched only once the one before is read
+                    eng.worker.launch_ahead = False
                 specs = plain
                 if cfg == "STATIC":
                     name = _static_name(eng, static)
@@ -392,6 +395,9 @@ def main():
     ap.add_argument("--draft-ahead-ab", action="store_true",
                     help="(c) also runs ENTMTP drafting each step only after the one before is collected "
                          "(the A/B of SpecWorker.draft_ahead)")
+    ap.add_argument("--launch-ahead-ab", action="store_true",
+                    help="(c) also runs ENTMTP with every step launched only after the one before it is read "
+                         "(the A/B of SpecWorker._launch_after)")
     ap.add_argument("--draft-kernels-ab", action="store_true",
                     help="(c) also runs ENTMTP drafting each level with torch's ops in place of the fused draft "
                          "kernels (spec/drafters/fused_draft.py)")

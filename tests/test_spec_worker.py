@@ -101,11 +101,12 @@ def test_device_step_with_triton_tree_attention_equals_plain_decoding_graph_repl
     """The verify graphs' Triton tree attention (model/attention/tree_triton.py), planned and fed
     as in a graph replay: every (layout, bucket) gets a TreeAttention and a stand-in for its CUDA
     graph (no CUDA here) whose replay runs the step's body eagerly, so the kernel (Triton's
-    interpreter) sees the staged indices, the gathered ancestor bits and the padding requests."""
+    interpreter) sees the staged indices, the gathered ancestor bits and the padding requests;
+    and, as with real graphs, steps launched before the step before them is read."""
     from srt_entmtp.model.attention import tree_triton
 
     rows, ids = prompts
-    n_tok = 6
+    n_tok = 10
     eng = _spec_engine(runner, "ENTMTP", "mtp", tree_library=str(PRIOR_LIBRARY), spec_step="device", lookup_tokens=0)
     step = eng.worker.device_step
     cfg = eng.runner.config
@@ -121,12 +122,20 @@ def test_device_step_with_triton_tree_attention_equals_plain_decoding_graph_repl
                                              sh.out_slots[:B * S], B, S, B * (2048 + S))
             step.graphs[(li, B)] = (attn, EagerReplay(lambda sh=sh, B=B: step._draft_body(sh, B)),
                                     EagerReplay(lambda sh=sh, B=B, attn=attn: step._verify_body(sh, B, attn)))
+    afters = []  # per verify launched: was the step before it still unread?
+    launch = step.launch_verify
+    step.launch_verify = lambda d, after=None: afters.append(after is not None) or launch(d, after=after)
     sel = [0, 4, 8]  # three families
+    free0 = eng.runner.kv.num_free
     out = eng.generate([ids[i] for i in sel], SamplingParams(max_new_tokens=n_tok, ignore_eos=True),
                        [SpecOptions(task=rows[i]["task"]) for i in sel])
     for i, o in zip(sel, out):
         assert o.output_ids == reference[i][:n_tok], f"{rows[i]['task']} prompt diverged from plain decoding"
     assert step.replays > 0 and sum(o.accepted_tokens for o in out) > 0
+    # with graphs (here their stand-ins), steps are launched before the one before them is read:
+    # their prefix comes from the device and that step's rejected slots are hidden by the kernel
+    assert sum(afters) >= 2, f"steps launched after an unread one: {sum(afters)} of {len(afters)}"
+    assert eng.runner.kv.num_free == free0, "KV slots leaked"
 
 
 def test_request_aborted_while_its_device_step_is_in_flight(runner, prompts, reference):

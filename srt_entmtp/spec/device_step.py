@@ -80,6 +80,7 @@ class InFlightStep:
     shape: _Shape
     reqs: list
     slots: torch.Tensor             # [n * S] the trees' KV slots, request by request
+    host: _HostResult | None = None  # where its result lands
 
 
 @dataclass
@@ -88,6 +89,16 @@ class DraftedStep:
     li: int
     B: int                          # the batch bucket (padded size) both halves run at
     reqs: list
+
+
+class _HostResult:
+    """A pinned host copy of a shape's result buffer (accept, tokens | entropies) and its event."""
+
+    def __init__(self, out: torch.Tensor, n_long: int, Bm: int, D: int, pin: bool):
+        self.buf = torch.zeros_like(out, device="cpu", pin_memory=pin)
+        self.result = self.buf[: 8 * n_long].view(torch.long).view(Bm, D + 2)
+        self.entropy = self.buf[8 * n_long:].view(torch.float32).view(Bm, D + 1)
+        self.done = torch.cuda.Event() if pin else None  # recorded after the copy
 
 
 class _Shape:
@@ -100,29 +111,32 @@ class _Shape:
         long = {"dtype": torch.long, "device": device}
         pin = device.type == "cuda"
         # the draft graph's inputs: req_slot, root (-1: take the request's root from the pool), tree row.
-        # Two pinned host twins, alternating: the next step's drafts are staged while this step's copy
-        # may still wait on the stream
+        # Three pinned host copies in turn: with steps launched after unread ones the host stages a
+        # step's drafts while the copies of the two drafts before may still wait on the stream
         self.draft_in = torch.zeros(3 * Bm, **long)
-        self.draft_host = [torch.zeros(3 * Bm, dtype=torch.long, pin_memory=True) for _ in range(2)] if pin else None
+        self.draft_host = [torch.zeros(3 * Bm, dtype=torch.long, pin_memory=True) for _ in range(3)] if pin else None
         self._draft_turn = 0
         self.req_slot, self.root, self.row = self.draft_in.view(3, Bm).unbind(0)
         self.tokens = torch.zeros(Bm, S, **long)  # the draft graph's output, the verify graph's input
-        # the verify graph's inputs: prefix len, then out slots
-        self.verify_in = torch.zeros(Bm + Bm * S, **long)
-        self.verify_host = torch.zeros_like(self.verify_in, device="cpu").pin_memory() if pin else None
-        self.prefix, self.out_slots = self.verify_in[:Bm], self.verify_in[Bm:]
+        # the verify graph's inputs: prefix len, the slots of the step before when this one was
+        # launched before that one was read (0: it was read), then out slots. Two pinned twins
+        # in turn, like the drafts' (a step may be staged while the one before is still queued)
+        self.verify_in = torch.zeros(2 * Bm + Bm * S, **long)
+        self.verify_host = [torch.zeros_like(self.verify_in, device="cpu").pin_memory() for _ in range(2)] if pin else None
+        self._verify_turn = 0
+        self.prefix, self.ahead, self.out_slots = self.verify_in[:Bm], self.verify_in[Bm:2 * Bm], self.verify_in[2 * Bm:]
         self.input_ids = torch.zeros(Bm * S, **long)
         self.positions = torch.zeros(Bm * S, **long)
         # outputs, one device-to-host copy of one byte buffer: accept, then D+1 emitted tokens
         # (-1 pad) as int64; the entropies at the path's D+1 positions as float32
         n_long, n_float = Bm * (D + 2), Bm * (D + 1)
         self.out = torch.zeros(8 * n_long + 4 * n_float, dtype=torch.uint8, device=device)
-        self.out_host = torch.zeros_like(self.out, device="cpu", pin_memory=pin)
         self.result = self.out[: 8 * n_long].view(torch.long).view(Bm, D + 2)
         self.entropy = self.out[8 * n_long:].view(torch.float32).view(Bm, D + 1)
-        self.result_host = self.out_host[: 8 * n_long].view(torch.long).view(Bm, D + 2)
-        self.entropy_host = self.out_host[8 * n_long:].view(torch.float32).view(Bm, D + 1)
-        self.done = torch.cuda.Event() if pin else None  # recorded after the result copy
+        # its host twins with their events (recorded after the copy), used in turn: two steps of
+        # this shape may be in flight
+        self.results = [_HostResult(self.out, n_long, Bm, D, pin) for _ in range(2)]
+        self._result_turn = 0
         self.capacity = capacity  # the hidden pool's spare row, which padding requests use
         self.root_row = table.rows[ROOT_ONLY]
 
@@ -160,6 +174,9 @@ class DeviceSpecStep:
         # and the token each request's next step starts from (the verify graph writes its bonus token),
         # which a draft launched before that step is collected reads (launch_draft(pooled=True))
         self.roots = torch.zeros(capacity + 1, dtype=torch.long, device=self.dev)
+        # and how many of its last step's tree slots it kept (accepted + 1): a step launched before
+        # that one is read (launch_verify(after=...)) takes its prefix length from here
+        self.kept = torch.zeros(capacity + 1, dtype=torch.long, device=self.dev)
         self._order = [i for i, sh in enumerate(self.shapes) if not sh.lone]  # by size (choose_layouts sorts them)
         # (layout, batch bucket) -> (attention, draft graph, verify graph)
         self.graphs: dict[tuple[int, int], tuple[object, torch.cuda.CUDAGraph, torch.cuda.CUDAGraph]] = {}
@@ -257,7 +274,7 @@ class DeviceSpecStep:
         S = sh.layout.num_slots
         attn = self._graph_attention(sh, B, workspace)
         self._fill_draft(sh, [], [], [], B)  # all padding: touches slot 0 only
-        self._fill_verify(sh, [], torch.zeros(0, dtype=torch.long), B)
+        self._fill_verify(sh, [], [], torch.zeros(0, dtype=torch.long), B)
         attn.plan_fixed_trees(S, [1] * B, torch.zeros(B * (1 + S), dtype=torch.long))
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -303,43 +320,71 @@ class DeviceSpecStep:
             self._draft_body(sh, B)
         return DraftedStep(li, B, reqs)
 
+    def can_launch_after(self, d: DraftedStep, after: InFlightStep) -> bool:
+        """Whether drafted step d may verify before `after` (the same requests' step still in
+        flight) is read: d replays a graph whose attention hides `after`'s rejected tree tail
+        (Triton's tree kernel), and the keys fit its buffer with all of `after`'s tree counted."""
+        entry = self.graphs.get((d.li, d.B))
+        if entry is None or not isinstance(entry[0], tree_triton.TreeAttention) or len(after.reqs) != len(d.reqs):
+            return False
+        S, S0 = self.shapes[d.li].layout.num_slots, after.shape.layout.num_slots
+        keys = sum(int(r.kv_slots.numel()) for r in d.reqs) + len(d.reqs) * (S0 + S) + (d.B - len(d.reqs)) * (1 + S)
+        return keys <= entry[0].kv_capacity
+
     @torch.inference_mode()
-    def launch_verify(self, d: DraftedStep) -> InFlightStep:
+    def launch_verify(self, d: DraftedStep, after: InFlightStep | None = None) -> InFlightStep:
         """Take the trees' KV slots, plan attention and start verifying a drafted step; the
-        result lands in pinned host memory (`collect` waits for it)."""
+        result lands in pinned host memory (`collect` waits for it).
+
+        after: the same requests' step still in flight (not read; `can_launch_after` said yes).
+        Each request's keys are then its prefix, all of that step's tree slots, then its own; the
+        verify graph takes the prefix length from the device (`kept`, which that step writes)
+        and hides that step's rejected slots, so the GPU never waits for the host between steps."""
         sh, B, reqs = self.shapes[d.li], d.B, d.reqs
         S, n = sh.layout.num_slots, len(reqs)
         slots = self.kv.alloc(n * S)
         prefix = [int(r.kv_slots.numel()) for r in reqs]
-        self._fill_verify(sh, prefix, slots, B)
-        kv_idx = torch.cat([x for r, s in zip(reqs, slots.view(n, S)) for x in (r.kv_slots, s)]
+        if after is None:
+            before = [r.kv_slots for r in reqs]
+            ahead = [0] * n
+        else:
+            S0 = after.shape.layout.num_slots
+            prev = after.slots.view(n, S0)
+            before = [torch.cat([r.kv_slots, p]) for r, p in zip(reqs, prev)]
+            ahead = [S0] * n
+        self._fill_verify(sh, prefix, ahead, slots, B)
+        kv_idx = torch.cat([x for b, s in zip(before, slots.view(n, S)) for x in (b, s)]
                            + [torch.zeros((B - n) * (1 + S), dtype=torch.long)])
         entry = self.graphs.get((d.li, B))
-        padded = prefix + [1] * (B - n)  # padding requests: slot 0 is their one prefix key
+        padded = [p + a for p, a in zip(prefix, ahead)] + [1] * (B - n)  # padding requests: slot 0 is their one prefix key
         if entry is not None:
             attn, _, graph = entry
             attn.plan_fixed_trees(S, padded, kv_idx)
             graph.replay()
             self.replays += 1
         else:
+            if after is not None:
+                raise RuntimeError("a step launched after an unread one needs its verify graph (can_launch_after)")
             attn = self.runner.attn
             attn.plan(self._eager_batch(sh, B, padded, kv_idx))
             self._verify_body(sh, B, attn)
         self.steps += 1
-        sh.out_host.copy_(sh.out, non_blocking=True)  # the step's one device-to-host copy; `collect` waits for it
-        if sh.done is not None:
-            sh.done.record()
-        return InFlightStep(sh, reqs, slots)
+        host = sh.results[sh._result_turn]
+        sh._result_turn ^= 1
+        host.buf.copy_(sh.out, non_blocking=True)  # the step's one device-to-host copy; `collect` waits for it
+        if host.done is not None:
+            host.done.record()
+        return InFlightStep(sh, reqs, slots, host)
 
     def collect(self, step: InFlightStep) -> DeviceStepResult:
         """Wait for a launched step and read its result (accept counts, tokens, entropies)."""
-        sh, reqs = step.shape, step.reqs
+        sh, reqs, host = step.shape, step.reqs, step.host
         n, S = len(reqs), sh.layout.num_slots
-        if sh.done is not None:
-            sh.done.synchronize()
-        accept = sh.result_host[:n, 0].tolist()
-        rows = sh.result_host[:n, 1:].tolist()
-        ents = sh.entropy_host[:n].tolist()
+        if host.done is not None:
+            host.done.synchronize()
+        accept = host.result[:n, 0].tolist()
+        rows = host.result[:n, 1:].tolist()
+        ents = host.entropy[:n].tolist()
         for r in reqs:
             r.last_hidden = self._pool_rows[r.slot]
         return DeviceStepResult(accept=accept, tokens=[row[:a + 1] for row, a in zip(rows, accept)],
@@ -351,7 +396,7 @@ class DeviceSpecStep:
         pad = B - n
         if sh.draft_host is not None:
             host = sh.draft_host[sh._draft_turn]
-            sh._draft_turn ^= 1
+            sh._draft_turn = (sh._draft_turn + 1) % len(sh.draft_host)
         else:
             host = torch.empty_like(sh.draft_in)
         # padding requests: the pool's spare hidden row, root token 0, a root-only tree
@@ -359,12 +404,17 @@ class DeviceSpecStep:
                                                 rows + [sh.root_row] * pad], dtype=torch.long)
         sh.draft_in.copy_(host, non_blocking=True)  # whole (1.5 KB at batch 64): one contiguous copy
 
-    def _fill_verify(self, sh: _Shape, prefix, out_slots: torch.Tensor, B: int) -> None:
+    def _fill_verify(self, sh: _Shape, prefix, ahead, out_slots: torch.Tensor, B: int) -> None:
         """The verify graph's inputs (padded to B requests), one host-to-device copy."""
         n, Bm, S = len(prefix), sh.prefix.numel(), sh.layout.num_slots
-        host = sh.verify_host if sh.verify_host is not None else torch.empty_like(sh.verify_in)
+        if sh.verify_host is not None:
+            host = sh.verify_host[sh._verify_turn]
+            sh._verify_turn ^= 1
+        else:
+            host = torch.empty_like(sh.verify_in)
         host[:B] = torch.tensor(prefix + [1] * (B - n), dtype=torch.long)  # padding: slot 0 is their one prefix key
-        o = host[Bm: Bm + B * S]
+        host[Bm: Bm + B] = torch.tensor(list(ahead) + [0] * (B - n), dtype=torch.long)
+        o = host[2 * Bm: 2 * Bm + B * S]
         o[: n * S] = out_slots
         o[n * S:] = 0
         sh.verify_in.copy_(host, non_blocking=True)  # whole: one contiguous copy (rows past B are unused)
@@ -394,7 +444,10 @@ class DeviceSpecStep:
         dev = self.dev
         row = sh.row[:B]
         par, depth, valid, mask = tab.parent[row], tab.depth[row], tab.valid[row], tab.mask[row]
-        prefix = sh.prefix[:B]
+        req = sh.req_slot[:B]
+        # launched after a step not yet read (ahead > 0): that step's kept slots extend the prefix
+        known, ahead = sh.prefix[:B], sh.ahead[:B]
+        prefix = known + torch.where(ahead > 0, self.kept[req], 0)
         out_slots = sh.out_slots[:B * S].view(B, S)
 
         tokens = sh.tokens[:B]
@@ -403,6 +456,7 @@ class DeviceSpecStep:
         pos.copy_((prefix.unsqueeze(1) + depth).view(-1))
         if isinstance(attn, tree_triton.TreeAttention):  # the masks as one int64 of ancestor bits per node
             attn.set_trees(tab.anc[row])
+            attn.set_skip(prefix, known + ahead)  # that step's rejected slots (empty when ahead = 0)
         elif getattr(attn, "tree", False) and hasattr(attn, "mask_indptr"):  # FlashInfer graph mode: packed bits
             pack_tree_mask(attn.mask, attn.mask_indptr, prefix, mask, attn.mask.numel())
         hidden = self.model.forward(ids, pos, attn)
@@ -431,8 +485,9 @@ class DeviceSpecStep:
         self.kv.copy_slots(src.reshape(-1), dst.reshape(-1))
 
         H = hidden.shape[-1]
-        self.hidden[sh.req_slot[:B]] = hidden.view(B, S, H)[torch.arange(B, device=dev), leaf]
-        self.roots[sh.req_slot[:B]] = bonus.squeeze(1)  # the next step's root
+        self.hidden[req] = hidden.view(B, S, H)[torch.arange(B, device=dev), leaf]
+        self.roots[req] = bonus.squeeze(1)  # the next step's root
+        self.kept[req] = a + 1
         ent = entropy_from_logits(logits).view(B, S).gather(1, path)
         sh.result[:B, 0] = a
         sh.result[:B, 1:] = emitted

@@ -332,11 +332,12 @@ class SpecWorker(Worker):
         self._launch_device(li, reqs, trees, slots, entropy)
         return self._collect_device(reqs)
 
-    def _launch_device(self, li, reqs, trees, slots, entropy, drafted=None) -> None:
-        """Launch a step (its drafts already launched ahead, or drafted now), then, while it runs,
-        fold the last step's entropies, choose the next step's trees and launch their drafts."""
+    def _launch_device(self, li, reqs, trees, slots, entropy, drafted=None, after=None) -> None:
+        """Launch a step (its drafts already launched ahead, or drafted now; after: the step before
+        it, still unread), then, while it runs, fold the last step's entropies, choose the next
+        step's trees and launch their drafts."""
         ds = self.device_step
-        step = ds.launch_verify(drafted if drafted is not None else ds.launch_draft(li, reqs, trees))
+        step = ds.launch_verify(drafted if drafted is not None else ds.launch_draft(li, reqs, trees), after=after)
         self._inflight = {"step": step, "reqs": reqs, "trees": trees, "entropy_in": entropy,
                           "slots": {id(r): s for r, s in zip(reqs, step.slots.view(len(reqs), -1))}}
         self._fold_deferred()
@@ -351,8 +352,10 @@ class SpecWorker(Worker):
 
     def _collect_device(self, reqs: list[Request]) -> dict[str, list[int]]:
         """Wait for the step in flight; keep each live request's accepted slots and free the rest
-        of its tree's; relaunch the same batch if it is unchanged; return the step's tokens."""
+        of its tree's; relaunch the same batch if it is unchanged; return the step's tokens.
+        Where it can (`_launch_after`), the next step is launched before this one is read."""
         f, self._inflight = self._inflight, None
+        nxt = self._launch_after(f, reqs)
         out = self.device_step.collect(f["step"])
         spare, alive = [], []
         for i, r in enumerate(f["reqs"]):
@@ -365,7 +368,9 @@ class SpecWorker(Worker):
         if spare:
             self.kv.free(torch.cat(spare))
         self._deferred = (f["reqs"], out.entropy)
-        if self.pipeline is not False and len(alive) == len(f["reqs"]) and same_batch(f["reqs"], reqs):
+        if nxt is not None:  # launched before this step was read; its drafts of the step after too
+            self._inflight = nxt
+        elif self.pipeline is not False and len(alive) == len(f["reqs"]) and same_batch(f["reqs"], reqs):
             self._relaunch(reqs)  # before the records: the GPU waits on it
         else:
             self._drafted_ahead = None  # drafts of a batch that changed are not verified
@@ -377,6 +382,32 @@ class SpecWorker(Worker):
             self._record(r, f["trees"][i], out.accept[i], est[i], est_in[i])
             results[r.rid] = out.tokens[i]
         return results
+
+    def _launch_after(self, f: dict, reqs: list[Request]):
+        """Launch the next step of an unchanged batch before step f is read, from the drafts
+        launched behind it: its prefix lengths come from the device (DeviceSpecStep.launch_verify
+        after=...), so the GPU runs it straight after f while the host reads f. The estimates its
+        successor's trees are chosen from then lag two steps. Returns the new in-flight step, or
+        None (then f is read first and the batch relaunched as before, `_relaunch`)."""
+        drafted = self._drafted_ahead
+        if (self.launch_ahead is False or self.pipeline is False or drafted is None
+                or not same_batch(f["reqs"], reqs) or not same_batch(drafted.reqs, reqs)):
+            return None
+        ds, S0 = self.device_step, f["step"].shape.layout.num_slots
+        S = ds.shapes[drafted.li].layout.num_slots
+        # two steps' trees past each prefix: within the context and the free KV slots
+        if any(int(r.kv_slots.numel()) + S0 + S > self.runner.context_length for r in reqs):
+            return None
+        if self.kv.num_free < len(reqs) * S or not ds.can_launch_after(drafted, f["step"]):
+            return None
+        ahead = self._take_chosen_ahead(reqs)
+        if ahead is None:
+            return None
+        self._drafted_ahead = None
+        slots, entropy, trees = ahead
+        self._launch_device(drafted.li, reqs, trees, slots, entropy, drafted, after=f["step"])
+        nxt, self._inflight = self._inflight, None
+        return nxt
 
     def _relaunch(self, reqs: list[Request]) -> None:
         """Verify the next step of an unchanged batch, whose drafts were launched ahead (they

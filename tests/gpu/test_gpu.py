@@ -436,6 +436,17 @@ def test_fused_draft_levels_draft_the_torch_forms_tokens_up_to_near_ties(prompt_
         fused_draft.ENABLED = True
     real = table.valid[rows]
     agree = (got == want)[real].float().mean().item()
-    first = (got == want)[:, 1:1 + lay.widths[1]][real[:, 1:1 + lay.widths[1]]].float().mean().item()
-    print(f"fused vs torch drafts: {agree:.3f} of real slots agree, {first:.3f} at depth 1")
-    assert first >= 0.95 and agree >= 0.8, (first, agree)
+    # depth 1 hangs on the root, whose state both forms compute from the same inputs: where their
+    # tokens differ, the two tokens' logits (torch form) must be a near-tie, a few bf16 ulps apart
+    logits = d.state_logits(1, d.step(1, hidden, d.embed_tokens(roots, hidden))).float()
+    inv = torch.full((d.vocab_size,), -1, dtype=torch.long, device="cuda")
+    inv[d.draft_vocab] = torch.arange(d.draft_vocab.numel(), device="cuda")
+    cols = slice(1, 1 + lay.widths[1])
+    lf, lt = logits.gather(1, inv[got[:, cols]]), logits.gather(1, inv[want[:, cols]])
+    ulp = torch.exp2(torch.floor(torch.log2(torch.maximum(lf.abs(), lt.abs()).clamp(min=1e-3))) - 7)
+    gap_ulps = ((lf - lt).abs() / ulp)[real[:, cols]]
+    differ = (got[:, cols] != want[:, cols])[real[:, cols]]
+    print(f"fused vs torch drafts: {agree:.3f} of real slots agree; depth 1: {int(differ.sum())} of "
+          f"{differ.numel()} differ, widest logit gap {gap_ulps.max().item():.1f} ulps")
+    assert agree >= 0.8, agree
+    assert gap_ulps.max().item() <= 4, "a depth-1 token differs where the logits are not a near-tie"

@@ -73,6 +73,39 @@ def test_tree_attention_kernel_matches_softmax_attention(B, S, prefix, nsplit):
     assert torch.allclose(res.float().cpu(), want, atol=tol, rtol=tol), (res.float().cpu() - want).abs().max()
 
 
+@pytest.mark.parametrize("nsplit", [1, 3])
+def test_tree_attention_hides_the_skipped_key_range(nsplit):
+    """With skip = [lo, hi) per request, those keys of its range are invisible: the same as
+    attending over the range with them removed (a step launched ahead of the one before it
+    hides that step's rejected tree tail this way)."""
+    from srt_entmtp.model.attention.tree_triton import ancestor_bits, tree_attention
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(11 + nsplit)
+    B, S = 3, 6
+    before = [40, 9, 130]            # keys before the tree: prefix then the earlier tree's slots
+    skips = [(30, 38), (9, 9), (0, 0)]  # request 0 hides 8 keys, request 1 none (empty), 2 none
+    total = sum(before) + B * S
+    kc = torch.randn(total + 1, KH, D, generator=g).to(dt)
+    vc = torch.randn(total + 1, KH, D, generator=g).to(dt)
+    q = torch.randn(B * S, H, D, generator=g).to(dt)
+    slots = list((torch.randperm(total, generator=g) + 1).split([p + S for p in before]))
+    masks = random_tree_masks(B, S, g)
+    kv_indptr = torch.tensor([0] + [p + S for p in before], dtype=torch.int32).cumsum(0).to(torch.int32)
+    skip = torch.tensor(skips, dtype=torch.int32).t().contiguous()
+    block_m = max(16, min(64, 1 << (S * H // KH - 1).bit_length()))
+    to = (lambda t: t.to(dev))
+    res = tree_attention(to(q), to(kc), to(vc), to(kv_indptr), to(torch.cat(slots).to(torch.int32)),
+                         to(ancestor_bits(masks)), to(torch.zeros(B * S, H, D, dtype=dt)),
+                         to(torch.zeros(nsplit, B * S, H, D)), to(torch.zeros(nsplit, B * S, H)), D ** -0.5, S,
+                         nsplit, block_m, skip=to(skip))
+    kept = [torch.cat([sl[:lo], sl[hi:]]) for sl, (lo, hi) in zip(slots, skips)]
+    want = reference(q, kc, vc, [p - (hi - lo) for p, (lo, hi) in zip(before, skips)], kept, masks, D ** -0.5)
+    tol = 2e-2 if dt == torch.bfloat16 else 1e-4
+    assert torch.allclose(res.float().cpu(), want, atol=tol, rtol=tol), (res.float().cpu() - want).abs().max()
+
+
 def test_ancestor_bits_set_bit_j_of_row_i_for_mask_i_j():
     from srt_entmtp.model.attention.tree_triton import ancestor_bits
 

@@ -45,9 +45,10 @@ def _kernels():
         return None
 
     @triton.jit
-    def tree_attn_kernel(q_ptr, k_ptr, v_ptr, kv_indptr_ptr, kv_indices_ptr, anc_ptr, out_ptr, part_o_ptr,
-                         part_lse_ptr, scale_log2, N, nsplit, S: tl.constexpr, H: tl.constexpr, KH: tl.constexpr,
-                         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+    def tree_attn_kernel(q_ptr, k_ptr, v_ptr, kv_indptr_ptr, kv_indices_ptr, anc_ptr, skip_ptr, out_ptr, part_o_ptr,
+                         part_lse_ptr, scale_log2, N, B, nsplit, S: tl.constexpr, H: tl.constexpr, KH: tl.constexpr,
+                         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+                         SKIP: tl.constexpr):
         G: tl.constexpr = H // KH
         MT: tl.constexpr = (S * G + BLOCK_M - 1) // BLOCK_M
         b = tl.program_id(0)
@@ -64,6 +65,9 @@ def _kernels():
         kv0 = tl.load(kv_indptr_ptr + b)
         kv_len = tl.load(kv_indptr_ptr + b + 1) - kv0
         prefix = kv_len - S
+        if SKIP:  # keys [skip_lo, skip_hi) of the request's range are hidden (a rejected tail, see TreeAttention)
+            skip_lo = tl.load(skip_ptr + b)
+            skip_hi = tl.load(skip_ptr + B + b)
         chunk = tl.cdiv(tl.cdiv(kv_len, nsplit), BLOCK_N) * BLOCK_N
         lo = split * chunk
         hi = tl.minimum(lo + chunk, kv_len)
@@ -81,6 +85,8 @@ def _kernels():
             t = j - prefix  # column among the tree's keys; < 0 for prefix keys
             bit = (anc[:, None] >> tl.maximum(t, 0).to(tl.int64)[None, :]) & 1
             vis = live[None, :] & ((t[None, :] < 0) | (bit != 0))
+            if SKIP:
+                vis = vis & ((j < skip_lo) | (j >= skip_hi))[None, :]
             s = tl.where(vis, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
@@ -139,18 +145,21 @@ def num_splits(batch: int, nodes: int, num_heads: int, num_kv_heads: int, block_
 
 
 def tree_attention(q, k_cache, v_cache, kv_indptr, kv_indices, anc, out, part_o, part_lse, scale: float,
-                   nodes: int, nsplit: int, block_m: int) -> torch.Tensor:
+                   nodes: int, nsplit: int, block_m: int, skip: torch.Tensor | None = None) -> torch.Tensor:
     """out[N, H, D] = attention of q[N, H, D] (B requests x `nodes` tokens) over each request's
     kv_indices[kv_indptr[b]:kv_indptr[b+1]] (prefix, then its `nodes` tree keys) under the
-    ancestor bits anc[B, nodes]. part_o / part_lse: [nsplit, N, H, (D)] float32 scratch."""
+    ancestor bits anc[B, nodes]; skip [2, B] int32 (optional): request b's keys
+    [skip[0, b], skip[1, b]) of its range are hidden. part_o / part_lse: [nsplit, N, H, (D)]
+    float32 scratch."""
     triton, attn_k, merge_k = _kernels()
     N, H, D = q.shape
     KH = k_cache.shape[1]
     B = N // nodes
     tiles = math.ceil(nodes * (H // KH) / block_m)
-    attn_k[(B, KH * tiles, nsplit)](q, k_cache, v_cache, kv_indptr, kv_indices, anc, out, part_o, part_lse,
-                                    scale * 1.4426950408889634, N, nsplit, S=nodes, H=H, KH=KH, D=D, BLOCK_M=block_m,
-                                    BLOCK_N=BLOCK_N, SPLIT=nsplit > 1, num_warps=4)
+    attn_k[(B, KH * tiles, nsplit)](q, k_cache, v_cache, kv_indptr, kv_indices, anc, skip if skip is not None else anc,
+                                    out, part_o, part_lse, scale * 1.4426950408889634, N, B, nsplit, S=nodes, H=H,
+                                    KH=KH, D=D, BLOCK_M=block_m, BLOCK_N=BLOCK_N, SPLIT=nsplit > 1,
+                                    SKIP=skip is not None, num_warps=4)
     if nsplit > 1:
         R = N * H
         merge_k[(triton.cdiv(R, 64),)](part_o, part_lse, out, R, D=D, NSPLIT=nsplit, BLOCK_R=64, num_warps=4)
@@ -164,6 +173,7 @@ class TreeAttention(AttentionBackend):
     attends."""
 
     tree = True
+    decode = False  # DecodeAttention: no hidden keys, the kernel skips no range
     plans_in_turn = True  # plans alternate between two pinned buffers (CudaGraphRunner.queue_safe_decode)
 
     def __init__(self, kv, num_heads: int, num_kv_heads: int, head_dim: int, out_slots: torch.Tensor, batch: int,
@@ -181,6 +191,8 @@ class TreeAttention(AttentionBackend):
         self._host_turn = 0
         self.kv_indptr, self.kv_indices = self.meta[: batch + 1], self.meta[batch + 1:]
         self.anc = torch.zeros(batch, nodes, dtype=torch.long, device=dev)
+        # keys each request's queries do not see: [skip[0, b], skip[1, b]) of its range (set_skip)
+        self.skip = torch.zeros(2, batch, dtype=torch.int32, device=dev)
         g = num_heads // num_kv_heads
         self.block_m = max(16, min(64, 1 << (nodes * g - 1).bit_length()))
         self.nsplit = num_splits(batch, nodes, num_heads, num_kv_heads, self.block_m)
@@ -211,13 +223,21 @@ class TreeAttention(AttentionBackend):
         """The step's ancestor bits [batch, nodes] (a device op, captured with the graph)."""
         self.anc.copy_(anc)
 
+    def set_skip(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Hide keys [lo[b], hi[b]) of request b's range (device ops, captured with the graph). A
+        step launched before the one before it is read lays out that step's whole tree after the
+        prefix; the rejected part of it, known only on the device, is hidden this way."""
+        self.skip[0].copy_(lo)
+        self.skip[1].copy_(hi)
+
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None) -> torch.Tensor:
         kc, vc = self.kv.k[layer], self.kv.v[layer]
         if k is not None:  # else the fused RoPE kernel stored them (model/fused.py: rope_qkv_store)
             kc[self._out_slots] = k
             vc[self._out_slots] = v
         tree_attention(q.contiguous(), kc, vc, self.kv_indptr, self.kv_indices, self.anc, self.out, self.part_o,
-                       self.part_lse, self.scale, self.nodes, self.nsplit, self.block_m)
+                       self.part_lse, self.scale, self.nodes, self.nsplit, self.block_m,
+                       skip=None if self.decode else self.skip)
         return self.out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
 
@@ -228,6 +248,7 @@ class DecodeAttention(TreeAttention):
     its kernel plus merge takes ~8 us a layer against ~6 here; bench_tree_attention.py)."""
 
     tree = False
+    decode = True
 
     def __init__(self, kv, num_heads: int, num_kv_heads: int, head_dim: int, out_slots: torch.Tensor, batch: int,
                  kv_capacity: int):
