@@ -8,8 +8,11 @@ layer, so weights come from HBM as in a forward, and launch gaps count as they d
   (2) a layer's matmul chain without attention, at the chosen configs:
       unfused  add_rms_norm, qkv, o, add_rms_norm, gate_up, silu_mul, down   (7 kernels)
       fused    norm_linear, linear_residual, norm_gate_silu, linear_residual (4 kernels)
+  (3) --sweep-wide: the 32- and 64-row tiles (small_linear.WIDE) at 24-64 rows, the chains at
+      those rows, and the row count up to which the fused chain wins (small_linear.SMALL_M),
+      written to --configs-out for ENTMTP_SMALL_LINEAR_CONFIGS.
 
-    python scripts/bench_small_linear.py [--out small_linear.json] [--sweep]
+    python scripts/bench_small_linear.py [--out small_linear.json] [--sweep] [--sweep-wide]
 
 Needs CUDA and Triton, not the model. Prints a table last and writes JSON.
 """
@@ -93,9 +96,41 @@ def sweep(W, dt, grid):
     return rows
 
 
-def chains(W, dt):
+WIDE_ROWS = {32: (24, 32), 64: (40, 48, 64)}
+
+
+def sweep_wide(W, dt):
+    """Row tiles of 32 and 64 (17-64 rows: tree verification): every op at each tile's rows over a
+    small grid; the best config per (config key, row tile) goes into small_linear.WIDE."""
+    rows, best = [], {}
+    for bm, ms in WIDE_ROWS.items():
+        for cfg in itertools.product((16, 32, 64), (128, 256), (4,), (3,)):
+            full = (bm, *cfg)
+            for op in OPS:
+                try:
+                    us = {M: graph_us(op_call(op, W, M, dt, full)) for M in ms}
+                except Exception as e:  # noqa: BLE001  (a config Triton cannot build: shared memory, registers)
+                    print(f"  {op} {full}: {type(e).__name__}", flush=True)
+                    continue
+                rows.append({"op": op, "config": list(full), "us": us})
+                print(f"  {op:24s} {full!s:22s} " + " ".join(f"{M}:{us[M]:6.2f}" for M in ms), flush=True)
+    for bm in WIDE_ROWS:
+        for key in dict.fromkeys(CONFIG_KEY.values()):
+            cands = {}
+            for r in rows:
+                if r["config"][0] == bm and CONFIG_KEY[r["op"]] == key:
+                    cands.setdefault(tuple(r["config"][1:]), []).append(sum(r["us"].values()))
+            cands = {c: sum(v) for c, v in cands.items() if len(v) == sum(CONFIG_KEY[o] == key for o in OPS)}
+            if cands:
+                best.setdefault(bm, {})[key] = min(cands, key=cands.get)
+    for bm, ops in best.items():
+        small_linear.WIDE[bm].update(ops)
+    return rows, best
+
+
+def chains(W, dt, rows=ROWS):
     out = []
-    for M in ROWS:
+    for M in rows:
         h = torch.randn(M, HID, device="cuda", dtype=dt)
         r = torch.randn(M, HID, device="cuda", dtype=dt)
         attn = torch.randn(M, HID, device="cuda", dtype=dt)  # stands in for attention's output
@@ -123,6 +158,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="small_linear.json")
     ap.add_argument("--sweep", action="store_true", help="time every tile config of the grid (~1-2 min of compiles)")
+    ap.add_argument("--sweep-wide", action="store_true",
+                    help="tune the 32- and 64-row tiles (17-64 rows) and write the best configs, with the row "
+                         "count up to which the fused chain wins, to --configs-out (ENTMTP_SMALL_LINEAR_CONFIGS reads it)")
+    ap.add_argument("--configs-out", default="small_linear_configs.json")
     ns = ap.parse_args()
     if not torch.cuda.is_available() or small_linear._kernel() is None:
         sys.exit("bench_small_linear.py needs a CUDA device and Triton")
@@ -136,9 +175,19 @@ def main():
     # (the first sweep, over BLOCK_K 64-256 and 2-4 stages, found the widest K tile and the deepest
     # pipeline fastest everywhere; this grid goes on from there)
     grid = list(itertools.product((16, 32), (256, 512), (2, 4), (3, 4, 5))) if ns.sweep else []
+    wide_rows, wide_best = sweep_wide(W, dt) if ns.sweep_wide else ([], {})
+    chain_rows = sorted(set(ROWS) | {m for ms in WIDE_ROWS.values() for m in ms}) if ns.sweep_wide else ROWS
     res = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(), "layers": LAYERS,
-           "rows": list(ROWS), "configs": small_linear.CONFIGS, "norm_gate_silu_max_abs_err": err,
-           "sweep": sweep(W, dt, grid) if grid else [], "chains": chains(W, dt)}
+           "rows": list(chain_rows), "configs": small_linear.CONFIGS,
+           "wide": {str(k): v for k, v in small_linear.WIDE.items()}, "norm_gate_silu_max_abs_err": err,
+           "sweep": sweep(W, dt, grid) if grid else [], "sweep_wide": wide_rows, "chains": chains(W, dt, chain_rows)}
+    if ns.sweep_wide:  # the fused path up to the largest row tile whose every row count beats the unfused chain
+        wins = {c["rows"]: c["fused_us"] < c["unfused_us"] for c in res["chains"]}
+        small_m = max([16] + [bm for bm in WIDE_ROWS if all(w for m, w in wins.items() if m <= bm)])
+        res["small_m"] = small_m
+        Path(ns.configs_out).write_text(json.dumps({"small_m": small_m, "wide": {
+            str(bm): {op: list(c) for op, c in ops.items()} for bm, ops in small_linear.WIDE.items()}}, indent=1))
+        print(f"wide tiles: {wide_best}; fused path up to {small_m} rows; wrote {ns.configs_out}")
     Path(ns.out).write_text(json.dumps(res, indent=1))
     if res["sweep"]:
         print("\nbest config per op (sum of us over rows 1 and 8):")

@@ -28,14 +28,17 @@ tests run the kernels in Triton's interpreter on CPU in float32.
 from __future__ import annotations
 
 import functools
+import json
+import os
+from pathlib import Path
 
 import torch
 
 from srt_entmtp.model import fused
 
-SMALL_M = 32      # rows up to which the model takes this path (at 64 the unfused chain wins on the H200)
+SMALL_M = 32      # rows up to which the model takes this path (see WIDE below for 17-64 rows)
 BLOCK_M = 16      # the smallest tile tl.dot takes; rows past M are masked
-# per-op tile shapes (BLOCK_N, BLOCK_K, num_warps, num_stages), the fastest at 1 and 8 rows in
+# per-op tile shapes (BLOCK_N, BLOCK_K, num_warps, num_stages) for up to 16 rows, the fastest at 1 and 8 rows in
 # scripts/bench_small_linear.py --sweep on the H200; the loads are latency-bound, so deep
 # pipelining (4 stages) and wide K tiles matter most (a second sweep, over 256-512 wide K tiles
 # and 3-5 stages, found at most 0.1 us more; benchmarks/results/small_linear_h200_2026-12-01*.json)
@@ -43,6 +46,35 @@ CONFIGS = {"norm_linear": (16, 256, 4, 4), "norm_gate_silu": (32, 256, 4, 4), "l
            # a draft head's projection onto its vocabulary with the per-tile top-k (norm_linear_topk):
            # 128 columns a program (128 programs for a 16k vocabulary), narrower K tiles to fit 3 stages
            "topk": (128, 64, 4, 3)}
+# 17-64 rows (a verify forward of a tree, or of 8 small trees): one row tile of 32 or 64 rows, so
+# each weight tile is read once, not once per 16 rows. {BLOCK_M: {op: config}}
+WIDE = {32: {"norm_linear": (16, 256, 4, 3), "norm_gate_silu": (16, 256, 4, 3), "linear_residual": (16, 256, 4, 3)},
+        64: {"norm_linear": (16, 128, 4, 3), "norm_gate_silu": (16, 128, 4, 3), "linear_residual": (16, 128, 4, 3)}}
+
+
+def _load_overrides() -> None:
+    """ENTMTP_SMALL_LINEAR_CONFIGS=<json> (tuning on another GPU; bench_small_linear.py --sweep-wide
+    writes one): {"small_m": int, "wide": {"32": {op: [BLOCK_N, BLOCK_K, warps, stages]}, "64": ...}}."""
+    global SMALL_M
+    path = os.environ.get("ENTMTP_SMALL_LINEAR_CONFIGS")
+    if not path:
+        return
+    d = json.loads(Path(path).read_text())
+    SMALL_M = int(d.get("small_m", SMALL_M))
+    for bm, ops in d.get("wide", {}).items():
+        WIDE.setdefault(int(bm), {}).update({op: tuple(c) for op, c in ops.items()})
+
+
+_load_overrides()
+
+
+def tile(op: str, M: int, config=None) -> tuple[int, tuple]:
+    """(BLOCK_M, (BLOCK_N, BLOCK_K, warps, stages)) for M rows; config: a 4-tuple for M's row tile,
+    or (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)."""
+    if config is not None and len(config) == 5:
+        return config[0], tuple(config[1:])
+    bm = BLOCK_M if M <= BLOCK_M or op == "topk" or op not in WIDE.get(32, {}) else (32 if M <= 32 else 64)
+    return bm, tuple(config) if config is not None else (CONFIGS[op] if bm == BLOCK_M else WIDE[bm][op])
 
 
 ENABLED = True    # False: the model's ordinary path at every size (benchmarks' A/B; read at capture)
@@ -151,7 +183,7 @@ def _launch(op: str, x, w, n_out: int, *, bias=None, ln=None, eps=0.0, residual=
     K = K1 + (x2.shape[1] if x2 is not None else 0)
     assert x.stride(1) == 1 and w.is_contiguous() and w.shape[1] == K, "small_linear: row-major x and W"
     assert x2 is None or x2.stride(1) == 1
-    bn, bk, warps, stages = config or CONFIGS[op]
+    bm, (bn, bk, warps, stages) = tile(op, M, config)
     if top_k:  # candidates, not the product: [M, tiles * top_k] values (float32) and column ids
         tiles = triton.cdiv(n_out, bn)
         assert top_k <= bn, f"top_k {top_k} > the tile's {bn} columns"
@@ -163,13 +195,13 @@ def _launch(op: str, x, w, n_out: int, *, bias=None, ln=None, eps=0.0, residual=
         tv = ti = o
     if M:
         res = residual if residual is not None else o
-        kern[(triton.cdiv(n_out, bn), triton.cdiv(M, BLOCK_M))](
+        kern[(triton.cdiv(n_out, bn), triton.cdiv(M, bm))](
             x, x2 if x2 is not None else x, rows2 if rows2 is not None else x, w, bias if bias is not None else w,
             ln if ln is not None else w, ln2 if ln2 is not None else w, res, o, tv, ti, M, n_out, K, K1,
             x.stride(0), x2.stride(0) if x2 is not None else 0, res.stride(0), o.stride(0), tv.stride(0), top_k, eps,
             NORM=ln is not None, SILU=silu, RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
             X2=x2 is not None, X2_ROWS=rows2 is not None, TOPK=top_k > 0,
-            BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return out
 
 

@@ -32,8 +32,8 @@ def close(a, b):
 
 
 # rows: one, a few, a full tile, past one tile; K and N not multiples of the tiles (200 / 128, 40 / 16)
-@pytest.mark.parametrize("M", [1, 5, 16, 19])
-@pytest.mark.parametrize("config", [None, (32, 64, 2, 2)])
+@pytest.mark.parametrize("M", [1, 5, 16, 19, 40, 64])
+@pytest.mark.parametrize("config", [None, (32, 64, 2, 2), (64, 16, 64, 4, 2)])
 def test_norm_linear_is_rms_norm_then_linear(M, config):
     from srt_entmtp.model.small_linear import norm_linear
 
@@ -44,7 +44,7 @@ def test_norm_linear_is_rms_norm_then_linear(M, config):
         assert ok, err
 
 
-@pytest.mark.parametrize("M", [1, 7, 16, 21])
+@pytest.mark.parametrize("M", [1, 7, 16, 21, 33])
 def test_norm_gate_silu_is_rms_norm_linear_then_silu_times_up(M):
     from srt_entmtp.model.small_linear import norm_gate_silu
 
@@ -55,7 +55,7 @@ def test_norm_gate_silu_is_rms_norm_linear_then_silu_times_up(M):
     assert ok, err
 
 
-@pytest.mark.parametrize("M", [1, 9, 16, 18])
+@pytest.mark.parametrize("M", [1, 9, 16, 18, 57])
 def test_linear_residual_adds_the_product_to_the_residual(M):
     from srt_entmtp.model.small_linear import linear_residual
 
@@ -65,6 +65,18 @@ def test_linear_residual_adds_the_product_to_the_residual(M):
     ok, err = close(linear_residual(x, w, r), r + F.linear(x, w))
     assert ok, err
     assert torch.equal(r, before), "the residual is read, not written"
+
+
+def test_row_tiles_follow_the_row_count():
+    """Up to 16 rows one 16-row tile; 17-32 one of 32; 33-64 one of 64 (each weight tile read
+    once); the draft top-k keeps 16-row tiles; an explicit 5-tuple names the row tile."""
+    from srt_entmtp.model.small_linear import CONFIGS, WIDE, tile
+
+    assert tile("norm_linear", 16) == (16, CONFIGS["norm_linear"])
+    assert tile("norm_linear", 17) == (32, WIDE[32]["norm_linear"])
+    assert tile("linear_residual", 64) == (64, WIDE[64]["linear_residual"])
+    assert tile("topk", 30)[0] == 16
+    assert tile("norm_gate_silu", 5, (64, 32, 128, 4, 3)) == (64, (32, 128, 4, 3))
 
 
 def tiny_model(qkv_bias: bool, monkeypatch):

@@ -17,7 +17,7 @@ Here a level is five kernels:
 
 The tokens are the ones the torch form drafts (top k is exact; among equal logits either order
 is a valid top k, as with torch.topk). Used for CUDA bf16/fp16 when a level has at most
-small_linear.SMALL_M rows (`usable`); tests run the kernels in Triton's interpreter on CPU.
+MAX_ROWS rows (`usable`); tests run the kernels in Triton's interpreter on CPU.
 """
 from __future__ import annotations
 
@@ -28,13 +28,14 @@ import torch
 from srt_entmtp.model import fused, small_linear
 
 ENABLED = True  # False: the torch form for every drafter (read when a graph is captured)
+MAX_ROWS = 32   # rows of a level drafted this way (measured up to here: scripts/bench_draft.py)
 
 
 def usable(drafter, x: torch.Tensor, k: int) -> bool:
     """Whether `drafter` may draft a level of x's rows asking k candidates with these kernels."""
     w = drafter.out_weight
     return (ENABLED and drafter.fused_logits and drafter.fused_levels and fused.enabled(x) and x.dim() == 2
-            and x.shape[0] <= small_linear.SMALL_M and k <= small_linear.CONFIGS["topk"][0]
+            and x.shape[0] <= min(MAX_ROWS, small_linear.SMALL_M) and k <= small_linear.CONFIGS["topk"][0]
             and w.dtype == x.dtype and w.is_contiguous() and _kernel() is not None
             and small_linear._kernel() is not None)
 
