@@ -8,9 +8,9 @@ layer, so weights come from HBM as in a forward, and launch gaps count as they d
   (2) a layer's matmul chain without attention, at the chosen configs:
       unfused  add_rms_norm, qkv, o, add_rms_norm, gate_up, silu_mul, down   (7 kernels)
       fused    norm_linear, linear_residual, norm_gate_silu, linear_residual (4 kernels)
-  (3) --sweep-wide: the 32- and 64-row tiles (small_linear.WIDE) at 24-64 rows, the chains at
-      those rows, and the row count up to which the fused chain wins (small_linear.SMALL_M),
-      written to --configs-out for ENTMTP_SMALL_LINEAR_CONFIGS.
+  (3) --sweep-wide: the 32- and 64-row tiles (small_linear.WIDE) at 24-64 rows and the chains
+      at those rows with the best of them, written to --configs-out for
+      ENTMTP_SMALL_LINEAR_CONFIGS.
 
     python scripts/bench_small_linear.py [--out small_linear.json] [--sweep] [--sweep-wide]
 
@@ -124,7 +124,7 @@ def sweep_wide(W, dt):
             if cands:
                 best.setdefault(bm, {})[key] = min(cands, key=cands.get)
     for bm, ops in best.items():
-        small_linear.WIDE[bm].update(ops)
+        small_linear.WIDE.setdefault(bm, {}).update(ops)
     return rows, best
 
 
@@ -159,8 +159,8 @@ def main():
     ap.add_argument("--out", default="small_linear.json")
     ap.add_argument("--sweep", action="store_true", help="time every tile config of the grid (~1-2 min of compiles)")
     ap.add_argument("--sweep-wide", action="store_true",
-                    help="tune the 32- and 64-row tiles (17-64 rows) and write the best configs, with the row "
-                         "count up to which the fused chain wins, to --configs-out (ENTMTP_SMALL_LINEAR_CONFIGS reads it)")
+                    help="tune the 32- and 64-row tiles (17-64 rows), time the chains with them, and write the "
+                         "best configs to --configs-out (ENTMTP_SMALL_LINEAR_CONFIGS reads it)")
     ap.add_argument("--configs-out", default="small_linear_configs.json")
     ns = ap.parse_args()
     if not torch.cuda.is_available() or small_linear._kernel() is None:
@@ -181,13 +181,10 @@ def main():
            "rows": list(chain_rows), "configs": small_linear.CONFIGS,
            "wide": {str(k): v for k, v in small_linear.WIDE.items()}, "norm_gate_silu_max_abs_err": err,
            "sweep": sweep(W, dt, grid) if grid else [], "sweep_wide": wide_rows, "chains": chains(W, dt, chain_rows)}
-    if ns.sweep_wide:  # the fused path up to the largest row tile whose every row count beats the unfused chain
-        wins = {c["rows"]: c["fused_us"] < c["unfused_us"] for c in res["chains"]}
-        small_m = max([16] + [bm for bm in WIDE_ROWS if all(w for m, w in wins.items() if m <= bm)])
-        res["small_m"] = small_m
-        Path(ns.configs_out).write_text(json.dumps({"small_m": small_m, "wide": {
+    if ns.sweep_wide:  # the chains above ran with the wide tiles: where they lose, leave WIDE empty
+        Path(ns.configs_out).write_text(json.dumps({"wide": {
             str(bm): {op: list(c) for op, c in ops.items()} for bm, ops in small_linear.WIDE.items()}}, indent=1))
-        print(f"wide tiles: {wide_best}; fused path up to {small_m} rows; wrote {ns.configs_out}")
+        print(f"wide tiles: {wide_best}; wrote {ns.configs_out}")
     Path(ns.out).write_text(json.dumps(res, indent=1))
     if res["sweep"]:
         print("\nbest config per op (sum of us over rows 1 and 8):")

@@ -36,7 +36,7 @@ import torch
 
 from srt_entmtp.model import fused
 
-SMALL_M = 32      # rows up to which the model takes this path (see WIDE below for 17-64 rows)
+SMALL_M = 32      # rows up to which the model takes this path (at 64 the unfused chain wins on the H200)
 BLOCK_M = 16      # the smallest tile tl.dot takes; rows past M are masked
 # per-op tile shapes (BLOCK_N, BLOCK_K, num_warps, num_stages) for up to 16 rows, the fastest at 1 and 8 rows in
 # scripts/bench_small_linear.py --sweep on the H200; the loads are latency-bound, so deep
@@ -46,10 +46,12 @@ CONFIGS = {"norm_linear": (16, 256, 4, 4), "norm_gate_silu": (32, 256, 4, 4), "l
            # a draft head's projection onto its vocabulary with the per-tile top-k (norm_linear_topk):
            # 128 columns a program (128 programs for a 16k vocabulary), narrower K tiles to fit 3 stages
            "topk": (128, 64, 4, 3)}
-# 17-64 rows (a verify forward of a tree, or of 8 small trees): one row tile of 32 or 64 rows, so
-# each weight tile is read once, not once per 16 rows. {BLOCK_M: {op: config}}
-WIDE = {32: {"norm_linear": (16, 256, 4, 3), "norm_gate_silu": (16, 256, 4, 3), "linear_residual": (16, 256, 4, 3)},
-        64: {"norm_linear": (16, 128, 4, 3), "norm_gate_silu": (16, 128, 4, 3), "linear_residual": (16, 128, 4, 3)}}
+# 17-64 rows in one row tile of 32 or 64 rows ({BLOCK_M: {op: config}}), so each weight tile is
+# read once, not once per 16 rows. Empty: on the H200 the best such tiles were slower than two or
+# four 16-row tiles (fewer programs; the re-reads hit L2), 22.5 vs 21.7 us a layer unfused at 24
+# rows (bench_small_linear.py --sweep-wide, small_linear_wide_h200_2026-12-01.json). Kept for
+# tuning other GPUs through ENTMTP_SMALL_LINEAR_CONFIGS.
+WIDE: dict[int, dict[str, tuple]] = {}
 
 
 def _load_overrides() -> None:
@@ -73,7 +75,9 @@ def tile(op: str, M: int, config=None) -> tuple[int, tuple]:
     or (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)."""
     if config is not None and len(config) == 5:
         return config[0], tuple(config[1:])
-    bm = BLOCK_M if M <= BLOCK_M or op == "topk" or op not in WIDE.get(32, {}) else (32 if M <= 32 else 64)
+    bm = BLOCK_M if M <= BLOCK_M or op == "topk" else (32 if M <= 32 else 64)
+    if bm != BLOCK_M and op not in WIDE.get(bm, {}):
+        bm = BLOCK_M
     return bm, tuple(config) if config is not None else (CONFIGS[op] if bm == BLOCK_M else WIDE[bm][op])
 
 
