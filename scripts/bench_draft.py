@@ -19,34 +19,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_small_linear import graph_us  # this folder: sys.path[0] when run as a script
+
 from srt_entmtp.model.runner import ModelRunner
 from srt_entmtp.spec.device_step import choose_layouts
 from srt_entmtp.spec.drafters import fused_draft, load_drafter
 from srt_entmtp.spec.library import TreeLibrary
 from srt_entmtp.spec.tree_layout import LayoutTable
 from srt_entmtp.spec.worker import PACKAGE, default_heads_dir
-
-
-def graph_us(fn, reps: int = 200) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(10):
-        g.replay()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    a.record()
-    for _ in range(reps):
-        g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) * 1e3 / reps
 
 
 def main() -> int:
@@ -72,7 +52,7 @@ def main() -> int:
             outs = {}
             for variant in ("fused", "torch"):
                 fused_draft.ENABLED = variant == "fused"
-                times[variant] = graph_us(lambda a=args: d.propose_layout(*a))
+                times[variant] = graph_us(lambda a=args: d.propose_layout(*a), reps=200, calls=1)
                 outs[variant] = d.propose_layout(*args)
             fused_draft.ENABLED = True
             agree = float((outs["fused"] == outs["torch"]).float().mean())

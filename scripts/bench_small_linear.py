@@ -35,8 +35,9 @@ HID, INTER, QKV, LAYERS = 576, 1536, 960, 30  # SmolLM2-135M
 ROWS = (1, 4, 8, 16, 32, 64)
 
 
-def graph_us(fn, reps=50) -> float:
-    """us per call of fn, where fn runs all LAYERS layers, replayed as one CUDA graph."""
+def graph_us(fn, reps=50, calls=LAYERS) -> float:
+    """us per call, where fn makes `calls` calls (all LAYERS layers by default), replayed as one
+    CUDA graph."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -55,7 +56,7 @@ def graph_us(fn, reps=50) -> float:
         g.replay()
     b.record()
     torch.cuda.synchronize()
-    return a.elapsed_time(b) * 1e3 / reps / LAYERS
+    return a.elapsed_time(b) * 1e3 / reps / calls
 
 
 def weights(dt):

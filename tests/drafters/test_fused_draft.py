@@ -4,29 +4,15 @@ same trees both ways. Without CUDA the kernels run in Triton's interpreter (conf
 TRITON_INTERPRET=1) in float32; on the GPU the model takes this path itself (tests/gpu)."""
 from __future__ import annotations
 
-import importlib.util
 import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                reason="triton is not installed (pip install triton runs these in its interpreter)")
+from tests.kernel_checks import DEV, DT, TOL, needs_triton, rand, rms
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-DT = torch.bfloat16 if DEV == "cuda" else torch.float32
-TOL = 3e-2 if DT == torch.bfloat16 else 1e-4
-
-
-def rand(*shape, g, scale=1.0):
-    return (torch.randn(*shape, generator=g) * scale).to(DEV, DT)
-
-
-def rms(h, w, eps):
-    from srt_entmtp.model.fused import rms_norm_torch
-
-    return rms_norm_torch(h, w, eps)
+pytestmark = needs_triton
 
 
 @pytest.mark.parametrize("M", [1, 6, 19])

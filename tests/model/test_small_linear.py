@@ -3,28 +3,13 @@ model's few-token forward path against its ordinary one. Without CUDA they run i
 interpreter (conftest.py sets TRITON_INTERPRET=1) in float32; with CUDA, compiled, in bf16."""
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                reason="triton is not installed (pip install triton runs these in its interpreter)")
+from tests.kernel_checks import DEV, DT, TOL, needs_triton, rand, rms
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-DT = torch.bfloat16 if DEV == "cuda" else torch.float32
-TOL = 3e-2 if DT == torch.bfloat16 else 1e-4
-
-
-def rand(*shape, g, scale=1.0):
-    return (torch.randn(*shape, generator=g) * scale).to(DEV, DT)
-
-
-def rms(h, w, eps):
-    from srt_entmtp.model.fused import rms_norm_torch
-
-    return rms_norm_torch(h, w, eps)
+pytestmark = needs_triton
 
 
 def close(a, b):
