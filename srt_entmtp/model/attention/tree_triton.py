@@ -3,7 +3,9 @@
 Every request verifies S tree nodes (S <= 64) over its cached prefix keys plus its own S keys,
 which the step just wrote. Node i sees the whole prefix and the tree key j iff bit j of
 anc[b, i] is set (ancestor-or-self), so the mask is one int64 per query row instead of a
-packed bit per (query, key) pair.
+packed bit per (query, key) pair. A verify graph may also hide one range of a request's keys
+(`TreeAttention.set_skip`): a step launched before the one before it is read lays out all of
+that step's tree after the prefix, and only the device knows which of those slots were rejected.
 
 Why not FlashInfer here: its custom-mask prefill costs 14-23 us a layer at batch 1 (8-33
 nodes over 256-1,024 keys) on the H200, and ~8 us of that is the kernel's fixed cost: its
