@@ -16,11 +16,12 @@ the unfused forward has 9. The MTP draft head (spec/drafters/fused_draft.py) use
                       embedding lookup are the kernel's loads)
   * norm_linear_topk: the top k of each tile of RMSNorm(h) @ W.T   (projection onto the draft
                       vocabulary; the logits stay in registers)
- A program owns BLOCK_N output columns of a 16-row tile and reads its
-whole K range; the RMS of each row is computed again by every program (K <= a few thousand
-floats, nothing next to its weight tile). Rounding follows the torch forms step by step (bf16
-after the matmul, after the norm and its scale, after SiLU, after the add), as model/fused.py
-does, so the forward agrees with the unfused one up to summation order.
+
+A program owns BLOCK_N output columns of a 16-row tile and reads its whole K range; the RMS of
+each row is computed again by every program (K <= a few thousand floats, nothing next to its
+weight tile). Rounding follows the torch forms step by step (bf16 after the matmul, after the
+norm and its scale, after SiLU, after the add), as model/fused.py does, so the forward agrees
+with the unfused one up to summation order.
 
 Only for CUDA tensors in bf16/fp16 with at most SMALL_M rows (the model checks `usable`);
 tests run the kernels in Triton's interpreter on CPU in float32.
