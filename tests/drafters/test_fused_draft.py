@@ -77,16 +77,18 @@ def test_pick_takes_each_childs_rank_th_candidate_of_its_parent_row():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter form; on the GPU tests/gpu checks bf16")
-def test_fused_levels_draft_the_tokens_of_the_torch_form(runner, monkeypatch):
-    """The real MTP heads (float32, this CPU) fill the same trees with the fused kernels (run in
-    the interpreter: the CUDA-only gates are opened) as with torch's ops, token for token."""
+@pytest.mark.parametrize("kind", ["mtp", "hydra"])
+def test_fused_levels_draft_the_tokens_of_the_torch_form(runner, monkeypatch, kind):
+    """The real heads (float32, this CPU) fill the same trees with the fused kernels (run in the
+    interpreter: the CUDA-only gates are opened) as with torch's ops, token for token: MTP with
+    its fused block, Hydra with the fused projection and top-k after its own step."""
     from srt_entmtp.model import small_linear
     from srt_entmtp.spec.drafters import fused_draft, load_drafter
     from srt_entmtp.spec.tree import Tree
     from srt_entmtp.spec.tree_layout import LayoutTable, TreeLayout
     from srt_entmtp.spec.worker import default_heads_dir
 
-    d = load_drafter(default_heads_dir("mtp"), runner)
+    d = load_drafter(default_heads_dir(kind), runner)
     d.quantize_for_inference("model")
     rng = random.Random(5)
     trees = [Tree.from_paths([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 1, 0]]),
