@@ -83,18 +83,20 @@ CONFIG_KEY = {"norm_linear/qkv": "norm_linear", "norm_gate_silu/gate_up": "norm_
               "linear_residual/o": "linear_residual", "linear_residual/down": "linear_residual"}
 
 
-def sweep(W, dt, grid):
-    rows = []
+def sweep(W, dt, grid, rows=ROWS):
+    """Every op at every config of `grid` (4-tuples, or 5-tuples naming the row tile), us per layer
+    call at each row count of `rows`."""
+    out = []
     for op in OPS:
         for cfg in grid:
             try:
-                us = {M: graph_us(op_call(op, W, M, dt, cfg)) for M in ROWS}
+                us = {M: graph_us(op_call(op, W, M, dt, cfg)) for M in rows}
             except Exception as e:  # noqa: BLE001  (a config Triton cannot build: shared memory, registers)
                 print(f"  {op} {cfg}: {type(e).__name__}", flush=True)
                 continue
-            rows.append({"op": op, "config": list(cfg), "us": us})
-            print(f"  {op:24s} {cfg!s:18s} " + " ".join(f"{us[M]:6.2f}" for M in ROWS), flush=True)
-    return rows
+            out.append({"op": op, "config": list(cfg), "us": us})
+            print(f"  {op:24s} {cfg!s:22s} " + " ".join(f"{M}:{us[M]:6.2f}" for M in rows), flush=True)
+    return out
 
 
 WIDE_ROWS = {32: (24, 32), 64: (40, 48, 64)}
@@ -105,16 +107,7 @@ def sweep_wide(W, dt):
     small grid; the best config per (config key, row tile) goes into small_linear.WIDE."""
     rows, best = [], {}
     for bm, ms in WIDE_ROWS.items():
-        for cfg in itertools.product((16, 32, 64), (128, 256), (4,), (3,)):
-            full = (bm, *cfg)
-            for op in OPS:
-                try:
-                    us = {M: graph_us(op_call(op, W, M, dt, full)) for M in ms}
-                except Exception as e:  # noqa: BLE001  (a config Triton cannot build: shared memory, registers)
-                    print(f"  {op} {full}: {type(e).__name__}", flush=True)
-                    continue
-                rows.append({"op": op, "config": list(full), "us": us})
-                print(f"  {op:24s} {full!s:22s} " + " ".join(f"{M}:{us[M]:6.2f}" for M in ms), flush=True)
+        rows += sweep(W, dt, [(bm, *c) for c in itertools.product((16, 32, 64), (128, 256), (4,), (3,))], ms)
     for bm in WIDE_ROWS:
         for key in dict.fromkeys(CONFIG_KEY.values()):
             cands = {}

@@ -323,13 +323,16 @@ class DeviceSpecStep:
     def can_launch_after(self, d: DraftedStep, after: InFlightStep) -> bool:
         """Whether drafted step d may verify before `after` (the same requests' step still in
         flight) is read: d replays a graph whose attention hides `after`'s rejected tree tail
-        (Triton's tree kernel), and the keys fit its buffer with all of `after`'s tree counted."""
+        (Triton's tree kernel), and with all of `after`'s tree counted every request stays within
+        the context and the keys fit the attention's buffer."""
         entry = self.graphs.get((d.li, d.B))
         if entry is None or not isinstance(entry[0], tree_triton.TreeAttention) or len(after.reqs) != len(d.reqs):
             return False
-        S, S0 = self.shapes[d.li].layout.num_slots, after.shape.layout.num_slots
-        keys = sum(int(r.kv_slots.numel()) for r in d.reqs) + len(d.reqs) * (S0 + S) + (d.B - len(d.reqs)) * (1 + S)
-        return keys <= entry[0].kv_capacity
+        S, S0, n = self.shapes[d.li].layout.num_slots, after.shape.layout.num_slots, len(d.reqs)
+        prefix = [int(r.kv_slots.numel()) for r in d.reqs]
+        if max(prefix) + S0 + S > self.runner.context_length:
+            return False
+        return sum(prefix) + n * (S0 + S) + (d.B - n) * (1 + S) <= entry[0].kv_capacity
 
     @torch.inference_mode()
     def launch_verify(self, d: DraftedStep, after: InFlightStep | None = None) -> InFlightStep:
@@ -344,17 +347,14 @@ class DeviceSpecStep:
         S, n = sh.layout.num_slots, len(reqs)
         slots = self.kv.alloc(n * S)
         prefix = [int(r.kv_slots.numel()) for r in reqs]
-        if after is None:
-            before = [r.kv_slots for r in reqs]
-            ahead = [0] * n
-        else:
-            S0 = after.shape.layout.num_slots
-            prev = after.slots.view(n, S0)
-            before = [torch.cat([r.kv_slots, p]) for r, p in zip(reqs, prev)]
-            ahead = [S0] * n
+        S0 = 0 if after is None else after.shape.layout.num_slots
+        ahead = [S0] * n
         self._fill_verify(sh, prefix, ahead, slots, B)
-        kv_idx = torch.cat([x for b, s in zip(before, slots.view(n, S)) for x in (b, s)]
-                           + [torch.zeros((B - n) * (1 + S), dtype=torch.long)])
+        # per request: prefix, (the unread step's tree,) its own tree
+        own = slots.view(n, S)
+        parts = ([x for r, s in zip(reqs, own) for x in (r.kv_slots, s)] if after is None else
+                 [x for r, p, s in zip(reqs, after.slots.view(n, S0), own) for x in (r.kv_slots, p, s)])
+        kv_idx = torch.cat(parts + [torch.zeros((B - n) * (1 + S), dtype=torch.long)])
         entry = self.graphs.get((d.li, B))
         padded = [p + a for p, a in zip(prefix, ahead)] + [1] * (B - n)  # padding requests: slot 0 is their one prefix key
         if entry is not None:

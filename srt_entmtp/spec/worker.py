@@ -393,12 +393,9 @@ class SpecWorker(Worker):
         if (self.launch_ahead is False or self.pipeline is False or drafted is None
                 or not same_batch(f["reqs"], reqs) or not same_batch(drafted.reqs, reqs)):
             return None
-        ds, S0 = self.device_step, f["step"].shape.layout.num_slots
-        S = ds.shapes[drafted.li].layout.num_slots
-        # two steps' trees past each prefix: within the context and the free KV slots
-        if any(int(r.kv_slots.numel()) + S0 + S > self.runner.context_length for r in reqs):
-            return None
-        if self.kv.num_free < len(reqs) * S or not ds.can_launch_after(drafted, f["step"]):
+        ds = self.device_step
+        if self.kv.num_free < len(reqs) * ds.shapes[drafted.li].layout.num_slots \
+                or not ds.can_launch_after(drafted, f["step"]):
             return None
         ahead = self._take_chosen_ahead(reqs)
         if ahead is None:
