@@ -160,14 +160,26 @@ def model_weight_bytes(runner) -> int:
 
 def kernel_ab(ns, dev) -> list[dict]:
     """(b)'s graph forward and engine step with one kernel choice undone at a time: FlashInfer's
-    decode wrapper as the decode graphs' attention, and the unfused matmuls (cuBLAS + norm /
-    SiLU kernels) in place of model/small_linear.py. Each variant is its own engine (graphs
-    capture the path taken at capture)."""
-    from srt_entmtp.model import small_linear
+    decode wrapper as the decode graphs' attention; the unfused matmuls (cuBLAS + norm / SiLU
+    kernels) in place of model/small_linear.py; kernels launched without PDL (model/pdl.py);
+    RoPE and the KV store in a kernel of their own, not in the q/k/v kernel; the attention's key
+    splits merged by a kernel of their own, not by the last split; and the last three undone
+    together (the kernels of the previous round). Each variant is its own engine (graphs capture
+    the path taken at capture); the switches stay set while it is measured (eager forwards read them)."""
+    from srt_entmtp.model import pdl, small_linear
+    from srt_entmtp.model.attention import tree_triton
 
+    switches = {"small_linear": (small_linear, "ENABLED"), "pdl": (pdl, "ENABLED"),
+                "rope_in_qkv": (small_linear, "ROPE_IN_QKV"), "merge_last": (tree_triton, "MERGE_LAST")}
+    variants = [("flashinfer-decode-attention", {"tree_attention": "flashinfer"}, ()),
+                ("unfused-matmuls", {}, ("small_linear",)), ("no-pdl", {}, ("pdl",)),
+                ("rope-kernel", {}, ("rope_in_qkv",)), ("merge-kernel", {}, ("merge_last",)),
+                ("no-pdl+rope-kernel+merge-kernel", {}, ("pdl", "rope_in_qkv", "merge_last"))]
     rows = []
-    for name, kw in (("flashinfer-decode-attention", {"tree_attention": "flashinfer"}), ("unfused-matmuls", {})):
-        small_linear.ENABLED = name != "unfused-matmuls"
+    for name, kw, off in variants:
+        saved = {k: getattr(*switches[k]) for k in switches}
+        for k in off:
+            setattr(*switches[k], False)
         try:
             eng = Engine(EngineArgs(device=ns.device, speculative_algorithm="NONE", context_length=2048,
                                     max_running_requests=max(ns.batch_sizes), kv_slots=ns.kv_slots, **kw))
@@ -175,7 +187,8 @@ def kernel_ab(ns, dev) -> list[dict]:
                 fwd, _, step = ours_decode(eng, B, ns.context, dev)
                 rows.append({"variant": name, "batch": B, "forward_s": fwd, "engine_step_s": step})
         finally:
-            small_linear.ENABLED = True
+            for k, v in saved.items():
+                setattr(*switches[k], v)
         del eng
         free_memory()
     return rows
@@ -402,8 +415,9 @@ def main():
                     help="(c) also runs ENTMTP drafting each level with torch's ops in place of the fused draft "
                          "kernels (spec/drafters/fused_draft.py)")
     ap.add_argument("--kernel-ab", action="store_true",
-                    help="(b) also times the decode step with FlashInfer's decode attention, and with the unfused "
-                         "matmuls, each undone alone")
+                    help="(b) also times the decode step with one kernel choice undone at a time: FlashInfer's "
+                         "decode attention, the unfused matmuls, no PDL, RoPE in its own kernel, the merge kernel, "
+                         "and the last three together")
     ap.add_argument("--library-dir", default=None)
     ap.add_argument("--lookup-tokens", type=int, default=0,
                     help="also run ENTMTP with a prompt-lookup branch of up to N tokens (part c)")

@@ -21,6 +21,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from srt_entmtp.model import pdl
+
 
 @functools.cache
 def _triton():
@@ -108,7 +110,10 @@ def _build_kernels():
 
     @triton.jit
     def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, h_ptr, sx, sr, so, sh, n_cols, eps,
-                             HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                             HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # model/pdl.py
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         m = cols < n_cols
@@ -156,7 +161,10 @@ def _build_kernels():
 
     @triton.jit
     def _rope_store_kernel(qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, s_tok, s_head,
-                           n_q_heads, n_k_heads, D: tl.constexpr, HALF: tl.constexpr):
+                           n_q_heads, n_k_heads, D: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         t = tl.program_id(0)
         hd = tl.program_id(1)
         cols = tl.arange(0, D)
@@ -192,9 +200,11 @@ def _build_kernels():
                 h = torch.empty_like(x2)
             rows = x2.shape[0]
             if rows:
+                use_pdl = pdl.on(x2)
                 _add_rms_norm_kernel[(rows,)](x2, r2, w, out, h, x2.stride(0), r2.stride(0), out.stride(0),
                                               h.stride(0), n_cols, eps, HAS_RES=residual is not None,
-                                              BLOCK=triton.next_power_of_2(n_cols))
+                                              BLOCK=triton.next_power_of_2(n_cols), PDL=use_pdl,
+                                              **pdl.launch_kw(use_pdl))
             return out.view(x.shape), (None if residual is None else h.view(x.shape))
 
         @staticmethod
@@ -226,8 +236,10 @@ def _build_kernels():
             assert kc.is_contiguous() and vc.is_contiguous() and kc.shape[1:] == (n_kv, d)
             q = torch.empty(n, n_q, d, dtype=qkv.dtype, device=qkv.device)
             if n:
+                use_pdl = pdl.on(qkv)
                 _rope_store_kernel[(n, heads)](qkv, positions, slots, cos, sin_signed, q, kc, vc, qkv.stride(0),
-                                               qkv.stride(1), n_q, n_kv, D=d, HALF=d // 2)
+                                               qkv.stride(1), n_q, n_kv, D=d, HALF=d // 2, PDL=use_pdl,
+                                               **pdl.launch_kw(use_pdl))
             return q
 
     return Kernels

@@ -142,15 +142,21 @@ class LlamaModel:
 
     def _forward_few_tokens(self, h: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend,
                             hidden_indices: torch.Tensor | None) -> torch.Tensor:
-        """forward() for decode steps and small trees (<= small_linear.SMALL_M tokens): six kernels
-        a layer (norm+qkv, RoPE+KV store, attention, o+residual, norm+gate/up+SiLU, down+residual)."""
+        """forward() for decode steps and small trees (<= small_linear.SMALL_M tokens): five kernels
+        a layer (norm+qkv+RoPE+KV store, attention, o+residual, norm+gate/up+SiLU, down+residual),
+        six with small_linear.ROPE_IN_QKV off (RoPE and the KV store in a kernel of their own)."""
         cfg, sl = self.cfg, small_linear
         H, Hk, d, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
         n = h.shape[0]
         for i, L in enumerate(self.layers):
-            qkv = sl.norm_linear(h, L["ln1"], L["qkv"].weight, L["qkv"].bias, eps)
             kc, vc, slots = attn.cache_target(i)
-            q = rope_qkv_store(qkv.view(n, H + 2 * Hk, d), H, Hk, positions, self.cos, self.sin_signed, kc, vc, slots)
+            if sl.ROPE_IN_QKV:
+                q = sl.norm_qkv_rope(h, L["ln1"], L["qkv"].weight, L["qkv"].bias, eps, sl.RopeStore(
+                    positions, self.cos, self.sin_signed, kc, vc, slots, self.q_size, self.kv_size, d))
+            else:
+                qkv = sl.norm_linear(h, L["ln1"], L["qkv"].weight, L["qkv"].bias, eps)
+                q = rope_qkv_store(qkv.view(n, H + 2 * Hk, d), H, Hk, positions, self.cos, self.sin_signed, kc, vc,
+                                   slots)
             h = sl.linear_residual(attn.run(i, q, None, None), L["o"].weight, h)
             h = sl.linear_residual(sl.norm_gate_silu(h, L["ln2"], L["gate_up"].weight, eps), L["down"].weight, h)
         return rms_norm(h if hidden_indices is None else h[hidden_indices], self.final_norm, eps)

@@ -33,9 +33,11 @@ import json
 import os
 from pathlib import Path
 
+from typing import NamedTuple
+
 import torch
 
-from srt_entmtp.model import fused
+from srt_entmtp.model import fused, pdl
 
 SMALL_M = 32      # rows up to which the model takes this path (at 64 the unfused chain wins on the H200)
 BLOCK_M = 16      # the smallest tile tl.dot takes; rows past M are masked
@@ -83,6 +85,7 @@ def tile(op: str, M: int, config=None) -> tuple[int, tuple]:
 
 
 ENABLED = True    # False: the model's ordinary path at every size (benchmarks' A/B; read at capture)
+ROPE_IN_QKV = True  # False: RoPE and the KV store in a kernel after norm_linear (benchmarks' A/B; read at capture)
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -99,15 +102,36 @@ def _kernel():
 
     @triton.jit
     def small_linear_kernel(x_ptr, x2_ptr, rows2_ptr, w_ptr, bias_ptr, ln_ptr, ln2_ptr, res_ptr, out_ptr,
-                            topv_ptr, topi_ptr, M, N, K, K1, sx, sx2, sr, so, stop, top_k, eps,
+                            topv_ptr, topi_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr,
+                            M, N, K, K1, sx, sx2, sr, so, stop, top_k, eps, q_cols, kv_cols,
                             NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            X2: tl.constexpr, X2_ROWS: tl.constexpr, TOPK: tl.constexpr,
+                            X2: tl.constexpr, X2_ROWS: tl.constexpr, TOPK: tl.constexpr, ROPE: tl.constexpr,
+                            HEAD_D: tl.constexpr, PDL: tl.constexpr, K_LINES: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        if ROPE:  # column pairs (c, c + HEAD_D / 2) of a head side by side, so the rotation stays in the tile
+            HALF: tl.constexpr = HEAD_D // 2
+            lane = tl.arange(0, BLOCK_N)
+            pair = tl.program_id(0) * (BLOCK_N // 2) + lane // 2
+            rn = (pair // HALF) * HEAD_D + pair % HALF + (lane % 2) * HALF
+            n_ok = pair < N // 2
+        else:
+            rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = rn < N
         m_ok = rm < M
-        n_ok = rn < N
         dt = x_ptr.dtype.element_ty
+        if PDL:  # launched while the kernel before runs: send this program's weight rows towards L2 (no kernel
+            # writes them), then wait for the kernel before to finish, and let the next one start (model/pdl.py)
+            wrow = tl.where(n_ok, rn, 0)
+            line = tl.minimum(tl.arange(0, K_LINES) * 64, K - 1)  # one address per 128-byte line of a bf16 row
+            tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l", [(w_ptr + wrow[:, None] * K + line[None, :]).to(tl.int64)],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+            if SILU:
+                tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l",
+                                          [(w_ptr + (wrow + N)[:, None] * K + line[None, :]).to(tl.int64)],
+                                          dtype=tl.int32, is_pure=False, pack=1)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         # X2: the row is [x | x2] (columns K1.. come from x2, each part normed on its own);
         # X2_ROWS: x2's row r is x2[rows2[r]] (an embedding lookup done by the load)
         K1e = K
@@ -163,7 +187,25 @@ def _kernel():
             s = (g / (1.0 + tl.exp(-g))).to(dt)
             y = (s.to(tl.float32) * acc_up.to(dt).to(tl.float32)).to(dt)
         omask = m_ok[:, None] & n_ok[None, :]
-        if RESIDUAL:
+        if ROPE:  # rotary embedding of the q and k heads, rounded as fused.rope_qkv_store rounds; q goes to out,
+            # k and v to their KV-cache slots
+            a, b = tl.split(tl.reshape(y, [BLOCK_M, BLOCK_N // 2, 2]))
+            partner = tl.reshape(tl.join(b, a), [BLOCK_M, BLOCK_N])
+            pos = tl.load(pos_ptr + rm, mask=m_ok, other=0)
+            trig = pos[:, None] * HEAD_D + (rn % HEAD_D)[None, :]
+            c = tl.load(cos_ptr + trig, mask=omask, other=0.0).to(dt).to(tl.float32)
+            s = tl.load(sin_ptr + trig, mask=omask, other=0.0).to(dt).to(tl.float32)
+            rot = ((y.to(tl.float32) * c).to(dt).to(tl.float32) + (partner.to(tl.float32) * s).to(dt).to(tl.float32)
+                   ).to(dt)
+            qk = rn < q_cols + kv_cols
+            y = tl.where(qk[None, :], rot, y)
+            slot = tl.load(slot_ptr + rm, mask=m_ok, other=0).to(tl.int64)
+            is_q = rn < q_cols
+            tl.store(out_ptr + rm[:, None] * so + rn[None, :], y, mask=omask & is_q[None, :])
+            tl.store(kc_ptr + slot[:, None] * kv_cols + (rn - q_cols)[None, :], y,
+                     mask=omask & (qk & ~is_q)[None, :])
+            tl.store(vc_ptr + slot[:, None] * kv_cols + (rn - q_cols - kv_cols)[None, :], y, mask=omask & ~qk[None, :])
+        elif RESIDUAL:
             r = tl.load(res_ptr + rm[:, None] * sr + rn[None, :], mask=omask, other=0.0)
             y = (y.to(tl.float32) + r.to(tl.float32)).to(dt)
         if TOPK:  # keep only each row's top_k of this tile, best first: [M, tiles, top_k] values, column ids
@@ -175,14 +217,14 @@ def _kernel():
                 tl.store(topv_ptr + base + i, best, mask=m_ok)
                 tl.store(topi_ptr + base + i, tl.program_id(0) * BLOCK_N + at, mask=m_ok)
                 v = tl.where(cols[None, :] == at[:, None], float("-inf"), v)
-        else:
+        elif not ROPE:
             tl.store(out_ptr + rm[:, None] * so + rn[None, :], y, mask=omask)
 
     return triton, small_linear_kernel
 
 
 def _launch(op: str, x, w, n_out: int, *, bias=None, ln=None, eps=0.0, residual=None, silu=False, config=None,
-            x2=None, rows2=None, ln2=None, top_k: int = 0):
+            x2=None, rows2=None, ln2=None, top_k: int = 0, rope=None):
     triton, kern = _kernel()
     M, K1 = x.shape
     K = K1 + (x2.shape[1] if x2 is not None else 0)
@@ -195,19 +237,43 @@ def _launch(op: str, x, w, n_out: int, *, bias=None, ln=None, eps=0.0, residual=
         out = (torch.empty(M, tiles * top_k, dtype=torch.float32, device=x.device),
                torch.empty(M, tiles * top_k, dtype=torch.int32, device=x.device))
         tv, ti, o = out[0], out[1], out[0]
+    elif rope is not None:  # q only; k and v go to the cache
+        out = o = torch.empty(M, rope.q_cols, dtype=x.dtype, device=x.device)
+        tv = ti = o
     else:
         out = o = torch.empty(M, n_out, dtype=x.dtype, device=x.device)
         tv = ti = o
     if M:
         res = residual if residual is not None else o
+        r = rope if rope is not None else _NO_ROPE
+        use_pdl = pdl.on(x)
         kern[(triton.cdiv(n_out, bn), triton.cdiv(M, bm))](
             x, x2 if x2 is not None else x, rows2 if rows2 is not None else x, w, bias if bias is not None else w,
-            ln if ln is not None else w, ln2 if ln2 is not None else w, res, o, tv, ti, M, n_out, K, K1,
-            x.stride(0), x2.stride(0) if x2 is not None else 0, res.stride(0), o.stride(0), tv.stride(0), top_k, eps,
+            ln if ln is not None else w, ln2 if ln2 is not None else w, res, o, tv, ti,
+            *((r.positions, r.slots, r.cos, r.sin_signed, r.k_cache, r.v_cache) if rope is not None else (x,) * 6),
+            M, n_out, K, K1, x.stride(0), x2.stride(0) if x2 is not None else 0, res.stride(0), o.stride(0),
+            tv.stride(0), top_k, eps, r.q_cols, r.kv_cols,
             NORM=ln is not None, SILU=silu, RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-            X2=x2 is not None, X2_ROWS=rows2 is not None, TOPK=top_k > 0,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+            X2=x2 is not None, X2_ROWS=rows2 is not None, TOPK=top_k > 0, ROPE=rope is not None,
+            HEAD_D=r.head_dim, PDL=use_pdl, K_LINES=triton.next_power_of_2(triton.cdiv(K, 64)),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, **pdl.launch_kw(use_pdl))
     return out
+
+
+class RopeStore(NamedTuple):
+    """Where norm_qkv_rope puts its k and v, and the rotary tables (see fused.rope_qkv_store)."""
+    positions: torch.Tensor
+    cos: torch.Tensor          # float32 [positions, head_dim]
+    sin_signed: torch.Tensor   # float32 [positions, head_dim], first half negated
+    k_cache: torch.Tensor      # [slots, kv_heads, head_dim], contiguous
+    v_cache: torch.Tensor
+    slots: torch.Tensor        # [M] each row's KV slot
+    q_cols: int                # q heads x head_dim
+    kv_cols: int               # kv heads x head_dim
+    head_dim: int
+
+
+_NO_ROPE = RopeStore(None, None, None, None, None, None, 0, 0, 2)
 
 
 def norm_linear(h: torch.Tensor, ln_w: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, eps: float,
@@ -238,6 +304,17 @@ def norm_linear_topk(h: torch.Tensor, ln_w: torch.Tensor | None, w: torch.Tensor
     BLOCK_N columns, best first: (values [M, tiles * k] float32, column ids [M, tiles * k] int32).
     The top k of a row is among these tiles * k candidates; the logits never reach memory."""
     return _launch("topk", h, w, w.shape[0], ln=ln_w, eps=eps, top_k=k, config=config)
+
+
+def norm_qkv_rope(h: torch.Tensor, ln_w: torch.Tensor, w_qkv: torch.Tensor, bias: torch.Tensor | None, eps: float,
+                  rope: RopeStore, config=None) -> torch.Tensor:
+    """norm_linear onto [q | k | v] with fused.rope_qkv_store's work in the epilogue: q and k
+    rotated, k and v written to their cache slots, q returned [M, q_cols]. One kernel where the
+    two-kernel form writes qkv out and reads it back."""
+    assert rope.k_cache.is_contiguous() and rope.v_cache.is_contiguous()
+    assert w_qkv.shape[0] == rope.q_cols + 2 * rope.kv_cols and rope.head_dim % 2 == 0
+    assert CONFIGS["norm_linear"][0] % 2 == 0 and (config is None or config[-4] % 2 == 0)
+    return _launch("norm_linear", h, w_qkv, w_qkv.shape[0], bias=bias, ln=ln_w, eps=eps, rope=rope, config=config)
 
 
 def linear_residual(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, config=None) -> torch.Tensor:

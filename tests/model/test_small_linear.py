@@ -52,6 +52,43 @@ def test_linear_residual_adds_the_product_to_the_residual(M):
     assert torch.equal(r, before), "the residual is read, not written"
 
 
+@pytest.mark.parametrize("M", [1, 6, 16, 21])
+@pytest.mark.parametrize("config", [None, (32, 64, 2, 2)])
+def test_norm_qkv_rope_is_norm_linear_then_rope_and_kv_store(M, config):
+    """The q/k/v projection with RoPE and the KV store in its epilogue gives the two-kernel form's
+    q and cache contents (4 q heads, 2 kv heads of 16: pairs (c, c + 8) of a head in one tile),
+    and writes no cache slot but the rows' own."""
+    from srt_entmtp.model import fused
+    from srt_entmtp.model.small_linear import RopeStore, norm_linear, norm_qkv_rope
+
+    g = torch.Generator().manual_seed(30 + M)
+    H, KH, d, hidden = 4, 2, 16, 72
+    h, ln = rand(M, hidden, g=g), rand(hidden, g=g)
+    w, b = rand((H + 2 * KH) * d, hidden, g=g, scale=0.1), rand((H + 2 * KH) * d, g=g)
+    positions = torch.randint(0, 50, (M,), generator=g).to(DEV)
+    slots = torch.randperm(3 * M, generator=g)[:M].to(DEV)
+    ang = torch.outer(torch.arange(64.0), 1.0 / 10000 ** (torch.arange(0, d, 2) / d))
+    cos = torch.cat([ang, ang], -1).cos().to(DEV)
+    sin = torch.cat([-ang.sin(), ang.sin()], -1).to(DEV)
+    for bias in (None, b):
+        caches = [torch.full((3 * M, KH, d), 7.0, device=DEV, dtype=DT) for _ in range(4)]
+        q = norm_qkv_rope(h, ln, w, bias, 1e-5, RopeStore(positions, cos, sin, caches[0], caches[1], slots, H * d,
+                                                          KH * d, d), config=config)
+        qkv = norm_linear(h, ln, w, bias, 1e-5, config=config)
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(fused, "enabled", lambda x: True)
+            q_ref = fused.rope_qkv_store(qkv.view(M, H + 2 * KH, d), H, KH, positions, cos, sin, caches[2],
+                                         caches[3], slots)
+        ok, err = close(q.view(M, H, d), q_ref)
+        assert ok, err
+        for got, want in ((caches[0], caches[2]), (caches[1], caches[3])):
+            ok, err = close(got, want)
+            assert ok, err
+        untouched = torch.ones(3 * M, dtype=torch.bool)
+        untouched[slots.cpu()] = False
+        assert (caches[0].cpu()[untouched] == 7.0).all() and (caches[1].cpu()[untouched] == 7.0).all()
+
+
 def test_row_tiles_follow_the_row_count(monkeypatch):
     """16-row tiles at every size by default (on the H200, one 32- or 64-row tile was slower than
     two or four 16-row ones: docs/gpu.md); with wide tiles configured (WIDE, as
@@ -96,11 +133,12 @@ def tiny_model(qkv_bias: bool, monkeypatch):
     return cfg, llama.LlamaModel(cfg, sd, DT, DEV, max_positions=128)
 
 
+@pytest.mark.parametrize("rope_in_qkv", [True, False])
 @pytest.mark.parametrize("qkv_bias", [False, True])
-def test_few_token_forward_matches_the_ordinary_forward(monkeypatch, qkv_bias):
+def test_few_token_forward_matches_the_ordinary_forward(monkeypatch, qkv_bias, rope_in_qkv):
     """A 40-token prompt (the ordinary path), then a 3-token chunk on top of it (the few-token
-    path: fused matmuls, fused RoPE + KV store) give the unfused forward's hidden states, and
-    write the same KV."""
+    path: fused matmuls, RoPE + KV store in the q/k/v kernel or in one of their own) give the
+    unfused forward's hidden states, and write the same KV."""
     from srt_entmtp.model import fused, llama, small_linear
     from srt_entmtp.model.attention.sdpa import SdpaBackend
     from srt_entmtp.model.forward_batch import ForwardBatch
@@ -122,15 +160,17 @@ def test_few_token_forward_matches_the_ordinary_forward(monkeypatch, qkv_bias):
         return outs, kv.k.clone(), kv.v.clone()
 
     calls = []
-    real_norm_linear = small_linear.norm_linear
+    name = "norm_qkv_rope" if rope_in_qkv else "norm_linear"
+    real = getattr(small_linear, name)
 
     def counted(*a, **k):
         calls.append(a[0].shape[0])
-        return real_norm_linear(*a, **k)
+        return real(*a, **k)
 
     with monkeypatch.context() as m:  # the Triton kernels, on CPU in the interpreter, in float32
         m.setattr(fused, "enabled", lambda x: True)
-        m.setattr(llama.small_linear, "norm_linear", counted)
+        m.setattr(small_linear, "ROPE_IN_QKV", rope_in_qkv)
+        m.setattr(llama.small_linear, name, counted)
         few_out, few_k, few_v = run()
     base_out, base_k, base_v = run()
     assert calls == [3, 3], calls  # once a layer, for the 3-token forward only

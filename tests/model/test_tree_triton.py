@@ -41,9 +41,11 @@ def reference(q, kc, vc, prefix, slots, masks, scale):
 
 
 # a lone node; splits over several key blocks; a one-key prefix (padding requests); row tiles; 64 nodes
+# merge_last: the last split of each program's rows merges them (tickets), not the merge kernel
+@pytest.mark.parametrize("merge_last", [False, True])
 @pytest.mark.parametrize("B, S, prefix, nsplit", [(1, 1, [5], 1), (1, 9, [70], 4), (2, 5, [1, 130], 1),
-                                                  (3, 33, [3, 64, 200], 3), (1, 64, [17], 2)])
-def test_tree_attention_kernel_matches_softmax_attention(B, S, prefix, nsplit):
+                                                  (3, 33, [3, 64, 200], 3), (1, 64, [17], 2), (2, 1, [300, 20], 8)])
+def test_tree_attention_kernel_matches_softmax_attention(B, S, prefix, nsplit, merge_last):
     from srt_entmtp.model.attention.tree_triton import ancestor_bits, tree_attention
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -66,15 +68,21 @@ def test_tree_attention_kernel_matches_softmax_attention(B, S, prefix, nsplit):
     part_lse = torch.zeros(nsplit, B * S, H)
     block_m = max(16, min(64, 1 << (S * H // KH - 1).bit_length()))
     to = (lambda t: t.to(dev))
-    res = tree_attention(to(q), to(kc), to(vc), to(kv_indptr), to(kv_indices), to(ancestor_bits(masks)), to(out),
-                         to(part_o), to(part_lse), D ** -0.5, S, nsplit, block_m)
+    tiles = -(-S * (H // KH) // block_m)
+    tickets = to(torch.zeros(B * KH * tiles, dtype=torch.int32)) if merge_last else None
     want = reference(q, kc, vc, prefix, slots, masks, D ** -0.5)
     tol = 2e-2 if dt == torch.bfloat16 else 1e-4
-    assert torch.allclose(res.float().cpu(), want, atol=tol, rtol=tol), (res.float().cpu() - want).abs().max()
+    for _ in range(2):  # twice: the tickets are left at zero for the next launch
+        res = tree_attention(to(q), to(kc), to(vc), to(kv_indptr), to(kv_indices), to(ancestor_bits(masks)),
+                             to(out.clone()), to(part_o), to(part_lse), D ** -0.5, S, nsplit, block_m, tickets=tickets)
+        assert torch.allclose(res.float().cpu(), want, atol=tol, rtol=tol), (res.float().cpu() - want).abs().max()
+        if tickets is not None:
+            assert (tickets == 0).all()
 
 
 @pytest.mark.parametrize("nsplit", [1, 3])
-def test_tree_attention_hides_the_skipped_key_range(nsplit):
+@pytest.mark.parametrize("merge_last", [False, True])
+def test_tree_attention_hides_the_skipped_key_range(nsplit, merge_last):
     """With skip = [lo, hi) per request, those keys of its range are invisible: the same as
     attending over the range with them removed (a step launched ahead of the one before it
     hides that step's rejected tree tail this way)."""
@@ -99,7 +107,8 @@ def test_tree_attention_hides_the_skipped_key_range(nsplit):
     res = tree_attention(to(q), to(kc), to(vc), to(kv_indptr), to(torch.cat(slots).to(torch.int32)),
                          to(ancestor_bits(masks)), to(torch.zeros(B * S, H, D, dtype=dt)),
                          to(torch.zeros(nsplit, B * S, H, D)), to(torch.zeros(nsplit, B * S, H)), D ** -0.5, S,
-                         nsplit, block_m, skip=to(skip))
+                         nsplit, block_m, skip=to(skip),
+                         tickets=to(torch.zeros(B * KH * 2, dtype=torch.int32)) if merge_last else None)
     kept = [torch.cat([sl[:lo], sl[hi:]]) for sl, (lo, hi) in zip(slots, skips)]
     want = reference(q, kc, vc, [p - (hi - lo) for p, (lo, hi) in zip(before, skips)], kept, masks, D ** -0.5)
     tol = 2e-2 if dt == torch.bfloat16 else 1e-4

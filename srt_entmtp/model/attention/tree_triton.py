@@ -30,12 +30,14 @@ import math
 import numpy as np
 import torch
 
+from srt_entmtp.model import pdl
 from srt_entmtp.model.attention.base import AttentionBackend
 
 MAX_NODES = 64          # one int64 of ancestor bits per node
 BLOCK_N = 64
 TARGET_PROGRAMS = 256   # split the keys until a step has about this many programs, in at most MAX_SPLITS
 MAX_SPLITS = 8          # (H200, 256-1,024 keys: 8 splits beat 16 by 0.1-1.3 us at batch 1 and 8)
+MERGE_LAST = True       # the last split merges (no merge kernel); False: the merge kernel (A/B; read at capture)
 
 
 @functools.cache
@@ -48,11 +50,14 @@ def _kernels():
 
     @triton.jit
     def tree_attn_kernel(q_ptr, k_ptr, v_ptr, kv_indptr_ptr, kv_indices_ptr, anc_ptr, skip_ptr, out_ptr, part_o_ptr,
-                         part_lse_ptr, scale_log2, N, B, nsplit, S: tl.constexpr, H: tl.constexpr, KH: tl.constexpr,
-                         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                         SKIP: tl.constexpr):
+                         part_lse_ptr, ticket_ptr, scale_log2, N, B, nsplit, S: tl.constexpr, H: tl.constexpr,
+                         KH: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         SPLIT: tl.constexpr, SKIP: tl.constexpr, MERGE_LAST: tl.constexpr, PDL: tl.constexpr):
         G: tl.constexpr = H // KH
         MT: tl.constexpr = (S * G + BLOCK_M - 1) // BLOCK_M
+        if PDL:  # everything below may read the kernel before's writes (model/pdl.py)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         b = tl.program_id(0)
         kh = tl.program_id(1) // MT
         split = tl.program_id(2)
@@ -105,10 +110,34 @@ def _kernels():
             part = split * N * H + row
             tl.store(part_o_ptr + part[:, None] * D + d[None, :], o, mask=row_ok[:, None])
             tl.store(part_lse_ptr + part, m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)), mask=row_ok)
+            if MERGE_LAST:  # the split that finishes last merges its rows' partials (no merge kernel)
+                tl.debug_barrier()  # the whole program's partials are written before its ticket is taken
+                at = ticket_ptr + b * KH * MT + tl.program_id(1)
+                if tl.atomic_add(at, 1, sem="acq_rel", scope="gpu") == nsplit - 1:
+                    mx = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                    for sp in range(nsplit):  # .cg: from L2, where the other programs' writes are
+                        mx = tl.maximum(mx, tl.load(part_lse_ptr + sp * N * H + row, mask=row_ok,
+                                                    other=float("-inf"), cache_modifier=".cg"))
+                    mx = tl.where(mx == float("-inf"), 0.0, mx)
+                    den = tl.zeros([BLOCK_M], tl.float32)
+                    acc = tl.zeros([BLOCK_M, D], tl.float32)
+                    for sp in range(nsplit):  # the merge kernel's sums, in its order
+                        part = sp * N * H + row
+                        w = tl.exp2(tl.load(part_lse_ptr + part, mask=row_ok, other=float("-inf"),
+                                            cache_modifier=".cg") - mx)
+                        den += w
+                        acc += w[:, None] * tl.load(part_o_ptr + part[:, None] * D + d[None, :], mask=row_ok[:, None],
+                                                    other=0.0, cache_modifier=".cg")
+                    tl.store(out_ptr + row[:, None] * D + d[None, :], (acc / den[:, None]).to(out_ptr.dtype.element_ty),
+                             mask=row_ok[:, None])
+                    tl.store(at, 0)  # the next launch starts counting afresh
 
     @triton.jit
     def merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, R, D: tl.constexpr, NSPLIT: tl.constexpr,
-                     BLOCK_R: tl.constexpr):
+                     BLOCK_R: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         ok = r < R
         d = tl.arange(0, D)
@@ -147,24 +176,32 @@ def num_splits(batch: int, nodes: int, num_heads: int, num_kv_heads: int, block_
 
 
 def tree_attention(q, k_cache, v_cache, kv_indptr, kv_indices, anc, out, part_o, part_lse, scale: float,
-                   nodes: int, nsplit: int, block_m: int, skip: torch.Tensor | None = None) -> torch.Tensor:
+                   nodes: int, nsplit: int, block_m: int, skip: torch.Tensor | None = None,
+                   tickets: torch.Tensor | None = None) -> torch.Tensor:
     """out[N, H, D] = attention of q[N, H, D] (B requests x `nodes` tokens) over each request's
     kv_indices[kv_indptr[b]:kv_indptr[b+1]] (prefix, then its `nodes` tree keys) under the
     ancestor bits anc[B, nodes]; skip [2, B] int32 (optional): request b's keys
     [skip[0, b], skip[1, b]) of its range are hidden. part_o / part_lse: [nsplit, N, H, (D)]
-    float32 scratch."""
+    float32 scratch. tickets (optional, with nsplit > 1): int32 zeros, one per (request, KV head,
+    row tile), which the kernel leaves zero: the last split of each merges, in place of the merge
+    kernel."""
     triton, attn_k, merge_k = _kernels()
     N, H, D = q.shape
     KH = k_cache.shape[1]
     B = N // nodes
     tiles = math.ceil(nodes * (H // KH) / block_m)
+    merge_last = nsplit > 1 and tickets is not None
+    assert not merge_last or tickets.numel() >= B * KH * tiles
+    use_pdl = pdl.on(q)
     attn_k[(B, KH * tiles, nsplit)](q, k_cache, v_cache, kv_indptr, kv_indices, anc, skip if skip is not None else anc,
-                                    out, part_o, part_lse, scale * 1.4426950408889634, N, B, nsplit, S=nodes, H=H,
-                                    KH=KH, D=D, BLOCK_M=block_m, BLOCK_N=BLOCK_N, SPLIT=nsplit > 1,
-                                    SKIP=skip is not None, num_warps=4)
-    if nsplit > 1:
+                                    out, part_o, part_lse, tickets if merge_last else anc, scale * 1.4426950408889634,
+                                    N, B, nsplit, S=nodes, H=H, KH=KH, D=D, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+                                    SPLIT=nsplit > 1, SKIP=skip is not None, MERGE_LAST=merge_last, PDL=use_pdl,
+                                    num_warps=4, **pdl.launch_kw(use_pdl))
+    if nsplit > 1 and not merge_last:
         R = N * H
-        merge_k[(triton.cdiv(R, 64),)](part_o, part_lse, out, R, D=D, NSPLIT=nsplit, BLOCK_R=64, num_warps=4)
+        merge_k[(triton.cdiv(R, 64),)](part_o, part_lse, out, R, D=D, NSPLIT=nsplit, BLOCK_R=64, PDL=use_pdl,
+                                       num_warps=4, **pdl.launch_kw(use_pdl))
     return out
 
 
@@ -204,6 +241,8 @@ class TreeAttention(AttentionBackend):
                                   device=dev)
         self.part_lse = torch.zeros(self.nsplit if self.nsplit > 1 else 0, n, num_heads, dtype=torch.float32,
                                     device=dev)
+        tiles = math.ceil(nodes * g / self.block_m)
+        self.tickets = torch.zeros(batch * num_kv_heads * tiles, dtype=torch.int32, device=dev)
 
     def plan(self, fb) -> None:
         raise NotImplementedError("TreeAttention is planned with plan_fixed_trees (the device step's graphs)")
@@ -239,7 +278,7 @@ class TreeAttention(AttentionBackend):
             vc[self._out_slots] = v
         tree_attention(q.contiguous(), kc, vc, self.kv_indptr, self.kv_indices, self.anc, self.out, self.part_o,
                        self.part_lse, self.scale, self.nodes, self.nsplit, self.block_m,
-                       skip=None if self.decode else self.skip)
+                       skip=None if self.decode else self.skip, tickets=self.tickets if MERGE_LAST else None)
         return self.out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
 

@@ -25,7 +25,7 @@ import functools
 
 import torch
 
-from srt_entmtp.model import fused, small_linear
+from srt_entmtp.model import fused, pdl, small_linear
 
 ENABLED = True  # False: the torch form for every drafter (read when a graph is captured)
 MAX_ROWS = 32   # rows of a level drafted this way (measured up to here: scripts/bench_draft.py)
@@ -50,7 +50,10 @@ def _kernel():
 
     @triton.jit
     def pick_kernel(topv_ptr, topi_ptr, parent_ptr, rank_ptr, vocab_ptr, out_ptr, C, w, k_max, s_top, s_sel, s_out,
-                    HAS_VOCAB: tl.constexpr, BLOCK_C: tl.constexpr):
+                    HAS_VOCAB: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # model/pdl.py
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         # program (b, j): child slot j of request b; its parent is row b * w + parent[b, j]
         b = tl.program_id(0)
         j = tl.program_id(1)
@@ -83,9 +86,10 @@ def pick(top_v: torch.Tensor, top_i: torch.Tensor, parent: torch.Tensor, rank: t
     assert parent.stride(1) == 1 and rank.stride(1) == 1 and parent.stride(0) == rank.stride(0)
     out = torch.empty(B, c, dtype=torch.long, device=top_v.device)
     if B and c:
+        use_pdl = pdl.on(top_v)
         kern[(B, c)](top_v, top_i, parent, rank, vocab if vocab is not None else top_i, out, C, w, k,
                      top_v.stride(0), parent.stride(0), out.stride(0), HAS_VOCAB=vocab is not None,
-                     BLOCK_C=triton.next_power_of_2(C), num_warps=4)
+                     BLOCK_C=triton.next_power_of_2(C), PDL=use_pdl, num_warps=4, **pdl.launch_kw(use_pdl))
     return out
 
 
