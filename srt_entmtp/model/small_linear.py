@@ -310,11 +310,12 @@ def norm_qkv_rope(h: torch.Tensor, ln_w: torch.Tensor, w_qkv: torch.Tensor, bias
                   rope: RopeStore, config=None) -> torch.Tensor:
     """norm_linear onto [q | k | v] with fused.rope_qkv_store's work in the epilogue: q and k
     rotated, k and v written to their cache slots, q returned [M, q_cols]. One kernel where the
-    two-kernel form writes qkv out and reads it back."""
+    two-kernel form writes qkv out and reads it back. q: [M, q heads, head_dim]."""
     assert rope.k_cache.is_contiguous() and rope.v_cache.is_contiguous()
     assert w_qkv.shape[0] == rope.q_cols + 2 * rope.kv_cols and rope.head_dim % 2 == 0
     assert CONFIGS["norm_linear"][0] % 2 == 0 and (config is None or config[-4] % 2 == 0)
-    return _launch("norm_linear", h, w_qkv, w_qkv.shape[0], bias=bias, ln=ln_w, eps=eps, rope=rope, config=config)
+    q = _launch("norm_linear", h, w_qkv, w_qkv.shape[0], bias=bias, ln=ln_w, eps=eps, rope=rope, config=config)
+    return q.view(q.shape[0], rope.q_cols // rope.head_dim, rope.head_dim)
 
 
 def linear_residual(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, config=None) -> torch.Tensor:
