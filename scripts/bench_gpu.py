@@ -79,9 +79,32 @@ def copy_rate(dev) -> float:
     return 2 * n / t
 
 
-def ours_decode(eng, B, ctx, dev):
+def graph_gpu_time(runner, fb, replays=200) -> float | None:
+    """GPU seconds of one replay of the decode graph fb takes, from CUDA events around `replays`
+    back-to-back replays (no host work between them): the kernels' time alone, the number a
+    kernel A/B compares (host time and launch jitter vary more between engines than the kernels)."""
+    graphs = runner.graphs
+    if graphs is None or not torch.cuda.is_available():
+        return None
+    runner.forward(fb)  # plans the graph's attention and copies fb's inputs
+    entry = graphs._pick(fb)
+    if entry is None:
+        return None
+    for _ in range(10):
+        entry.graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        entry.graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / replays
+
+
+def ours_decode(eng, B, ctx, dev, gpu_time: dict | None = None):
     """(forward seconds, eager forward seconds, whole engine step seconds) for one decode token
-    of B requests; the first replays the CUDA graph when the engine captured one."""
+    of B requests; the first replays the CUDA graph when the engine captured one. gpu_time: a
+    dict that gets the graph's GPU seconds per replay (graph_gpu_time) under "graph_gpu_s"."""
     from srt_entmtp.model.forward_batch import ForwardBatch
 
     r = eng.runner
@@ -94,6 +117,8 @@ def ours_decode(eng, B, ctx, dev):
         fb = ForwardBatch.build([torch.randint(100, 1000, (1,)) for _ in range(B)], [s[:ctx] for s in slots],
                                 [s[ctx:] for s in slots], device="cpu")
         fwd = timed(lambda: r.forward(fb), dev)
+        if gpu_time is not None:
+            gpu_time["graph_gpu_s"] = graph_gpu_time(r, fb)
         graphs, r.graphs = r.graphs, None
         fwd_eager = timed(lambda: r.forward(fb), dev)
         r.graphs = graphs
@@ -184,8 +209,9 @@ def kernel_ab(ns, dev) -> list[dict]:
             eng = Engine(EngineArgs(device=ns.device, speculative_algorithm="NONE", context_length=2048,
                                     max_running_requests=max(ns.batch_sizes), kv_slots=ns.kv_slots, **kw))
             for B in ns.batch_sizes:
-                fwd, _, step = ours_decode(eng, B, ns.context, dev)
-                rows.append({"variant": name, "batch": B, "forward_s": fwd, "engine_step_s": step})
+                g = {}
+                fwd, _, step = ours_decode(eng, B, ns.context, dev, g)
+                rows.append({"variant": name, "batch": B, "forward_s": fwd, "engine_step_s": step, **g})
         finally:
             for k, v in saved.items():
                 setattr(*switches[k], v)
@@ -202,13 +228,15 @@ def part_b(ns, dev):
     weight_bytes = model_weight_bytes(eng.runner)
     rows = []
     for B in ns.batch_sizes:
-        fwd, fwd_eager, step = ours_decode(eng, B, ns.context, dev)
+        g = {}
+        fwd, fwd_eager, step = ours_decode(eng, B, ns.context, dev, g)
         kv_bytes = B * (ns.context + 1) * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * eng.runner.kv.k.element_size()
         floor = (weight_bytes + kv_bytes) / (rate / 2)   # each byte read once; copy rate counts read + write
         hf = hf_decode(eng.runner.model_dir, B, ns.context, dev, eng.runner.dtype) if not ns.no_hf else None
         one_deep = engine_step_time(eng, B, ns.context, dev, launch_ahead=False)
         rows.append({"batch": B, "context": ns.context, "ours_forward_s": fwd, "ours_eager_forward_s": fwd_eager,
                      "ours_engine_step_s": step, "ours_engine_step_not_launched_ahead_s": one_deep,
+                     "ours_graph_gpu_s": g.get("graph_gpu_s"),
                      "graphs": graph_info(eng),
                      "transformers_s": hf, "floor_s": floor, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes,
                      "copy_rate_Bps": rate})
@@ -473,13 +501,16 @@ def print_tables(res):
             hf = f"{r['transformers_s'] * 1e3:8.2f}" if r["transformers_s"] else "       -"
             one = r.get("ours_engine_step_not_launched_ahead_s")
             one = f"; engine step not launched ahead {one * 1e3:.3f}" if one else ""
+            if r.get("ours_graph_gpu_s"):
+                one += f"; graph GPU time {r['ours_graph_gpu_s'] * 1e3:.3f} = {r['ours_graph_gpu_s'] / r['floor_s']:.1f}x floor"
             print(f"batch {r['batch']:3d}: {r['ours_forward_s'] * 1e3:8.3f} {r['ours_eager_forward_s'] * 1e3:8.3f} "
                   f"{r['ours_engine_step_s'] * 1e3:8.3f} {hf} "
                   f"{r['floor_s'] * 1e3:8.3f}   (forward / floor = {r['ours_forward_s'] / r['floor_s']:.1f}x{one})")
     if res.get("decode_kernel_ab"):
-        print("\n(b) with one kernel choice undone: forward (graph) ms | engine step ms")
+        print("\n(b) with one kernel choice undone: forward (graph) ms | engine step ms | graph GPU time ms")
         for r in res["decode_kernel_ab"]:
-            print(f"batch {r['batch']:3d} {r['variant']:28s} {r['forward_s'] * 1e3:8.3f} {r['engine_step_s'] * 1e3:8.3f}")
+            gg = f"{r['graph_gpu_s'] * 1e3:8.3f}" if r.get("graph_gpu_s") else "       -"
+            print(f"batch {r['batch']:3d} {r['variant']:32s} {r['forward_s'] * 1e3:8.3f} {r['engine_step_s'] * 1e3:8.3f} {gg}")
     if "throughput" in res:
         print("\n(c) offline throughput: tokens/s (accepted tokens per step) [speedup vs NONE]")
         for r in res["throughput"]:
