@@ -21,6 +21,7 @@ Prints a table last, writes JSON (with date and GPU name).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -183,38 +184,50 @@ def model_weight_bytes(runner) -> int:
     return n * torch.tensor([], dtype=runner.dtype).element_size()
 
 
+def _switches():
+    from srt_entmtp.model import pdl, small_linear
+    from srt_entmtp.model.attention import tree_triton
+
+    return {"small_linear": (small_linear, "ENABLED"), "pdl": (pdl, "ENABLED"),
+            "rope_in_qkv": (small_linear, "ROPE_IN_QKV"), "merge_last": (tree_triton, "MERGE_LAST")}
+
+
+@contextlib.contextmanager
+def switched(values: dict):
+    """Kernel switches (name -> bool, names of _switches) set for the block, then restored."""
+    sw = _switches()
+    saved = {k: getattr(*sw[k]) for k in values}
+    for k, v in values.items():
+        setattr(*sw[k], v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(*sw[k], v)
+
+
 def kernel_ab(ns, dev) -> list[dict]:
     """(b)'s graph forward and engine step with one kernel choice undone at a time: FlashInfer's
     decode wrapper as the decode graphs' attention; the unfused matmuls (cuBLAS + norm / SiLU
     kernels) in place of model/small_linear.py; kernels launched without PDL (model/pdl.py);
     RoPE and the KV store in a kernel of their own, not in the q/k/v kernel; the attention's key
-    splits merged by a kernel of their own, not by the last split; and the last three undone
-    together (the kernels of the previous round). Each variant is its own engine (graphs capture
-    the path taken at capture); the switches stay set while it is measured (eager forwards read them)."""
-    from srt_entmtp.model import pdl, small_linear
-    from srt_entmtp.model.attention import tree_triton
-
-    switches = {"small_linear": (small_linear, "ENABLED"), "pdl": (pdl, "ENABLED"),
-                "rope_in_qkv": (small_linear, "ROPE_IN_QKV"), "merge_last": (tree_triton, "MERGE_LAST")}
-    variants = [("flashinfer-decode-attention", {"tree_attention": "flashinfer"}, ()),
-                ("unfused-matmuls", {}, ("small_linear",)), ("no-pdl", {}, ("pdl",)),
-                ("rope-kernel", {}, ("rope_in_qkv",)), ("merge-kernel", {}, ("merge_last",)),
-                ("no-pdl+rope-kernel+merge-kernel", {}, ("pdl", "rope_in_qkv", "merge_last"))]
+    splits merged by the last split (tree_triton.MERGE_LAST), not by the merge kernel; and no PDL
+    with RoPE in its own kernel (the previous round's kernels). Each variant is its own engine
+    (graphs capture the path taken at capture); the switches stay set while it is measured
+    (eager forwards read them)."""
+    variants = [("flashinfer-decode-attention", {"tree_attention": "flashinfer"}, {}),
+                ("unfused-matmuls", {}, {"small_linear": False}), ("no-pdl", {}, {"pdl": False}),
+                ("rope-kernel", {}, {"rope_in_qkv": False}), ("merge-last", {}, {"merge_last": True}),
+                ("no-pdl+rope-kernel", {}, {"pdl": False, "rope_in_qkv": False})]
     rows = []
-    for name, kw, off in variants:
-        saved = {k: getattr(*switches[k]) for k in switches}
-        for k in off:
-            setattr(*switches[k], False)
-        try:
+    for name, kw, values in variants:
+        with switched(values):
             eng = Engine(EngineArgs(device=ns.device, speculative_algorithm="NONE", context_length=2048,
                                     max_running_requests=max(ns.batch_sizes), kv_slots=ns.kv_slots, **kw))
             for B in ns.batch_sizes:
                 g = {}
                 fwd, _, step = ours_decode(eng, B, ns.context, dev, g)
                 rows.append({"variant": name, "batch": B, "forward_s": fwd, "engine_step_s": step, **g})
-        finally:
-            for k, v in saved.items():
-                setattr(*switches[k], v)
         del eng
         free_memory()
     return rows
@@ -329,6 +342,13 @@ def part_c(ns, dev):
         # (config, drafter, engine, per-request options, pipeline setting)
         runs = [("NONE", None, base, None, None)] + ([("NONE-unpipelined", None, base, None, False)]
                                                       if ns.pipeline_ab else [])
+        switches = {}  # run index -> kernel switches set while it is built and measured (--step-kernels-ab)
+        if ns.step_kernels_ab:
+            with switched(STEP_KERNEL_AB["-no-pdl"]):
+                none_no_pdl = Engine(EngineArgs(device=ns.device, speculative_algorithm="NONE", max_running_requests=C,
+                                                context_length=2048, kv_slots=ns.kv_slots, cuda_graph=not ns.eager))
+            switches[len(runs)] = STEP_KERNEL_AB["-no-pdl"]
+            runs.append(("NONE-no-pdl", None, none_no_pdl, None, None))
         for drafter in ns.drafters:
             lib, static = library_for(ns, drafter, C)
             for cfg in (("STATIC", "ENTMTP") + (("ENTMTP+lookup",) if ns.lookup_tokens else ())
@@ -336,17 +356,22 @@ def part_c(ns, dev):
                         + (("ENTMTP-flashinfer-tree",) if ns.tree_attention_ab else ())
                         + (("ENTMTP-no-draft-ahead",) if ns.draft_ahead_ab else ())
                         + (("ENTMTP-unfused-draft",) if ns.draft_kernels_ab else ())
-                        + (("ENTMTP-not-launched-ahead",) if ns.launch_ahead_ab else ())):
+                        + (("ENTMTP-not-launched-ahead",) if ns.launch_ahead_ab else ())
+                        + (tuple("ENTMTP" + v for v in STEP_KERNEL_AB) if ns.step_kernels_ab else ())):
                 kw = {"tree_library": lib} if lib else {}
                 kw["lookup_tokens"] = ns.lookup_tokens if cfg == "ENTMTP+lookup" else 0
                 kw["tree_attention"] = "flashinfer" if cfg == "ENTMTP-flashinfer-tree" else "auto"
                 fused_draft.ENABLED = cfg != "ENTMTP-unfused-draft"  # read as the graphs are captured
+                values = STEP_KERNEL_AB.get(cfg[len("ENTMTP"):], {})
                 try:
-                    eng = Engine(EngineArgs(device=ns.device, speculative_algorithm="ENTMTP", drafter=drafter,
-                                            max_running_requests=C, context_length=2048, kv_slots=ns.kv_slots,
-                                            cuda_graph=not ns.eager, **kw))
+                    with switched(values):
+                        eng = Engine(EngineArgs(device=ns.device, speculative_algorithm="ENTMTP", drafter=drafter,
+                                                max_running_requests=C, context_length=2048, kv_slots=ns.kv_slots,
+                                                cuda_graph=not ns.eager, **kw))
                 finally:
                     fused_draft.ENABLED = True
+                if values:
+                    switches[len(runs)] = values
                 eng.worker.drafter.fused_levels = cfg != "ENTMTP-unfused-draft"  # and in any later capture
                 if cfg == "ENTMTP-no-draft-ahead":
                     eng.worker.draft_ahead = False
@@ -357,13 +382,15 @@ def part_c(ns, dev):
                     name = _static_name(eng, static)
                     specs = [SpecOptions(task=f, tree=name) for f, _ in prompts]
                 runs.append((cfg, drafter, eng, specs, False if cfg == "ENTMTP-unpipelined" else None))
-        for _, _, eng, specs, _ in runs:  # warm-up (kernels compiled, caches allocated)
-            throughput(eng, prompts[:1], 8, specs[:1] if specs else None)
+        for k, (_, _, eng, specs, _) in enumerate(runs):  # warm-up (kernels compiled, caches allocated)
+            with switched(switches.get(k, {})):
+                throughput(eng, prompts[:1], 8, specs[:1] if specs else None)
         results = [[] for _ in runs]
         for _ in range(ns.c_repeats):
             for k, (_, _, eng, specs, pipe) in enumerate(runs):
                 eng.worker.pipeline = pipe
-                results[k].append(throughput(eng, prompts, ns.max_new_tokens, specs))
+                with switched(switches.get(k, {})):  # eager forwards and late captures read the switches
+                    results[k].append(throughput(eng, prompts, ns.max_new_tokens, specs))
         base.worker.pipeline = None
         med = []
         for res in results:
@@ -385,6 +412,10 @@ def part_c(ns, dev):
         del runs, eng, results, med
         free_memory()
     return rows
+
+
+# (c)'s --step-kernels-ab: config suffix -> the kernel switches (see _switches) it runs with
+STEP_KERNEL_AB = {"-no-pdl": {"pdl": False}, "-merge-last": {"merge_last": True}, "-rope-kernel": {"rope_in_qkv": False}}
 
 
 def free_memory():
@@ -442,6 +473,9 @@ def main():
     ap.add_argument("--draft-kernels-ab", action="store_true",
                     help="(c) also runs ENTMTP drafting each level with torch's ops in place of the fused draft "
                          "kernels (spec/drafters/fused_draft.py)")
+    ap.add_argument("--step-kernels-ab", action="store_true",
+                    help="(c) also runs NONE without PDL, and ENTMTP without PDL, with the last key split merging "
+                         "the attention, and with RoPE in its own kernel (one switch each)")
     ap.add_argument("--kernel-ab", action="store_true",
                     help="(b) also times the decode step with one kernel choice undone at a time: FlashInfer's "
                          "decode attention, the unfused matmuls, no PDL, RoPE in its own kernel, the merge kernel, "

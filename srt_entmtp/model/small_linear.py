@@ -32,7 +32,6 @@ import functools
 import json
 import os
 from pathlib import Path
-
 from typing import NamedTuple
 
 import torch

@@ -37,7 +37,10 @@ MAX_NODES = 64          # one int64 of ancestor bits per node
 BLOCK_N = 64
 TARGET_PROGRAMS = 256   # split the keys until a step has about this many programs, in at most MAX_SPLITS
 MAX_SPLITS = 8          # (H200, 256-1,024 keys: 8 splits beat 16 by 0.1-1.3 us at batch 1 and 8)
-MERGE_LAST = True       # the last split merges (no merge kernel); False: the merge kernel (A/B; read at capture)
+# True: the split that finishes last merges the partials (tickets), with no merge kernel. Off: on the
+# H200 with PDL it was slower, 0.722 vs 0.644 ms a batch-1 decode graph (the merge kernel's launch
+# overlaps the splits; the last split's merge does not; docs/gpu.md). A/B switch, read at capture.
+MERGE_LAST = False
 
 
 @functools.cache
