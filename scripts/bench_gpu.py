@@ -284,15 +284,35 @@ def graph_info(eng) -> dict | None:
 
 
 def throughput(eng, prompts, n_tokens, specs=None):
+    """Offline run of `prompts`; also the wall time spent in prefill forwards (each ends reading
+    its first tokens back, so host time is their time) and how many there were."""
+    w = eng.worker
+    pre = {"s": 0.0, "n": 0}
+
+    def timed_prefill(*a, **k):
+        t = time.perf_counter()
+        try:
+            return real_prefill(*a, **k)
+        finally:
+            pre["s"] += time.perf_counter() - t
+            pre["n"] += 1
+
+    real_prefill = w.prefill
+    w.prefill = timed_prefill
     sync(eng.runner.device)
     t0 = time.perf_counter()
-    reqs = eng.generate([p[1] for p in prompts], SamplingParams(max_new_tokens=n_tokens, ignore_eos=True), specs)
-    sync(eng.runner.device)
+    try:
+        reqs = eng.generate([p[1] for p in prompts], SamplingParams(max_new_tokens=n_tokens, ignore_eos=True), specs)
+        sync(eng.runner.device)
+    finally:
+        del w.prefill  # the bound method again
     dt = time.perf_counter() - t0
     toks = sum(len(r.output_ids) for r in reqs)
     steps = sum(r.verify_ct for r in reqs)
     acc = sum(r.accepted_tokens + r.verify_ct for r in reqs) / steps if steps else 1.0
     return {"tokens": toks, "seconds": dt, "tokens_per_s": toks / dt, "accept_per_step": acc,
+            "prefill_s": pre["s"], "prefill_forwards": pre["n"],
+            "decode_tokens_per_s": (toks - len(reqs)) / max(dt - pre["s"], 1e-9),
             "outputs": [r.output_ids for r in reqs]}
 
 
@@ -552,8 +572,10 @@ def print_tables(res):
             eq = f" equal-to-NONE {r['outputs_equal_none']}/{r['requests']}" if "outputs_equal_none" in r else ""
             if r.get("max_divergence_gap_ulps") is not None:
                 eq += f" (widest top-2 gap at a divergence: {r['max_divergence_gap_ulps']:.1f} bf16 ulps)"
+            pre = (f" prefill {r['prefill_s'] / r['seconds']:.0%} of the time ({r['prefill_forwards']} forwards)"
+                   if "prefill_s" in r else "")
             print(f"C={r['concurrency']:3d} {r['config']:13s} {r['drafter'] or '':7s} {r['tokens_per_s']:9.1f} "
-                  f"({r['accept_per_step']:.2f}) {sp}{eq}")
+                  f"({r['accept_per_step']:.2f}) {sp}{eq}{pre}")
 
 
 if __name__ == "__main__":
