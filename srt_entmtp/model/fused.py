@@ -242,4 +242,7 @@ def _build_kernels():
                                                **pdl.launch_kw(use_pdl))
             return q
 
+    # the jitted kernels themselves, for tests that compile them for a GPU target (tests/model/compile_sm90.py)
+    Kernels.add_rms_norm_kernel = _add_rms_norm_kernel
+    Kernels.rope_store_kernel = _rope_store_kernel
     return Kernels

@@ -1,6 +1,6 @@
 """Programmatic dependent launch (PDL) for the forward's Triton kernels (Hopper and newer).
 
-Inside a CUDA graph a batch-1 layer is six kernels of 1-4 us each, and each one pays its launch
+Inside a CUDA graph a batch-1 layer is five kernels of 1-4 us each, and each one pays its launch
 and the first trip to DRAM for its weights after the kernel before it has ended. Launched with
 PDL, a kernel starts while the one before it is still running: it may read what no earlier
 kernel writes (its weights: small_linear prefetches them into L2), and then `gdc_wait`s until

@@ -5,12 +5,15 @@ takes ~3.8 us a matmul there on an H200 and the norm, activation and residual ke
 them ~1.0-1.6 us each, for work that reads 1-3.5 MB: the layer is launch-bound, not
 bandwidth-bound. Here each matmul takes its neighbours in:
 
-  * norm_linear:      RMSNorm(h) @ W.T          (input norm + fused q/k/v projection)
+  * norm_qkv_rope:    RMSNorm(h) @ W.T, then RoPE on q and k, k and v stored in their KV slots
+                      (input norm + fused q/k/v projection + fused.rope_qkv_store's work);
+                      norm_linear is the same without the epilogue
   * norm_gate_silu:   SiLU(g) * u, [g | u] = RMSNorm(h) @ W.T   (post-attention norm + MLP up)
   * linear_residual:  h + x @ W.T               (o projection, MLP down)
 
-so a layer is four matmul kernels, the RoPE/KV-store kernel and attention: 6 kernels where
-the unfused forward has 9. The MTP draft head (spec/drafters/fused_draft.py) uses two more forms:
+so a layer is four matmul kernels and attention: 5 kernels where the unfused forward has 9. On
+Hopper they launch with PDL and prefetch their weight rows to L2 while the kernel before runs
+(model/pdl.py). The MTP draft head (spec/drafters/fused_draft.py) uses two more forms:
 
   * norm2_linear:     [RMSNorm(a) | RMSNorm(E[tokens])] @ W.T   (the concatenation and the
                       embedding lookup are the kernel's loads)
