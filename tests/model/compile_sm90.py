@@ -14,12 +14,12 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+import triton
+from triton.backends.compiler import GPUTarget
 
-from srt_entmtp.model import fused, small_linear  # noqa: E402
-from srt_entmtp.model.attention import tree_triton  # noqa: E402
-from srt_entmtp.spec.drafters import fused_draft  # noqa: E402
+from srt_entmtp.model import fused, small_linear
+from srt_entmtp.model.attention import tree_triton
+from srt_entmtp.spec.drafters import fused_draft
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -36,30 +36,31 @@ def counts(jf, types: dict, consts: dict, **opts) -> dict:
 def main() -> None:
     out = {}
     _, slk = small_linear._kernel()
-    base = dict(NORM=True, SILU=False, RESIDUAL=False, HAS_BIAS=False, X2=False, X2_ROWS=False, TOPK=False,
-                ROPE=False, HEAD_D=64, PDL=True, K_LINES=16, BLOCK_M=16, BLOCK_N=16, BLOCK_K=256)
+    base = {"NORM": True, "SILU": False, "RESIDUAL": False, "HAS_BIAS": False, "X2": False, "X2_ROWS": False,
+            "TOPK": False, "ROPE": False, "HEAD_D": 64, "PDL": True, "K_LINES": 16, "BLOCK_M": 16, "BLOCK_N": 16,
+            "BLOCK_K": 256}
     ty = {"eps": "fp32", "pos_ptr": "*i64", "slot_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
           "rows2_ptr": "*i64", "topv_ptr": "*fp32", "topi_ptr": "*i32"}
-    for name, change in {"norm_qkv_rope": dict(ROPE=True, HAS_BIAS=True), "norm_linear": {},
-                         "norm_gate_silu": dict(SILU=True, BLOCK_N=32), "linear_residual": dict(NORM=False, RESIDUAL=True),
-                         "norm2_linear": dict(X2=True, X2_ROWS=True),
-                         "norm_linear_topk": dict(TOPK=True, BLOCK_N=128, BLOCK_K=64)}.items():
+    for name, change in {"norm_qkv_rope": {"ROPE": True, "HAS_BIAS": True}, "norm_linear": {},
+                         "norm_gate_silu": {"SILU": True, "BLOCK_N": 32}, "linear_residual": {"NORM": False, "RESIDUAL": True},
+                         "norm2_linear": {"X2": True, "X2_ROWS": True},
+                         "norm_linear_topk": {"TOPK": True, "BLOCK_N": 128, "BLOCK_K": 64}}.items():
         out[name] = counts(slk, ty, {**base, **change}, num_warps=4, num_stages=4)
     _, attn, merge = tree_triton._kernels()
     ty = {"kv_indptr_ptr": "*i32", "kv_indices_ptr": "*i32", "anc_ptr": "*i64", "skip_ptr": "*i32",
           "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "ticket_ptr": "*i32", "scale_log2": "fp32"}
     for ml in (False, True):
-        out[f"tree_attn merge_last={ml}"] = counts(attn, ty, dict(S=5, H=9, KH=3, D=64, BLOCK_M=16, BLOCK_N=64,
-                                                                  SPLIT=True, SKIP=True, MERGE_LAST=ml, PDL=True),
+        out[f"tree_attn merge_last={ml}"] = counts(attn, ty, {"S": 5, "H": 9, "KH": 3, "D": 64, "BLOCK_M": 16, "BLOCK_N": 64,
+                                                                  "SPLIT": True, "SKIP": True, "MERGE_LAST": ml, "PDL": True},
                                                    num_warps=4)
-    out["merge"] = counts(merge, {"part_o_ptr": "*fp32", "part_lse_ptr": "*fp32"}, dict(D=64, NSPLIT=8, BLOCK_R=64, PDL=True))
+    out["merge"] = counts(merge, {"part_o_ptr": "*fp32", "part_lse_ptr": "*fp32"}, {"D": 64, "NSPLIT": 8, "BLOCK_R": 64, "PDL": True})
     _, pick = fused_draft._kernel()
     out["pick"] = counts(pick, {"topv_ptr": "*fp32", "topi_ptr": "*i32", "parent_ptr": "*i64", "rank_ptr": "*i64",
-                                "vocab_ptr": "*i64", "out_ptr": "*i64"}, dict(HAS_VOCAB=True, BLOCK_C=64, PDL=True))
+                                "vocab_ptr": "*i64", "out_ptr": "*i64"}, {"HAS_VOCAB": True, "BLOCK_C": 64, "PDL": True})
     k = fused._triton()
-    out["add_rms_norm"] = counts(k.add_rms_norm_kernel, {"eps": "fp32"}, dict(HAS_RES=True, BLOCK=1024, PDL=True))
+    out["add_rms_norm"] = counts(k.add_rms_norm_kernel, {"eps": "fp32"}, {"HAS_RES": True, "BLOCK": 1024, "PDL": True})
     out["rope_store"] = counts(k.rope_store_kernel, {"pos_ptr": "*i64", "slot_ptr": "*i64", "cos_ptr": "*fp32",
-                                                     "sin_ptr": "*fp32"}, dict(D=64, HALF=32, PDL=True))
+                                                     "sin_ptr": "*fp32"}, {"D": 64, "HALF": 32, "PDL": True})
     print(json.dumps(out))
 
 
