@@ -126,7 +126,8 @@ def _kernel():
             # writes them), then wait for the kernel before to finish, and let the next one start (model/pdl.py)
             wrow = tl.where(n_ok, rn, 0)
             line = tl.minimum(tl.arange(0, K_LINES) * 64, K - 1)  # one address per 128-byte line of a bf16 row
-            tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l", [(w_ptr + wrow[:, None] * K + line[None, :]).to(tl.int64)],
+            tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l",
+                                      [(w_ptr + wrow[:, None] * K + line[None, :]).to(tl.int64)],
                                       dtype=tl.int32, is_pure=False, pack=1)
             if SILU:
                 tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l",
@@ -233,6 +234,7 @@ def _launch(op: str, x, w, n_out: int, *, bias=None, ln=None, eps=0.0, residual=
     assert x.stride(1) == 1 and w.is_contiguous() and w.shape[1] == K, "small_linear: row-major x and W"
     assert x2 is None or x2.stride(1) == 1
     bm, (bn, bk, warps, stages) = tile(op, M, config)
+    assert rope is None or bn % 2 == 0, "norm_qkv_rope: a tile holds whole column pairs"
     if top_k:  # candidates, not the product: [M, tiles * top_k] values (float32) and column ids
         tiles = triton.cdiv(n_out, bn)
         assert top_k <= bn, f"top_k {top_k} > the tile's {bn} columns"
@@ -311,11 +313,10 @@ def norm_linear_topk(h: torch.Tensor, ln_w: torch.Tensor | None, w: torch.Tensor
 def norm_qkv_rope(h: torch.Tensor, ln_w: torch.Tensor, w_qkv: torch.Tensor, bias: torch.Tensor | None, eps: float,
                   rope: RopeStore, config=None) -> torch.Tensor:
     """norm_linear onto [q | k | v] with fused.rope_qkv_store's work in the epilogue: q and k
-    rotated, k and v written to their cache slots, q returned [M, q_cols]. One kernel where the
-    two-kernel form writes qkv out and reads it back. q: [M, q heads, head_dim]."""
+    rotated, k and v written to their cache slots, q returned as [M, q heads, head_dim]. One
+    kernel where the two-kernel form writes qkv out and reads it back."""
     assert rope.k_cache.is_contiguous() and rope.v_cache.is_contiguous()
     assert w_qkv.shape[0] == rope.q_cols + 2 * rope.kv_cols and rope.head_dim % 2 == 0
-    assert CONFIGS["norm_linear"][0] % 2 == 0 and (config is None or config[-4] % 2 == 0)
     q = _launch("norm_linear", h, w_qkv, w_qkv.shape[0], bias=bias, ln=ln_w, eps=eps, rope=rope, config=config)
     return q.view(q.shape[0], rope.q_cols // rope.head_dim, rope.head_dim)
 
