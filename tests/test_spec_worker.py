@@ -97,7 +97,8 @@ def test_device_step_equals_plain_decoding_with_mixed_trees_and_padding(runner, 
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_device_step_with_triton_tree_attention_equals_plain_decoding_graph_replay_mocked(runner, prompts, reference):
+def test_device_step_with_triton_tree_attention_equals_plain_decoding_graph_replay_mocked(runner, prompts, reference,
+                                                                                        monkeypatch):
     """The verify graphs' Triton tree attention (model/attention/tree_triton.py), planned and fed
     as in a graph replay: every (layout, bucket) gets a TreeAttention and a stand-in for its CUDA
     graph (no CUDA here) whose replay runs the step's body eagerly, so the kernel (Triton's
@@ -107,6 +108,9 @@ def test_device_step_with_triton_tree_attention_equals_plain_decoding_graph_repl
 
     rows, ids = prompts
     n_tok = 10
+    # two key splits, not eight: the interpreter runs every program one after another (8 splits made
+    # this test 5 minutes); split and merge are still both taken (test_tree_triton.py covers 8)
+    monkeypatch.setattr(tree_triton, "MAX_SPLITS", 2)
     eng = _spec_engine(runner, "ENTMTP", "mtp", tree_library=str(PRIOR_LIBRARY), spec_step="device", lookup_tokens=0)
     step = eng.worker.device_step
     cfg = eng.runner.config
@@ -136,6 +140,7 @@ def test_device_step_with_triton_tree_attention_equals_plain_decoding_graph_repl
     # their prefix comes from the device and that step's rejected slots are hidden by the kernel
     assert sum(afters) >= 2, f"steps launched after an unread one: {sum(afters)} of {len(afters)}"
     assert eng.runner.kv.num_free == free0, "KV slots leaked"
+    assert all(attn.nsplit == 2 for attn, _, _ in step.graphs.values()), "the keys were not split in two"
 
 
 def test_request_aborted_while_its_device_step_is_in_flight(runner, prompts, reference):
