@@ -259,7 +259,8 @@ def _launch(op: str, x, w, n_out: int, *, bias=None, ln=None, eps=0.0, residual=
             tv.stride(0), top_k, eps, r.q_cols, r.kv_cols,
             NORM=ln is not None, SILU=silu, RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
             X2=x2 is not None, X2_ROWS=rows2 is not None, TOPK=top_k > 0, ROPE=rope is not None,
-            HEAD_D=r.head_dim, PDL=use_pdl, K_LINES=triton.next_power_of_2(triton.cdiv(K, 64)),
+            HEAD_D=r.head_dim, PDL=use_pdl,
+            K_LINES=triton.next_power_of_2(triton.cdiv(K, 64)) if use_pdl else 1,  # constexpr: one build per K only with PDL
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, **pdl.launch_kw(use_pdl))
     return out
 
