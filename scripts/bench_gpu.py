@@ -369,6 +369,10 @@ def part_c(ns, dev):
                                                 context_length=2048, kv_slots=ns.kv_slots, cuda_graph=not ns.eager))
             switches[len(runs)] = STEP_KERNEL_AB["-no-pdl"]
             runs.append(("NONE-no-pdl", None, none_no_pdl, None, None))
+        if ns.prefill_graph_ab:
+            runs.append(("NONE-eager-prefill", None, Engine(EngineArgs(
+                device=ns.device, speculative_algorithm="NONE", max_running_requests=C, context_length=2048,
+                kv_slots=ns.kv_slots, cuda_graph=not ns.eager, prefill_cuda_graph=False)), None, None))
         for drafter in ns.drafters:
             lib, static = library_for(ns, drafter, C)
             for cfg in (("STATIC", "ENTMTP") + (("ENTMTP+lookup",) if ns.lookup_tokens else ())
@@ -377,10 +381,12 @@ def part_c(ns, dev):
                         + (("ENTMTP-no-draft-ahead",) if ns.draft_ahead_ab else ())
                         + (("ENTMTP-unfused-draft",) if ns.draft_kernels_ab else ())
                         + (("ENTMTP-not-launched-ahead",) if ns.launch_ahead_ab else ())
+                        + (("ENTMTP-eager-prefill",) if ns.prefill_graph_ab else ())
                         + (tuple("ENTMTP" + v for v in STEP_KERNEL_AB) if ns.step_kernels_ab else ())):
                 kw = {"tree_library": lib} if lib else {}
                 kw["lookup_tokens"] = ns.lookup_tokens if cfg == "ENTMTP+lookup" else 0
                 kw["tree_attention"] = "flashinfer" if cfg == "ENTMTP-flashinfer-tree" else "auto"
+                kw["prefill_cuda_graph"] = cfg != "ENTMTP-eager-prefill"
                 fused_draft.ENABLED = cfg != "ENTMTP-unfused-draft"  # read as the graphs are captured
                 values = STEP_KERNEL_AB.get(cfg[len("ENTMTP"):], {})
                 try:
@@ -496,6 +502,9 @@ def main():
     ap.add_argument("--step-kernels-ab", action="store_true",
                     help="(c) also runs NONE without PDL, and ENTMTP without PDL, with the last key split merging "
                          "the attention, and with RoPE in its own kernel (one switch each)")
+    ap.add_argument("--prefill-graph-ab", action="store_true",
+                    help="(c) also runs NONE and ENTMTP with every prompt chunk eager (no prefill CUDA graphs; "
+                         "the A/B of EngineArgs.prefill_cuda_graph)")
     ap.add_argument("--kernel-ab", action="store_true",
                     help="(b) also times the decode step with one kernel choice undone at a time: FlashInfer's "
                          "decode attention, the unfused matmuls, no PDL, RoPE in its own kernel, the merge kernel, "

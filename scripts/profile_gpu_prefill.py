@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Where an eager (no CUDA graph) forward spends its time: prompt prefills of the benchmark's
-prompts at batch 1 and 8, and one decode token, on the engine's own runner.
+"""Where a prompt prefill spends its time, eager (no CUDA graph) against a replayed prefill
+graph: prefills of the benchmark's prompts at batch 1 and 8, and one decode token (eager), on
+the engine's own runner, each batch built on the host as Worker.prefill builds it.
 
 For each case: wall time with a sync, the host time until forward() returns (no sync), the GPU
 time between CUDA events, the kernel count, and the profiler's top host ops by self CPU time.
@@ -28,9 +29,12 @@ from srt_entmtp.model.forward_batch import ForwardBatch
 FAMILIES = ("code", "math", "chat", "writing")
 
 
-def time_case(runner, seqs, reps):
-    """seqs: token lists prefilled together (or one token each on a prefix, for decode)."""
-    graphs, runner.graphs = runner.graphs, None  # eager, as a prefill runs
+def time_case(runner, seqs, reps, graph=False):
+    """seqs: token lists prefilled together (or one token each on a prefix, for decode).
+    graph: replay the prefill graph (the case must fit one), else run eagerly."""
+    graphs = runner.graphs
+    if not graph:
+        runner.graphs = None
     cuda = runner.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
@@ -38,11 +42,12 @@ def time_case(runner, seqs, reps):
         slots = [runner.kv.alloc(len(s)) for s in seqs]
         ends = torch.tensor([len(s) for s in seqs]).cumsum(0) - 1
         fb = ForwardBatch.build([torch.tensor(s) for s in seqs], [torch.empty(0, dtype=torch.long)] * len(seqs),
-                                slots, logits_indices=ends, device=runner.device)
+                                slots, logits_indices=ends)
         return fb, slots
 
     try:
         walls, hosts, gpus = [], [], []
+        replays0 = graphs.prefill_replays if graphs is not None else 0
         for i in range(reps + 2):
             fb, slots = build()
             sync()
@@ -84,17 +89,31 @@ def time_case(runner, seqs, reps):
             runner.kv.free(s)
         buf = io.StringIO()
         pstats.Stats(cp, stream=buf).sort_stats("tottime").print_stats(20)
+        replayed = (graphs.prefill_replays if graphs is not None else 0) - replays0
+        if graph and replayed == 0:
+            raise RuntimeError("no prefill graph replayed: the case does not fit a captured shape")
     finally:
         runner.graphs = graphs
     ev = prof.key_averages()
     kernels = sum(e.count for e in ev if e.self_device_time_total > 0)
     top = sorted(ev, key=lambda e: -e.self_cpu_time_total)[:25]
-    return {"tokens": sum(len(s) for s in seqs), "requests": len(seqs),
+    return {"tokens": sum(len(s) for s in seqs), "requests": len(seqs), "graph": graph, "graph_replays": replayed,
             "wall_ms": 1e3 * statistics.median(walls), "host_ms": 1e3 * statistics.median(hosts),
             "gpu_ms": 1e3 * statistics.median(gpus), "kernels": kernels,
             "top_host_ops": [{"name": e.key[:90], "calls": e.count, "self_cpu_us": e.self_cpu_time_total,
                               "device_us": e.self_device_time_total} for e in top],
             "python_profile": buf.getvalue()}
+
+
+def chunk(seqs, budget):
+    """The scheduler's first prefill chunk of these prompts: up to `budget` tokens, in order."""
+    out = []
+    for s in seqs:
+        if budget <= 0:
+            break
+        out.append(s[:budget])
+        budget -= len(out[-1])
+    return out
 
 
 def main():
@@ -108,10 +127,13 @@ def main():
                             context_length=2048, kv_slots=65536))
     prompts = [eng.tokenize_chat([{"role": "user", "content": p["prompt"]}])
                for i in range(2) for f in FAMILIES for p in benchmark_prompts(f, i + 1, prompts_dir=ns.prompts_dir)[i:i + 1]]
-    cases = {"decode token (1 request)": [prompts[0][:1]],
+    cases = {"decode token (1 request, eager)": [prompts[0][:1]],
              "prefill 1 request": [prompts[0]],
-             "prefill 8 requests": prompts[:8]}
+             "prefill 8 requests, one 512-token chunk": chunk(prompts[:8], 512)}
     rows = {k: time_case(eng.runner, v, ns.reps) for k, v in cases.items()}
+    if eng.runner.graphs is not None:
+        for k in ("prefill 1 request", "prefill 8 requests, one 512-token chunk"):
+            rows[k + ", graph"] = time_case(eng.runner, cases[k], ns.reps, graph=True)
     Path(ns.out).write_text(json.dumps({"gpu": torch.cuda.get_device_name() if ns.device == "cuda" else "cpu", "cases": rows}, indent=1))
     for k, r in rows.items():
         print(f"\n{k}: {r['tokens']} tokens, wall {r['wall_ms']:.2f} ms, host until return {r['host_ms']:.2f} ms, "

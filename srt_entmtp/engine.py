@@ -52,6 +52,7 @@ class EngineArgs:
     cuda_graph: bool = True              # capture decode / verify forwards on CUDA (flashinfer backend)
     cuda_graph_max_bs: int = 64          # largest batch with a graph; bigger batches run eagerly
     cuda_graph_min_tree_nodes: int = 0   # capture verify graphs for trees at least this big (calibration)
+    prefill_cuda_graph: bool = True      # prompt chunks replay graphs too (cuda_graph.py: prefill shapes)
     spec_step: str = "auto"              # greedy speculative steps: device (fixed-shape, graphs), host; auto = device on CUDA
     tree_attention: str = "auto"         # the graphs' attention: auto = Triton's tree kernel where it runs (decode steps as one-node trees), flashinfer
     pipeline: bool = True                # launch the next greedy step of an unchanged batch before the tokens go back
@@ -79,7 +80,8 @@ class Engine:
             self.runner.capture_cuda_graphs(min(args.max_running_requests, args.cuda_graph_max_bs),
                                             max_tree_nodes=0 if plain else max(self.worker.max_new_slots_per_step(),
                                                                                args.cuda_graph_min_tree_nodes),
-                                            decode_attention=args.tree_attention)
+                                            decode_attention=args.tree_attention,
+                                            prefill_tokens=args.chunked_prefill_size if args.prefill_cuda_graph else 0)
             step = getattr(self.worker, "device_step", None)
             if step is not None and self.runner.graphs is not None:
                 step.capture(min(args.max_running_requests, args.cuda_graph_max_bs), self.runner.graphs.workspace)

@@ -81,8 +81,8 @@ class Worker:
             last_index += n
             if a + n == len(req.prompt_ids):
                 done.append((req, last_index - 1))
-        fb = ForwardBatch.build(tokens, prefixes, slots, device=self.runner.device,
-                                logits_indices=torch.tensor([i for _, i in done], dtype=torch.long))
+        # built on the host: a prefill graph uploads it in one copy, an eager forward moves it
+        fb = ForwardBatch.build(tokens, prefixes, slots, logits_indices=torch.tensor([i for _, i in done], dtype=torch.long))
         out = self.runner.forward(fb)
         for req, new, n in zip(reqs, slots, chunk_lens):
             req.kv_slots = torch.cat([req.kv_slots, new])
@@ -90,8 +90,9 @@ class Worker:
         results = {}
         if done:
             first = sample(out.logits, [r.sampling for r, _ in done], [r.generator for r, _ in done])
+            hidden = out.hidden.clone()  # a prefill graph's output is a static buffer the next forward rewrites
             for j, (req, _) in enumerate(done):
-                req.last_hidden = out.hidden[j]
+                req.last_hidden = hidden[j]
                 results[req.rid] = [int(first[j])]
             self.after_prefill([r for r, _ in done], out.logits)
         return results

@@ -6,14 +6,19 @@ bucket and a live batch is padded up to the nearest one:
 
   * decode (every engine): B requests x 1 token, for B in `decode_batches` (1, 2, 4, 8, 16, ...);
   * verify (speculative engines): B requests + 1 padding request, N tokens in all, tree masks,
-    for B in powers of two and N in powers of two from B + 1 up to B x the largest tree.
+    for B in powers of two and N in powers of two from B + 1 up to B x the largest tree;
+  * prefill (prompt chunks, causal): B requests + 1 padding request, N tokens, for B in 1, 2, 4,
+    8, 16 and N in powers of two from 16 up to the chunk size, plus one bucket of the chunk size
+    and 16 more (a full chunk and its padding request). Only the rows that want logits (each
+    finished prompt's last token) go through the final norm and the LM head. Eagerly a prefill
+    is ~450 launches, ~20 ms of host time on the H200's host for 100 or 900 tokens alike.
 
 Padding is dummy requests that read and write only the KV pool's reserved slot 0 (one token
-each, the last one taking every spare token, each with slot 0 as its one key), so the real rows
-attend to exactly the keys they attend to eagerly. (FlashInfer's graph mode tiles by the
+each, the last one taking every spare token, each with slot 0 as its one key; in a causal
+prefill as many keys as tokens, all slot 0, since a causal row needs its own key), so the real
+rows attend to exactly the keys they attend to eagerly. (FlashInfer's graph mode tiles by the
 bucket's size, so a replay may round differently from an eager forward in bf16.) Everything
-else (prompt chunks, forwards that ask for a subset of logits, shapes beyond the buckets) runs
-eagerly.
+else (shapes beyond the buckets; prompt chunks with --disable-prefill-cuda-graph) runs eagerly.
 
 All graphs share one memory pool and write their outputs into one pair of static buffers
 (hidden [N, d] and float32 logits [N, vocab]): the outputs of a replay are views, valid until
@@ -52,10 +57,25 @@ def verify_shapes(max_batch: int, max_nodes: int) -> list[tuple[int, int]]:
     return shapes
 
 
-def pad_batch(fb: ForwardBatch, batch: int, tokens: int) -> ForwardBatch:
+PREFILL_REQUESTS = (1, 2, 4, 8, 16)  # real requests a prefill graph holds (plus one padding request)
+
+
+def prefill_shapes(max_batch: int, chunk_tokens: int) -> list[tuple[int, int]]:
+    """(requests incl. the padding one, tokens) for every prefill graph."""
+    reqs = [b for b in PREFILL_REQUESTS if b < max_batch] + [min(max_batch, PREFILL_REQUESTS[-1])]
+    toks, n = [], 16
+    while n < chunk_tokens:
+        toks.append(n)
+        n *= 2
+    toks.append(chunk_tokens + PREFILL_REQUESTS[-1])  # a full chunk, and a token for each padding request
+    return sorted({(b + 1, n) for b in reqs for n in toks if n > b})
+
+
+def pad_batch(fb: ForwardBatch, batch: int, tokens: int, causal: bool = False) -> ForwardBatch:
     """fb plus dummy requests up to `batch` requests and `tokens` tokens (fb's rows come first).
     Dummies attend to and write only slot 0; each has one token, the last all spare tokens, and
-    one key (slot 0) however many tokens it has."""
+    one key (slot 0) however many tokens it has; with `causal` (a prompt chunk) as many keys as
+    tokens, all slot 0."""
     pad_reqs, pad_toks = batch - fb.batch_size, tokens - fb.num_tokens
     if pad_reqs < 0 or pad_toks < pad_reqs or (pad_toks and not pad_reqs):
         raise ValueError(f"cannot pad {fb.batch_size} requests / {fb.num_tokens} tokens to {batch} / {tokens}")
@@ -65,7 +85,7 @@ def pad_batch(fb: ForwardBatch, batch: int, tokens: int) -> ForwardBatch:
     pad_q[-1] += pad_toks - pad_reqs
     dev = fb.input_ids.device
     # every dummy attends to one key: a sink of q tokens over q keys would cost q^2 attention
-    q_lens, kv_lens = fb.q_lens + pad_q, fb.kv_lens + [1] * pad_reqs
+    q_lens, kv_lens = fb.q_lens + pad_q, fb.kv_lens + (pad_q if causal else [1] * pad_reqs)
 
     def zeros(t: torch.Tensor, n: int) -> torch.Tensor:
         return torch.cat([t, torch.zeros(n, dtype=t.dtype, device=t.device)])
@@ -76,7 +96,8 @@ def pad_batch(fb: ForwardBatch, batch: int, tokens: int) -> ForwardBatch:
     return ForwardBatch(
         input_ids=zeros(fb.input_ids, pad_toks), positions=zeros(fb.positions, pad_toks),
         out_slots=zeros(fb.out_slots, pad_toks), qo_indptr=_indptr(q_lens, dev), kv_indptr=_indptr(kv_lens, dev),
-        kv_indices=zeros(fb.kv_indices, pad_reqs), q_lens=q_lens, kv_lens=kv_lens, custom_mask=mask)
+        kv_indices=zeros(fb.kv_indices, sum(kv_lens) - sum(fb.kv_lens)), q_lens=q_lens, kv_lens=kv_lens,
+        custom_mask=mask, logits_indices=fb.logits_indices)
 
 
 @dataclass
@@ -89,7 +110,7 @@ class CudaGraphRunner:
     """Captures the runner's model for every bucket at start-up; `forward` replays or says None."""
 
     def __init__(self, runner, max_batch: int, max_tree_nodes: int = 0, decode: bool = True,
-                 decode_attention: str = "auto"):
+                 decode_attention: str = "auto", prefill_tokens: int = 0):
         self.runner = runner
         # decode graphs' attention: auto = the Triton tree kernel (one node a request) where Triton
         # imports, flashinfer = FlashInfer's decode wrapper
@@ -106,9 +127,11 @@ class CudaGraphRunner:
         self.shapes = [(b, b, False) for b in decode_batches(max_batch)] if decode else []
         if max_tree_nodes:
             self.shapes += [(b, n, True) for b, n in verify_shapes(max_batch, max_tree_nodes)]
-        if not self.shapes:
-            raise ValueError("CudaGraphRunner: nothing to capture (no decode graphs and no tree size)")
-        n_max = max(n for _, n, _ in self.shapes)
+        # prompt chunks of up to prefill_tokens tokens (the scheduler's chunk size); 0 = eager
+        self.prefill_shapes = prefill_shapes(max_batch, prefill_tokens) if prefill_tokens else []
+        if not self.shapes and not self.prefill_shapes:
+            raise ValueError("CudaGraphRunner: nothing to capture (no decode graphs, tree size or prefill chunk)")
+        n_max = max([n for _, n, _ in self.shapes] + [1])
         # the token-side inputs, rows of one buffer with pinned host twins: one copy per replay.
         # Two twins, used in turn: a step may be launched while the one before is still queued
         # (Worker's device-fed plain steps), whose copy must not read the next step's inputs
@@ -119,6 +142,17 @@ class CudaGraphRunner:
         self.input_ids, self.positions, self.out_slots = self.token_inputs.unbind(0)
         self.hidden = torch.zeros(n_max, cfg.hidden_size, dtype=runner.dtype, device=dev)
         self.logits = torch.zeros(n_max, cfg.vocab_size, dtype=torch.float32, device=dev)
+        # prefill graphs' own inputs: ids, positions, out slots, and (first `batch` entries) the
+        # rows that want logits; outputs are those rows only
+        p_max = max([n for _, n in self.prefill_shapes] + [1])
+        b_max = max([b for b, _ in self.prefill_shapes] + [1])
+        self.prefill_inputs = torch.zeros(4, p_max, dtype=torch.long, device=dev)
+        self._prefill_inputs_host = torch.zeros(4, p_max, dtype=torch.long, pin_memory=dev.type == "cuda")
+        self._prefill_copied = None  # event after the last upload from the pinned twin (reused only then)
+        self.prefill_hidden = torch.zeros(b_max, cfg.hidden_size, dtype=runner.dtype, device=dev)
+        self.prefill_logits = torch.zeros(b_max, cfg.vocab_size, dtype=torch.float32, device=dev)
+        self.prefill_graphs: dict[tuple[int, int], CapturedForward] = {}
+        self.prefill_replays = 0
         self.workspace = None  # FlashInfer's float workspace, allocated at capture
         # keyed by (requests, tokens, tree): decode (2, 2) and the one-request verify (2, 2) differ
         self.graphs: dict[tuple[int, int, bool], CapturedForward] = {}
@@ -152,36 +186,89 @@ class CudaGraphRunner:
             self.input_ids[:tokens].zero_()
             self.positions[:tokens].zero_()
             self.out_slots[:tokens].zero_()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up outside capture: cuBLAS handles, lazy inits
-                for _ in range(2):
-                    self._forward(attn, tokens)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._forward(attn, tokens)
+            graph = self._capture_one(lambda: self._forward(attn, tokens), pool)
             self.graphs[(batch, tokens, tree)] = CapturedForward(attn, graph)
+        for batch, tokens in sorted(self.prefill_shapes, key=lambda s: -s[1]):
+            # real requests' prefixes (up to the context each) and every new token, a dummy's keys included
+            attn = GraphAttention(r.kv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.workspace,
+                                  self.prefill_inputs[2, :tokens], batch, tokens, (batch - 1) * ctx + tokens,
+                                  tree=False, causal=True)
+            attn.plan(self._dummy(batch, tokens, False, causal=True))
+            self.prefill_inputs[:, :tokens].zero_()
+            self.prefill_graphs[(batch, tokens)] = CapturedForward(attn, self._capture_one(
+                lambda: self._forward_prefill(attn, batch, tokens), pool))
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - t0
         self.memory_bytes = free0 - torch.cuda.mem_get_info()[0]
-        log.info("captured %d CUDA graphs (batch <= %d, trees <= %d nodes) in %.1fs, holding %.0f MiB",
-                 len(self.graphs), self.max_batch, self.max_tree_nodes, self.capture_seconds, self.memory_bytes / 2**20)
+        log.info("captured %d CUDA graphs (batch <= %d, trees <= %d nodes, %d prefill shapes) in %.1fs, holding "
+                 "%.0f MiB", len(self.graphs) + len(self.prefill_graphs), self.max_batch, self.max_tree_nodes,
+                 len(self.prefill_graphs), self.capture_seconds, self.memory_bytes / 2**20)
+
+    @staticmethod
+    def _capture_one(run, pool) -> torch.cuda.CUDAGraph:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside capture: cuBLAS handles, lazy inits
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            run()
+        return graph
+
+    def _forward_prefill(self, attn, batch: int, tokens: int) -> None:
+        ids, pos, _, rows = self.prefill_inputs[:, :tokens].unbind(0)
+        hidden = self.model.forward(ids, pos, attn, hidden_indices=rows[:batch])
+        self.prefill_hidden[:batch].copy_(hidden)
+        self.prefill_logits[:batch].copy_(self.model.logits(hidden))
 
     def _forward(self, attn, tokens: int) -> None:
         hidden = self.model.forward(self.input_ids[:tokens], self.positions[:tokens], attn)
         self.hidden[:tokens].copy_(hidden)
         self.logits[:tokens].copy_(self.model.logits(hidden))
 
-    def _dummy(self, batch: int, tokens: int, tree: bool) -> ForwardBatch:
+    def _dummy(self, batch: int, tokens: int, tree: bool, causal: bool = False) -> ForwardBatch:
         """An all-padding batch of this shape (what capture plans with)."""
         empty = torch.empty(0, dtype=torch.long, device=self.runner.device)
         fb = ForwardBatch(input_ids=empty, positions=empty, out_slots=empty, qo_indptr=_indptr([], "cpu"),
                           kv_indptr=_indptr([], "cpu"), kv_indices=empty, q_lens=[], kv_lens=[],
                           custom_mask=torch.empty(0, dtype=torch.bool, device=self.runner.device) if tree else None)
-        return pad_batch(fb, batch, tokens)
+        return pad_batch(fb, batch, tokens, causal)
 
     # ---- replay ------------------------------------------------------------------------------------
+    def _pick_prefill(self, fb: ForwardBatch) -> tuple[int, int] | None:
+        """The smallest prefill shape that holds fb's requests, its tokens and a padding request."""
+        b, n = fb.batch_size, fb.num_tokens
+        fits = [(tokens, batch) for batch, tokens in self.prefill_shapes if batch > b and tokens >= n + batch - b]
+        return None if not fits else min(fits)[::-1]
+
+    def _forward_prefill_graph(self, fb: ForwardBatch):
+        """Replay the prefill graph that fits a prompt-chunk batch (built on the host) and return
+        (hidden, logits) of its logits_indices rows; None = run eagerly."""
+        rows = fb.logits_indices
+        shape = self._pick_prefill(fb) if fb.custom_mask is None and rows is not None else None
+        entry = self.prefill_graphs.get(shape) if shape else None
+        if entry is None or fb.input_ids.device.type != "cpu" or rows.device.type != "cpu":
+            return None
+        attn, (batch, N) = entry.attn, shape
+        fbp = pad_batch(fb, batch, N, causal=True)
+        if not attn.fits(fbp):
+            return None
+        attn.plan(fbp)
+        if self._prefill_copied is not None:  # the pinned twin's last upload must have been read
+            self._prefill_copied.synchronize()
+        host, k = self._prefill_inputs_host, rows.numel()
+        host[0, :N], host[1, :N], host[2, :N] = fbp.input_ids, fbp.positions, fbp.out_slots
+        host[3, :batch] = 0
+        host[3, :k] = rows
+        self.prefill_inputs[:, :N].copy_(host[:, :N], non_blocking=True)
+        self._prefill_copied = torch.cuda.Event()
+        self._prefill_copied.record()
+        entry.graph.replay()
+        self.prefill_replays += 1
+        return self.prefill_hidden[:k], self.prefill_logits[:k]
+
     def _pick(self, fb: ForwardBatch) -> CapturedForward | None:
         b, n = fb.batch_size, fb.num_tokens
         tree = fb.custom_mask is not None
@@ -212,6 +299,8 @@ class CudaGraphRunner:
         """Replay the graph that fits `fb` and return (hidden, logits) views; None = run eagerly.
         input_ids: the real rows' token ids as a device tensor, in place of fb's (a step fed by
         the one before it on the device)."""
+        if fb.logits_indices is not None:  # a prompt chunk: its logits rows only
+            return None if input_ids is not None else self._forward_prefill_graph(fb)
         entry = self._pick(fb)
         if entry is None:
             return None

@@ -84,9 +84,10 @@ class ModelRunner:
         return self.model_dir.name
 
     def capture_cuda_graphs(self, max_batch: int, max_tree_nodes: int = 0, decode: bool = True,
-                            decode_attention: str = "auto") -> bool:
-        """Capture decode graphs (if `decode`) and tree-verify graphs for trees of up to
-        max_tree_nodes nodes (if > 0), for batches up to max_batch. CUDA with FlashInfer only.
+                            decode_attention: str = "auto", prefill_tokens: int = 0) -> bool:
+        """Capture decode graphs (if `decode`), tree-verify graphs for trees of up to
+        max_tree_nodes nodes (if > 0), for batches up to max_batch, and prompt-chunk graphs for
+        chunks of up to prefill_tokens tokens (if > 0). CUDA with FlashInfer only.
         decode_attention: auto = the decode graphs attend with the Triton tree kernel where
         Triton imports; flashinfer = FlashInfer's decode wrapper."""
         if self.device.type != "cuda" or self.backend_name != "flashinfer":
@@ -95,7 +96,7 @@ class ModelRunner:
             return False
         from srt_entmtp.model.cuda_graph import CudaGraphRunner
 
-        graphs = CudaGraphRunner(self, max_batch, max_tree_nodes, decode, decode_attention)
+        graphs = CudaGraphRunner(self, max_batch, max_tree_nodes, decode, decode_attention, prefill_tokens)
         graphs.capture()
         self.graphs = graphs
         return True

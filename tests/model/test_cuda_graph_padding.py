@@ -127,3 +127,60 @@ def test_only_decode_graphs_planned_in_turn_may_be_queued_behind_the_step_before
     assert not graphs.queue_safe_decode(3, 10), "padded to the 4-request graph, planned by FlashInfer here"
     assert graphs.queue_safe_decode(5, 797) and not graphs.queue_safe_decode(5, 798), "797 + 3 padding keys <= 800"
     assert not graphs.queue_safe_decode(9, 10), "beyond the largest graph: eager"
+
+
+def test_padded_prompt_chunks_give_the_same_rows_and_touch_only_slot_0(runner):
+    """A prefill graph's padding: dummy requests with as many keys (slot 0) as tokens, so their
+    causal rows have keys; the real rows, one of them continuing a prefix, are unchanged."""
+    g = torch.Generator().manual_seed(3)
+    kv = runner.kv
+    pre = [kv.alloc(n) for n in (0, 12, 0)]
+    runner.forward(ForwardBatch.build([torch.randint(100, 5000, (12,), generator=g)], [torch.empty(0, dtype=torch.long)],
+                                      [pre[1]], logits_indices=torch.tensor([11])))
+    new = [kv.alloc(n) for n in (9, 5, 17)]
+    fb = ForwardBatch.build([torch.randint(100, 5000, (n,), generator=g) for n in (9, 5, 17)], pre, new,
+                            logits_indices=torch.tensor([8, 13, 30]))
+    try:
+        ref = runner.forward(fb)
+        ref_h, ref_l = ref.hidden.clone(), ref.logits.clone()
+        k_before = runner.kv.k[:, 1:].clone()
+        padded = pad_batch(fb, batch=5, tokens=64, causal=True)
+        assert padded.q_lens[3:] == [1, 64 - 31 - 1] and padded.kv_lens[3:] == padded.q_lens[3:]
+        assert int(padded.kv_indptr[-1]) == padded.kv_indices.numel() == sum(fb.kv_lens) + 33
+        assert bool((padded.kv_indices[sum(fb.kv_lens):] == 0).all()) and bool((padded.out_slots[31:] == 0).all())
+        out = runner.forward(padded)
+        torch.testing.assert_close(out.hidden, ref_h, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.logits, ref_l, rtol=1e-4, atol=1e-4)
+        # the real rows rewrite their own slots (the same K up to the batch's matmul rounding);
+        # every other slot but 0 is untouched
+        written = torch.zeros(runner.kv.k.shape[1] - 1, dtype=torch.bool)
+        written[fb.out_slots - 1] = True
+        torch.testing.assert_close(runner.kv.k[:, 1:][:, written], k_before[:, written], rtol=0, atol=1e-4)
+        assert torch.equal(runner.kv.k[:, 1:][:, ~written], k_before[:, ~written])
+    finally:
+        for s in pre + new:
+            kv.free(s)
+
+
+def test_every_prompt_chunk_within_the_chunk_size_finds_a_prefill_shape(runner):
+    from srt_entmtp.model.cuda_graph import prefill_shapes
+
+    assert prefill_shapes(1, 512) == [(2, n) for n in (16, 32, 64, 128, 256, 528)]
+    assert max(b for b, _ in prefill_shapes(64, 512)) == 17 and all(n > b for b, n in prefill_shapes(64, 512))
+    for max_batch in (1, 3, 16, 64):
+        graphs = CudaGraphRunner(runner, max_batch, 0, decode=False, prefill_tokens=512)
+        assert not graphs.shapes and graphs.prefill_shapes
+        for b in range(1, min(max_batch, 16) + 1):
+            for n in sorted({b, 3 * b, 100, 511, 512} - set(range(b))):
+                fb = ForwardBatch(input_ids=torch.zeros(n, dtype=torch.long), positions=None, out_slots=None,
+                                  qo_indptr=None, kv_indptr=None, kv_indices=None, q_lens=[1] * b, kv_lens=[1] * b)
+                got = graphs._pick_prefill(fb)
+                assert got is not None, f"no prefill graph for {b} requests / {n} tokens (max batch {max_batch})"
+                batch, tokens = got
+                assert batch > b and tokens >= n + batch - b
+                assert tokens <= max(16, 2 * (n + batch - b)) or tokens == 528, (b, n, got)
+        # more requests than the largest bucket: eager
+        many = min(max_batch, 16) + 1
+        fb = ForwardBatch(input_ids=torch.zeros(many, dtype=torch.long), positions=None, out_slots=None,
+                          qo_indptr=None, kv_indptr=None, kv_indices=None, q_lens=[1] * many, kv_lens=[1] * many)
+        assert graphs._pick_prefill(fb) is None

@@ -15,8 +15,9 @@ plan() picks one of two wrappers per forward:
 Both wrappers share one workspace, allocated once. Planning reads host copies of the lengths
 (ForwardBatch keeps them), so it never waits on the GPU.
 
-`GraphAttention` is the same pair of kernels in FlashInfer's CUDA-graph mode, for one captured
-shape (a fixed number of requests and tokens): its index, mask and output-slot buffers keep
+`GraphAttention` is the same kernels in FlashInfer's CUDA-graph mode (decode, custom-mask
+prefill for trees, causal prefill for prompt chunks), for one captured shape (a fixed number of
+requests and tokens): its index, mask and output-slot buffers keep
 their addresses for the wrapper's lifetime, and plan() rewrites their contents before a replay.
 """
 from __future__ import annotations
@@ -97,7 +98,9 @@ class GraphAttention(AttentionBackend):
     """FlashInfer attention for one CUDA-graph shape: `batch` requests, `tokens` new tokens.
 
     tree=False: the decode wrapper (every request one token, tokens == batch); tree=True: the
-    paged prefill wrapper with a custom mask per request (ragged tree verification). Buffers are
+    paged prefill wrapper with a custom mask per request (ragged tree verification);
+    causal=True: the paged prefill wrapper, causal (prompt chunks; FlashInfer's graph mode sizes
+    its tiles by the shape's tokens, so any lengths up to them replay the captured kernel). Buffers are
     sized for the worst case the engine can send: kv_capacity slots in all, and a mask of at
     most mask_bits bits (bit-packed per request, each request rounded up to a byte).
 
@@ -109,12 +112,15 @@ class GraphAttention(AttentionBackend):
     """
 
     def __init__(self, kv, num_heads: int, num_kv_heads: int, head_dim: int, workspace: torch.Tensor,
-                 out_slots: torch.Tensor, batch: int, tokens: int, kv_capacity: int, tree: bool, mask_bits: int = 0):
+                 out_slots: torch.Tensor, batch: int, tokens: int, kv_capacity: int, tree: bool, mask_bits: int = 0,
+                 causal: bool = False):
         super().__init__(kv, num_heads, num_kv_heads, head_dim)
         import flashinfer
 
         dev = kv.k.device
-        self.batch, self.tokens, self.tree = batch, tokens, tree
+        if tree and causal:
+            raise ValueError("GraphAttention: a shape is a tree verify or a causal prefill, not both")
+        self.batch, self.tokens, self.tree, self.causal = batch, tokens, tree, causal
         self.kv_capacity, self.mask_bits = kv_capacity, mask_bits
         self._out_slots = out_slots  # [tokens] view of the graph runner's static buffer
         i32 = {"dtype": torch.int32, "device": dev}
@@ -129,9 +135,15 @@ class GraphAttention(AttentionBackend):
         self.qo_indptr = torch.zeros(batch + 1, **i32)
         self._fixed_nodes = None  # tokens per request of plan_fixed_trees (the first plan fixes it)
         self.replan: FastReplan | None = None
-        if tree:
-            kw = {"backend": "fa2"} if "backend" in inspect.signature(
-                flashinfer.BatchPrefillWithPagedKVCacheWrapper.__init__).parameters else {}
+        kw = {"backend": "fa2"} if "backend" in inspect.signature(
+            flashinfer.BatchPrefillWithPagedKVCacheWrapper.__init__).parameters else {}
+        if causal:
+            self.wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+                workspace, "NHD", use_cuda_graph=True, qo_indptr_buf=self.qo_indptr, paged_kv_indptr_buf=self.kv_indptr,
+                paged_kv_indices_buf=self.kv_indices, paged_kv_last_page_len_buf=self.last_page, **kw)
+            params = inspect.signature(self.wrapper.plan).parameters
+            self._head_kw = "head_dim_qk" if "head_dim_qk" in params else "head_dim"
+        elif tree:
             self.mask = torch.zeros(mask_bits // 8 + batch + 1, dtype=torch.uint8, device=dev)
             self.wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
                 workspace, "NHD", use_cuda_graph=True, qo_indptr_buf=self.qo_indptr, paged_kv_indptr_buf=self.kv_indptr,
@@ -172,6 +184,12 @@ class GraphAttention(AttentionBackend):
         """Rewrite the buffers for `fb`, which is padded to exactly this shape (see cuda_graph.py).
         The token-side inputs (ids, positions, out slots) are the graph runner's to fill."""
         dtype = self.kv.k.dtype
+        if self.causal:  # FlashInfer copies the host indptrs and indices into the graph's buffers
+            self.wrapper.plan(_host_indptr(fb.q_lens), _host_indptr(fb.kv_lens), fb.kv_indices.to(torch.int32),
+                              torch.ones(self.batch, dtype=torch.int32), self.num_heads, self.num_kv_heads,
+                              page_size=1, causal=True, q_data_type=dtype, kv_data_type=dtype, sm_scale=self.scale,
+                              **{self._head_kw: self.head_dim})
+            return
         kv_lens = np.asarray(fb.kv_lens, dtype=np.int32)
         if not self.tree:
             kv_indptr = self._stage(kv_lens, fb.kv_indices)
