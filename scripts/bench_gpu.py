@@ -273,7 +273,8 @@ def graph_info(eng) -> dict | None:
     g = eng.runner.graphs
     if g is None:
         return None
-    info = {"graphs": len(g.graphs), "capture_s": g.capture_seconds, "memory_bytes": g.memory_bytes}
+    info = {"graphs": len(g.graphs), "prefill_graphs": len(g.prefill_graphs), "prefill_replays": g.prefill_replays,
+            "capture_s": g.capture_seconds, "memory_bytes": g.memory_bytes}
     step = getattr(eng.worker, "device_step", None)
     if step is not None:  # the greedy speculative step's own graphs (spec/device_step.py)
         info["spec_step"] = {"layouts": [str(lay) for lay in step.layouts], "graphs": len(step.graphs),

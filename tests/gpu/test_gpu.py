@@ -183,6 +183,7 @@ def test_prefill_graph_matches_eager_prefill():
         r.graphs = None
         eager = r.forward(fb)
         r.graphs = graphs
+        k_e = r.kv.k[:, flat].float()
         fbd = fb.to("cuda")
         sdpa = SdpaBackend(r.kv, r.config.num_heads, r.config.num_kv_heads, r.config.head_dim)
         sdpa.plan(fbd)
@@ -194,8 +195,11 @@ def test_prefill_graph_matches_eager_prefill():
         assert err_g <= 2 * err_e + 0.25, f"{name}: graph is {err_g} from SDPA, eager FlashInfer {err_e}"
         assert bool((logits_g.argmax(-1) == eager.logits.argmax(-1)).all()), f"{name}: next tokens differ"
         torch.testing.assert_close(hidden_g.float(), eager.hidden.float(), rtol=0.05, atol=0.1)
-        k_err = (k_g.float() - r.kv.k[:, flat].float()).abs().max().item()
-        assert k_err <= 0.02 * k_g.float().abs().max().item() + 0.05, f"{name}: K written differs by {k_err}"
+        # the padded chunk's q/k/v matmul has more rows than the eager one (another cuBLAS kernel),
+        # so a K element may round to a neighbouring bf16 value: a few ulps of its own size
+        k_err = ((k_g.float() - k_e).abs() / (k_e.abs() + 1.0)).max().item()
+        print(f"{name}: K written, graph against eager: largest error {k_err:.4f} of |K| + 1")
+        assert k_err <= 4 * 2 ** -8, f"{name}: K written differs by {k_err} of |K| + 1"
         for s in pre + new:
             r.kv.free(s)
     print(f"captured {len(graphs.prefill_graphs)} prefill graphs; {len(graphs.graphs) + len(graphs.prefill_graphs)} "
