@@ -186,7 +186,7 @@ class CudaGraphRunner:
             self.input_ids[:tokens].zero_()
             self.positions[:tokens].zero_()
             self.out_slots[:tokens].zero_()
-            graph = self._capture_one(lambda: self._forward(attn, tokens), pool)
+            graph = self._capture_one(lambda a=attn, n=tokens: self._forward(a, n), pool)
             self.graphs[(batch, tokens, tree)] = CapturedForward(attn, graph)
         for batch, tokens in sorted(self.prefill_shapes, key=lambda s: -s[1]):
             # real requests' prefixes (up to the context each) and every new token, a dummy's keys included
@@ -196,7 +196,7 @@ class CudaGraphRunner:
             attn.plan(self._dummy(batch, tokens, False, causal=True))
             self.prefill_inputs[:, :tokens].zero_()
             self.prefill_graphs[(batch, tokens)] = CapturedForward(attn, self._capture_one(
-                lambda: self._forward_prefill(attn, batch, tokens), pool))
+                lambda a=attn, b=batch, n=tokens: self._forward_prefill(a, b, n), pool))
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - t0
         self.memory_bytes = free0 - torch.cuda.mem_get_info()[0]
