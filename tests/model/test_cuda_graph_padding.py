@@ -184,3 +184,55 @@ def test_every_prompt_chunk_within_the_chunk_size_finds_a_prefill_shape(runner):
         fb = ForwardBatch(input_ids=torch.zeros(many, dtype=torch.long), positions=None, out_slots=None,
                           qo_indptr=None, kv_indptr=None, kv_indices=None, q_lens=[1] * many, kv_lens=[1] * many)
         assert graphs._pick_prefill(fb) is None
+
+
+def test_prefill_keeps_its_hidden_states_past_the_next_graph_replay_mocked_graph(runner):
+    """A prefill graph returns views of static buffers that its next replay rewrites. Mocked on
+    CPU: a stand-in for the graph runner copies the eager result into one static buffer and
+    returns views of it. Each request's last hidden state (the drafters' input) must still be its
+    own after the next request's prefill."""
+    from srt_entmtp.sched.request import Request, SamplingParams
+    from srt_entmtp.worker import Worker
+
+    class StaticOutputs:  # the part of CudaGraphRunner.forward a prefill sees
+        def __init__(self):
+            self.hidden = torch.zeros(4, runner.config.hidden_size)
+            self.logits = torch.zeros(4, runner.config.vocab_size)
+            self.replays = 0
+
+        def forward(self, fb, input_ids=None):
+            runner.graphs = None
+            try:
+                out = runner.forward(fb)
+            finally:
+                runner.graphs = self
+            k = out.hidden.shape[0]
+            self.hidden[:k].copy_(out.hidden)
+            self.logits[:k].copy_(out.logits)
+            self.replays += 1
+            return self.hidden[:k], self.logits[:k]
+
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(100, 5000, (n,), generator=g).tolist() for n in (11, 7)]
+    worker = Worker(runner)
+    reqs = [Request(p, SamplingParams(max_new_tokens=4)) for p in prompts]
+    try:
+        ref = []
+        for r in reqs:  # eager: a fresh tensor each
+            worker.prefill([r], [len(r.prompt_ids)])
+            ref.append(r.last_hidden.clone())
+        for r in reqs:
+            worker.on_finish(r)
+            r.num_prefilled = 0
+        fake = StaticOutputs()
+        runner.graphs = fake
+        for r in reqs:
+            worker.prefill([r], [len(r.prompt_ids)])
+        assert fake.replays == 2
+        for r, h in zip(reqs, ref):
+            torch.testing.assert_close(r.last_hidden, h, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(ref[0], ref[1])
+    finally:
+        runner.graphs = None
+        for r in reqs:
+            worker.on_finish(r)
