@@ -247,7 +247,7 @@ class CudaGraphRunner:
         """Replay the prefill graph that fits a prompt-chunk batch (built on the host) and return
         (hidden, logits) of its logits_indices rows; None = run eagerly."""
         rows = fb.logits_indices
-        shape = self._pick_prefill(fb) if fb.custom_mask is None and rows is not None else None
+        shape = self._pick_prefill(fb) if fb.custom_mask is None else None
         entry = self.prefill_graphs.get(shape) if shape else None
         if entry is None or fb.input_ids.device.type != "cpu" or rows.device.type != "cpu":
             return None
