@@ -187,9 +187,11 @@ def model_weight_bytes(runner) -> int:
 def _switches():
     from srt_entmtp.model import pdl, small_linear
     from srt_entmtp.model.attention import tree_triton
+    from srt_entmtp.spec import device_accept
 
     return {"small_linear": (small_linear, "ENABLED"), "pdl": (pdl, "ENABLED"),
-            "rope_in_qkv": (small_linear, "ROPE_IN_QKV"), "merge_last": (tree_triton, "MERGE_LAST")}
+            "rope_in_qkv": (small_linear, "ROPE_IN_QKV"), "merge_last": (tree_triton, "MERGE_LAST"),
+            "fused_accept": (device_accept, "ENABLED")}
 
 
 @contextlib.contextmanager
@@ -383,13 +385,14 @@ def part_c(ns, dev):
                         + (("ENTMTP-unfused-draft",) if ns.draft_kernels_ab else ())
                         + (("ENTMTP-not-launched-ahead",) if ns.launch_ahead_ab else ())
                         + (("ENTMTP-eager-prefill",) if ns.prefill_graph_ab else ())
-                        + (tuple("ENTMTP" + v for v in STEP_KERNEL_AB) if ns.step_kernels_ab else ())):
+                        + (tuple("ENTMTP" + v for v in STEP_KERNEL_AB) if ns.step_kernels_ab else ())
+                        + (("ENTMTP-torch-accept",) if ns.accept_kernels_ab else ())):
                 kw = {"tree_library": lib} if lib else {}
                 kw["lookup_tokens"] = ns.lookup_tokens if cfg == "ENTMTP+lookup" else 0
                 kw["tree_attention"] = "flashinfer" if cfg == "ENTMTP-flashinfer-tree" else "auto"
                 kw["prefill_cuda_graph"] = cfg != "ENTMTP-eager-prefill"
                 fused_draft.ENABLED = cfg != "ENTMTP-unfused-draft"  # read as the graphs are captured
-                values = STEP_KERNEL_AB.get(cfg[len("ENTMTP"):], {})
+                values = {**STEP_KERNEL_AB, **ACCEPT_AB}.get(cfg[len("ENTMTP"):], {})
                 try:
                     with switched(values):
                         eng = Engine(EngineArgs(device=ns.device, speculative_algorithm="ENTMTP", drafter=drafter,
@@ -443,6 +446,8 @@ def part_c(ns, dev):
 
 # (c)'s --step-kernels-ab: config suffix -> the kernel switches (see _switches) it runs with
 STEP_KERNEL_AB = {"-no-pdl": {"pdl": False}, "-merge-last": {"merge_last": True}, "-rope-kernel": {"rope_in_qkv": False}}
+# (c)'s --accept-kernels-ab: the verify graphs' tail as torch ops, not spec/device_accept.py's two kernels
+ACCEPT_AB = {"-torch-accept": {"fused_accept": False}}
 
 
 def free_memory():
@@ -506,6 +511,9 @@ def main():
     ap.add_argument("--prefill-graph-ab", action="store_true",
                     help="(c) also runs NONE and ENTMTP with every prompt chunk eager (no prefill CUDA graphs; "
                          "the A/B of EngineArgs.prefill_cuda_graph)")
+    ap.add_argument("--accept-kernels-ab", action="store_true",
+                    help="(c) also runs ENTMTP with the verify graphs' acceptance, entropies and KV compaction as "
+                         "torch ops in place of spec/device_accept.py's two kernels")
     ap.add_argument("--kernel-ab", action="store_true",
                     help="(b) also times the decode step with one kernel choice undone at a time: FlashInfer's "
                          "decode attention, the unfused matmuls, no PDL, RoPE in its own kernel, the merge kernel, "

@@ -33,7 +33,7 @@ import torch
 from srt_entmtp.model.attention import tree_triton
 from srt_entmtp.model.attention.tree_mask import pack_tree_mask
 from srt_entmtp.model.forward_batch import ForwardBatch, _indptr
-from srt_entmtp.spec.entropy import entropy_from_logits
+from srt_entmtp.spec.device_accept import accept
 from srt_entmtp.spec.tree import Tree
 from srt_entmtp.spec.tree_layout import LayoutTable, TreeLayout
 
@@ -439,11 +439,10 @@ class DeviceSpecStep:
 
     def _verify_body(self, sh: _Shape, B: int, attn) -> None:
         """Verify and accept the drafted trees of B requests; static shapes, device ops only."""
-        lay, tab = sh.layout, sh.table
-        S, D = lay.num_slots, lay.depth
-        dev = self.dev
+        tab = sh.table
+        S = sh.layout.num_slots
         row = sh.row[:B]
-        par, depth, valid, mask = tab.parent[row], tab.depth[row], tab.valid[row], tab.mask[row]
+        depth = tab.depth[row]
         req = sh.req_slot[:B]
         # launched after a step not yet read (ahead > 0): that step's kept slots extend the prefix
         known, ahead = sh.prefix[:B], sh.ahead[:B]
@@ -458,37 +457,9 @@ class DeviceSpecStep:
             attn.set_trees(tab.anc[row])
             attn.set_skip(prefix, known + ahead)  # that step's rejected slots (empty when ahead = 0)
         elif getattr(attn, "tree", False) and hasattr(attn, "mask_indptr"):  # FlashInfer graph mode: packed bits
-            pack_tree_mask(attn.mask, attn.mask_indptr, prefix, mask, attn.mask.numel())
+            pack_tree_mask(attn.mask, attn.mask_indptr, prefix, tab.mask[row], attn.mask.numel())
         hidden = self.model.forward(ids, pos, attn)
-        logits = self.model.logits(hidden)                       # [B*S, V] float32
-        pred = logits.argmax(-1).view(B, S)
-
-        # greedy acceptance: a node is right if its token is its parent's argmax; accepted if it
-        # and every ancestor are right (mask rows are ancestor-or-self)
-        ok = valid & (tokens == pred.gather(1, par))
-        ok[:, 0] = True
-        acc = (~mask | ok.unsqueeze(1)).all(-1)
-        slot = torch.arange(S, device=dev)
-        leaf = torch.where(acc, depth * (S + 1) + (S - slot), -1).argmax(1)  # deepest; first on a tie
-        a = depth.gather(1, leaf.unsqueeze(1)).squeeze(1)
-        on_path = mask[torch.arange(B, device=dev), leaf]                  # [B, S]
-        d = torch.arange(D + 1, device=dev)
-        sel = on_path.unsqueeze(1) & (depth.unsqueeze(1) == d.view(1, -1, 1))  # [B, D+1, S]
-        path = torch.where(sel.any(-1), sel.to(torch.uint8).argmax(-1), leaf.unsqueeze(1))  # slot at depth d
-        bonus = pred.gather(1, leaf.unsqueeze(1))
-        drafted = torch.cat([tokens.gather(1, path[:, 1:]), bonus], 1)      # [B, D+1]
-        emitted = torch.where(d < a.unsqueeze(1), drafted, torch.where(d == a.unsqueeze(1), bonus, -1))
-
-        # the accepted path's KV moves to the first a+1 slots of the request's tree slots
-        dst = out_slots[:, : D + 1]
-        src = torch.where(d <= a.unsqueeze(1), out_slots.gather(1, path), dst)
-        self.kv.copy_slots(src.reshape(-1), dst.reshape(-1))
-
-        H = hidden.shape[-1]
-        self.hidden[req] = hidden.view(B, S, H)[torch.arange(B, device=dev), leaf]
-        self.roots[req] = bonus.squeeze(1)  # the next step's root
-        self.kept[req] = a + 1
-        ent = entropy_from_logits(logits).view(B, S).gather(1, path)
-        sh.result[:B, 0] = a
-        sh.result[:B, 1:] = emitted
-        sh.entropy[:B] = ent
+        logits = self.model.lm_head_linear(hidden)  # [B*S, V] in the model's dtype
+        # acceptance, KV compaction and the pools (spec/device_accept.py: two kernels on CUDA)
+        accept(tokens, logits, hidden, tab, row, req, out_slots, self.kv, self.hidden, self.roots, self.kept,
+               sh.result[:B], sh.entropy[:B])

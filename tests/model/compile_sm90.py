@@ -19,6 +19,7 @@ from triton.backends.compiler import GPUTarget
 
 from srt_entmtp.model import fused, small_linear
 from srt_entmtp.model.attention import tree_triton
+from srt_entmtp.spec import device_accept
 from srt_entmtp.spec.drafters import fused_draft
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -61,6 +62,14 @@ def main() -> None:
     out["add_rms_norm"] = counts(k.add_rms_norm_kernel, {"eps": "fp32"}, {"HAS_RES": True, "BLOCK": 1024, "PDL": True})
     out["rope_store"] = counts(k.rope_store_kernel, {"pos_ptr": "*i64", "slot_ptr": "*i64", "cos_ptr": "*fp32",
                                                      "sin_ptr": "*fp32"}, {"D": 64, "HALF": 32, "PDL": True})
+    _, am, acc = device_accept._kernels()
+    out["argmax_entropy"] = counts(am, {"ent_ptr": "*fp32", "pred_ptr": "*i64"}, {"BLOCK_V": 2048, "PDL": True},
+                                   num_warps=8)
+    out["accept"] = counts(acc, {"ent_ptr": "*fp32", "eout_ptr": "*fp32", "valid_ptr": "*u8", "mask_ptr": "*u8",
+                                 "layer_stride": "i64", **{n: "*i64" for n in ("tok_ptr", "pred_ptr", "row_ptr", "req_ptr",
+                                 "oslot_ptr", "par_ptr", "depth_ptr", "roots_ptr", "kept_ptr", "res_ptr")}},
+                           {"S": 23, "D": 5, "SP": 32, "DP": 8, "ROW": 192, "ROWP": 256, "HP": 1024, "PDL": True},
+                           num_warps=4)
     print(json.dumps(out))
 
 

@@ -1,0 +1,238 @@
+"""The verify graph's tail: greedy acceptance of B placed trees, KV compaction, the next step's state.
+
+After the verify forward, DeviceSpecStep needs per request: the deepest slot whose path agrees
+with the target's argmax at every parent, the emitted tokens (accepted drafts, then the bonus),
+the entropies along the path, the accepted path's K/V moved to the first slots of the request's
+tree, and its last hidden state, root token and kept count written to the per-request pools.
+
+`accept_torch` does this with ~50 small tensor ops over [B, S] (and ~10 passes over the float32
+logits for the argmax and the entropies). Inside a CUDA graph each op is still a kernel of its
+own: on the H200 the tail measured 0.14-0.17 ms of a 0.6-1.3 ms step
+(scripts/time_step_graphs.py, a one-node-chain verify against a decode graph). On CUDA with
+Triton, `accept` runs two kernels instead:
+
+  * argmax_entropy: one pass over each row of the bf16 logits for its argmax (first index on a
+    tie, as torch.argmax) and its entropy (online max / sum of exp / sum of exp * x, in float32);
+  * accept_kernel: one program per (request, layer) finds the path from the layout table's rows
+    (the mask is ancestor-or-self), copies that layer's accepted K and V, and the layer-0
+    program writes the result row, the entropies, the hidden state, the root and the count.
+
+Both agree with the torch form exactly on tokens and slots; the entropies differ by float32
+summation order only. The CPU tests run the kernels in Triton's interpreter against
+`accept_torch`.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from srt_entmtp.model import fused, pdl
+from srt_entmtp.spec.entropy import entropy_from_logits
+from srt_entmtp.spec.tree_layout import LayoutTable
+
+__all__ = ["accept", "accept_torch", "accept_triton", "argmax_entropy", "triton_usable"]
+
+ENABLED = True  # False: the torch form on the GPU too (benchmarks' A/B; read at capture)
+
+
+def triton_usable(x: torch.Tensor) -> bool:
+    return ENABLED and fused.enabled(x) and _kernels() is not None
+
+
+def accept(tokens, logits, hidden, table: LayoutTable, row, req, out_slots, kv, hidden_pool, roots, kept,
+           result, entropy) -> None:
+    """Greedy acceptance of B requests' placed trees (shapes: see accept_torch)."""
+    if triton_usable(logits):
+        accept_triton(tokens, logits, hidden, table, row, req, out_slots, kv, hidden_pool, roots, kept, result, entropy)
+    else:
+        accept_torch(tokens, logits, hidden, table, row, req, out_slots, kv, hidden_pool, roots, kept, result, entropy)
+
+
+def accept_torch(tokens, logits, hidden, table: LayoutTable, row, req, out_slots, kv, hidden_pool, roots, kept,
+                 result, entropy) -> None:
+    """tokens [B, S] drafted (slot 0: the root); logits [B*S, V] and hidden [B*S, H] of the
+    verify forward; row [B] each request's table row; req [B] its pool row; out_slots [B, S] its
+    tree's KV slots; kv a KVPool; hidden_pool [R, H], roots [R], kept [R] the per-request pools;
+    result [B, D+2] (accepted count, then D+1 emitted tokens, -1 pad) and entropy [B, D+1] outputs."""
+    B, S = tokens.shape
+    D = table.layout.depth
+    dev = tokens.device
+    par, depth, valid, mask = table.parent[row], table.depth[row], table.valid[row], table.mask[row]
+    pred = logits.argmax(-1).view(B, S)
+    # a node is right if its token is its parent's argmax; accepted if it and every ancestor are
+    # right (mask rows are ancestor-or-self)
+    ok = valid & (tokens == pred.gather(1, par))
+    ok[:, 0] = True
+    acc = (~mask | ok.unsqueeze(1)).all(-1)
+    slot = torch.arange(S, device=dev)
+    leaf = torch.where(acc, depth * (S + 1) + (S - slot), -1).argmax(1)  # deepest; first on a tie
+    a = depth.gather(1, leaf.unsqueeze(1)).squeeze(1)
+    on_path = mask[torch.arange(B, device=dev), leaf]                  # [B, S]
+    d = torch.arange(D + 1, device=dev)
+    sel = on_path.unsqueeze(1) & (depth.unsqueeze(1) == d.view(1, -1, 1))  # [B, D+1, S]
+    path = torch.where(sel.any(-1), sel.to(torch.uint8).argmax(-1), leaf.unsqueeze(1))  # slot at depth d
+    bonus = pred.gather(1, leaf.unsqueeze(1))
+    drafted = torch.cat([tokens.gather(1, path[:, 1:]), bonus], 1)      # [B, D+1]
+    emitted = torch.where(d < a.unsqueeze(1), drafted, torch.where(d == a.unsqueeze(1), bonus, -1))
+
+    # the accepted path's KV moves to the first a+1 slots of the request's tree slots
+    dst = out_slots[:, : D + 1]
+    src = torch.where(d <= a.unsqueeze(1), out_slots.gather(1, path), dst)
+    kv.copy_slots(src.reshape(-1), dst.reshape(-1))
+
+    H = hidden.shape[-1]
+    hidden_pool[req] = hidden.view(B, S, H)[torch.arange(B, device=dev), leaf]
+    roots[req] = bonus.squeeze(1)  # the next step's root
+    kept[req] = a + 1
+    result[:, 0] = a
+    result[:, 1:] = emitted
+    entropy.copy_(entropy_from_logits(logits).view(B, S).gather(1, path))
+
+
+def argmax_entropy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(argmax [R] int64, entropy in nats [R] float32) of each row of logits [R, V], one pass."""
+    _, kern, _ = _kernels()
+    R, V = logits.shape
+    assert logits.stride(1) == 1
+    pred = torch.empty(R, dtype=torch.long, device=logits.device)
+    ent = torch.empty(R, dtype=torch.float32, device=logits.device)
+    if R:
+        use_pdl = pdl.on(logits)
+        kern[(R,)](logits, pred, ent, V, logits.stride(0), BLOCK_V=2048, PDL=use_pdl, num_warps=8,
+                   **pdl.launch_kw(use_pdl))
+    return pred, ent
+
+
+def accept_triton(tokens, logits, hidden, table: LayoutTable, row, req, out_slots, kv, hidden_pool, roots, kept,
+                  result, entropy) -> None:
+    """accept_torch's work in two kernels (module docstring)."""
+    triton, _, kern = _kernels()
+    B, S = tokens.shape
+    D = table.layout.depth
+    if B == 0:
+        return
+    pred, ent = argmax_entropy(logits)
+    k, v = kv.k, kv.v
+    assert k.is_contiguous() and v.is_contiguous() and hidden.is_contiguous() and hidden_pool.is_contiguous()
+    assert tokens.is_contiguous() and out_slots.is_contiguous() and result.stride(1) == 1 and entropy.stride(1) == 1
+    row_elems = k.shape[2] * k.shape[3]
+    use_pdl = pdl.on(logits)
+    H = hidden.shape[-1]
+    kern[(B, k.shape[0])](
+        tokens, pred, ent, row, req, out_slots, table.parent, table.depth, table.valid.view(torch.uint8),
+        table.mask.view(torch.uint8), hidden, hidden_pool, roots, kept, result, entropy, k, v,
+        k.stride(0), H, result.stride(0), entropy.stride(0),
+        S=S, D=D, SP=triton.next_power_of_2(S), DP=triton.next_power_of_2(D + 1), ROW=row_elems,
+        ROWP=triton.next_power_of_2(row_elems), HP=triton.next_power_of_2(H), PDL=use_pdl, num_warps=4,
+        **pdl.launch_kw(use_pdl))
+
+
+@functools.cache
+def _kernels():
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def argmax_entropy_kernel(x_ptr, pred_ptr, ent_ptr, V, sx, BLOCK_V: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # model/pdl.py
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        # each lane keeps its own running max (and its first index), sum of exp(x - max) and sum of
+        # exp(x - max) * (x - max); the lanes combine once at the end
+        r = tl.program_id(0).to(tl.int64)
+        lane = tl.arange(0, BLOCK_V)
+        m = tl.full([BLOCK_V], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK_V], tl.float32)
+        t = tl.zeros([BLOCK_V], tl.float32)
+        idx = tl.zeros([BLOCK_V], tl.int32)
+        for v0 in range(0, V, BLOCK_V):
+            col = v0 + lane
+            x = tl.load(x_ptr + r * sx + col, mask=col < V, other=float("-inf")).to(tl.float32)
+            seen = x > float("-inf")
+            better = x > m                      # strictly: a lane keeps its first maximum
+            idx = tl.where(better, col, idx)
+            new_m = tl.maximum(m, x)
+            had = m > float("-inf")
+            scale = tl.where(had, tl.exp(m - new_m), 0.0)
+            t = tl.where(had, scale * (t + (m - new_m) * s), 0.0)
+            s = scale * s
+            e = tl.where(seen, tl.exp(x - new_m), 0.0)
+            t += e * tl.where(seen, x - new_m, 0.0)
+            s += e
+            m = new_m
+        M = tl.max(m, 0)
+        first = tl.min(tl.where(m == M, idx, 2147483647), 0)   # the first index of the row's maximum
+        had = m > float("-inf")
+        w = tl.where(had, tl.exp(m - M), 0.0)
+        S_ = tl.sum(w * s, 0)
+        T_ = tl.sum(tl.where(had, w * (t + (m - M) * s), 0.0), 0)
+        tl.store(pred_ptr + r, first.to(tl.int64))
+        tl.store(ent_ptr + r, tl.log(S_) - T_ / S_)
+
+    @triton.jit
+    def accept_kernel(tok_ptr, pred_ptr, ent_ptr, row_ptr, req_ptr, oslot_ptr, par_ptr, depth_ptr, valid_ptr,
+                      mask_ptr, hid_ptr, hpool_ptr, roots_ptr, kept_ptr, res_ptr, eout_ptr, k_ptr, v_ptr,
+                      layer_stride, H, s_res, s_ent,
+                      S: tl.constexpr, D: tl.constexpr, SP: tl.constexpr, DP: tl.constexpr, ROW: tl.constexpr,
+                      ROWP: tl.constexpr, HP: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # model/pdl.py
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        b = tl.program_id(0)
+        layer = tl.program_id(1)
+        sl = tl.arange(0, SP)
+        in_s = sl < S
+        trow = tl.load(row_ptr + b)
+        par = tl.load(par_ptr + trow * S + sl, mask=in_s, other=0)
+        dep = tl.load(depth_ptr + trow * S + sl, mask=in_s, other=0)
+        val = tl.load(valid_ptr + trow * S + sl, mask=in_s, other=0) != 0
+        tok = tl.load(tok_ptr + b * S + sl, mask=in_s, other=-1)
+        want = tl.load(pred_ptr + b * S + par, mask=in_s, other=-2)
+        ok = (val & (tok == want)) | (sl == 0)
+        anc = tl.load(mask_ptr + trow * S * S + sl[:, None] * S + sl[None, :],
+                      mask=in_s[:, None] & in_s[None, :], other=0) != 0
+        bad = tl.max(tl.where(anc & ~ok[None, :], 1, 0), 1)    # [SP] a wrong node among ancestor-or-self
+        acc = (bad == 0) & in_s
+        score = tl.where(acc, dep * (S + 1) + (S - sl), -1)
+        best = tl.max(score, 0)
+        leaf = tl.min(tl.where(score == best, sl, SP), 0)      # the scores are distinct; the slot of the best
+        a = tl.sum(tl.where(sl == leaf, dep, 0), 0)
+        on_path = tl.load(mask_ptr + trow * S * S + leaf * S + sl, mask=in_s, other=0) != 0
+        d = tl.arange(0, DP)
+        sel = on_path[None, :] & (dep[None, :] == d[:, None]) & in_s[None, :]   # [DP, SP]
+        path = tl.where(tl.max(sel.to(tl.int32), 1) > 0, tl.sum(tl.where(sel, sl[None, :], 0), 1), leaf)
+        d_ok = d <= D
+        src = tl.load(oslot_ptr + b * S + path, mask=d_ok, other=0)
+        dst = tl.load(oslot_ptr + b * S + d, mask=d_ok, other=0)
+        move = d_ok & (d <= a) & (src != dst)
+        # this program's layer: read every moved row before writing any (a path slot can be the
+        # destination of a shallower one)
+        c = tl.arange(0, ROWP)
+        cm = move[:, None] & (c < ROW)[None, :]
+        base = layer.to(tl.int64) * layer_stride
+        ks = tl.load(k_ptr + base + src[:, None] * ROW + c[None, :], mask=cm, other=0.0)
+        vs = tl.load(v_ptr + base + src[:, None] * ROW + c[None, :], mask=cm, other=0.0)
+        tl.debug_barrier()
+        tl.store(k_ptr + base + dst[:, None] * ROW + c[None, :], ks, mask=cm)
+        tl.store(v_ptr + base + dst[:, None] * ROW + c[None, :], vs, mask=cm)
+        if layer == 0:
+            bonus = tl.load(pred_ptr + b * S + leaf)
+            sel1 = on_path[None, :] & (dep[None, :] == d[:, None] + 1) & in_s[None, :]   # the slot at depth d + 1
+            nxt = tl.sum(tl.where(sel1, sl[None, :], 0), 1)
+            drafted = tl.load(tok_ptr + b * S + nxt, mask=d < a, other=-1)
+            emitted = tl.where(d < a, drafted, tl.where(d == a, bonus, -1))
+            tl.store(res_ptr + b * s_res, a.to(tl.int64))
+            tl.store(res_ptr + b * s_res + 1 + d, emitted, mask=d_ok)
+            tl.store(eout_ptr + b * s_ent + d, tl.load(ent_ptr + b * S + path, mask=d_ok, other=0.0), mask=d_ok)
+            r = tl.load(req_ptr + b)
+            tl.store(roots_ptr + r, bonus)
+            tl.store(kept_ptr + r, (a + 1).to(tl.int64))
+            hc = tl.arange(0, HP)
+            hv = tl.load(hid_ptr + (b * S + leaf).to(tl.int64) * H + hc, mask=hc < H, other=0.0)
+            tl.store(hpool_ptr + r * H + hc, hv, mask=hc < H)
+
+    return triton, argmax_entropy_kernel, accept_kernel
