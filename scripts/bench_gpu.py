@@ -187,11 +187,11 @@ def model_weight_bytes(runner) -> int:
 def _switches():
     from srt_entmtp.model import pdl, small_linear
     from srt_entmtp.model.attention import tree_triton
-    from srt_entmtp.spec import device_accept
+    from srt_entmtp.spec import verify_kernels
 
     return {"small_linear": (small_linear, "ENABLED"), "pdl": (pdl, "ENABLED"),
             "rope_in_qkv": (small_linear, "ROPE_IN_QKV"), "merge_last": (tree_triton, "MERGE_LAST"),
-            "fused_accept": (device_accept, "ENABLED")}
+            "fused_accept": (verify_kernels, "ENABLED")}
 
 
 @contextlib.contextmanager
@@ -446,7 +446,7 @@ def part_c(ns, dev):
 
 # (c)'s --step-kernels-ab: config suffix -> the kernel switches (see _switches) it runs with
 STEP_KERNEL_AB = {"-no-pdl": {"pdl": False}, "-merge-last": {"merge_last": True}, "-rope-kernel": {"rope_in_qkv": False}}
-# (c)'s --accept-kernels-ab: the verify graphs' tail as torch ops, not spec/device_accept.py's two kernels
+# (c)'s --accept-kernels-ab: the verify graphs' tail as torch ops, not spec/verify_kernels.py's two kernels
 ACCEPT_AB = {"-torch-accept": {"fused_accept": False}}
 
 
@@ -513,7 +513,7 @@ def main():
                          "the A/B of EngineArgs.prefill_cuda_graph)")
     ap.add_argument("--accept-kernels-ab", action="store_true",
                     help="(c) also runs ENTMTP with the verify graphs' acceptance, entropies and KV compaction as "
-                         "torch ops in place of spec/device_accept.py's two kernels")
+                         "torch ops in place of spec/verify_kernels.py's two kernels")
     ap.add_argument("--kernel-ab", action="store_true",
                     help="(b) also times the decode step with one kernel choice undone at a time: FlashInfer's "
                          "decode attention, the unfused matmuls, no PDL, RoPE in its own kernel, the merge kernel, "

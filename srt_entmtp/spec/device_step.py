@@ -33,9 +33,9 @@ import torch
 from srt_entmtp.model.attention import tree_triton
 from srt_entmtp.model.attention.tree_mask import pack_tree_mask
 from srt_entmtp.model.forward_batch import ForwardBatch, _indptr
-from srt_entmtp.spec.device_accept import accept
 from srt_entmtp.spec.tree import Tree
 from srt_entmtp.spec.tree_layout import LayoutTable, TreeLayout
+from srt_entmtp.spec.verify_kernels import accept, verify_inputs
 
 log = logging.getLogger(__name__)
 
@@ -441,25 +441,23 @@ class DeviceSpecStep:
         """Verify and accept the drafted trees of B requests; static shapes, device ops only."""
         tab = sh.table
         S = sh.layout.num_slots
-        row = sh.row[:B]
-        depth = tab.depth[row]
-        req = sh.req_slot[:B]
+        row, req = sh.row[:B], sh.req_slot[:B]
         # launched after a step not yet read (ahead > 0): that step's kept slots extend the prefix
         known, ahead = sh.prefix[:B], sh.ahead[:B]
-        prefix = known + torch.where(ahead > 0, self.kept[req], 0)
         out_slots = sh.out_slots[:B * S].view(B, S)
-
         tokens = sh.tokens[:B]
         ids, pos = sh.input_ids[:B * S], sh.positions[:B * S]
-        ids.copy_(tokens.view(-1))
-        pos.copy_((prefix.unsqueeze(1) + depth).view(-1))
-        if isinstance(attn, tree_triton.TreeAttention):  # the masks as one int64 of ancestor bits per node
-            attn.set_trees(tab.anc[row])
-            attn.set_skip(prefix, known + ahead)  # that step's rejected slots (empty when ahead = 0)
-        elif getattr(attn, "tree", False) and hasattr(attn, "mask_indptr"):  # FlashInfer graph mode: packed bits
-            pack_tree_mask(attn.mask, attn.mask_indptr, prefix, tab.mask[row], attn.mask.numel())
+        if isinstance(attn, tree_triton.TreeAttention):
+            # ids, positions, the masks as one int64 of ancestor bits per node, and that step's
+            # rejected slots hidden (spec/verify_kernels.py: one kernel on CUDA)
+            verify_inputs(tokens, tab, row, req, known, ahead, self.kept, ids, pos, attn.anc, attn.skip)
+        else:
+            verify_inputs(tokens, tab, row, req, known, ahead, self.kept, ids, pos, None, None)
+            if getattr(attn, "tree", False) and hasattr(attn, "mask_indptr"):  # FlashInfer graph mode: packed bits
+                prefix = known + torch.where(ahead > 0, self.kept[req], 0)
+                pack_tree_mask(attn.mask, attn.mask_indptr, prefix, tab.mask[row], attn.mask.numel())
         hidden = self.model.forward(ids, pos, attn)
         logits = self.model.lm_head_linear(hidden)  # [B*S, V] in the model's dtype
-        # acceptance, KV compaction and the pools (spec/device_accept.py: two kernels on CUDA)
+        # acceptance, KV compaction and the pools (spec/verify_kernels.py: two kernels on CUDA)
         accept(tokens, logits, hidden, tab, row, req, out_slots, self.kv, self.hidden, self.roots, self.kept,
                sh.result[:B], sh.entropy[:B])

@@ -19,7 +19,7 @@ from triton.backends.compiler import GPUTarget
 
 from srt_entmtp.model import fused, small_linear
 from srt_entmtp.model.attention import tree_triton
-from srt_entmtp.spec import device_accept
+from srt_entmtp.spec import verify_kernels
 from srt_entmtp.spec.drafters import fused_draft
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -62,7 +62,7 @@ def main() -> None:
     out["add_rms_norm"] = counts(k.add_rms_norm_kernel, {"eps": "fp32"}, {"HAS_RES": True, "BLOCK": 1024, "PDL": True})
     out["rope_store"] = counts(k.rope_store_kernel, {"pos_ptr": "*i64", "slot_ptr": "*i64", "cos_ptr": "*fp32",
                                                      "sin_ptr": "*fp32"}, {"D": 64, "HALF": 32, "PDL": True})
-    _, am, acc = device_accept._kernels()
+    _, am, acc, vin = verify_kernels._kernels()
     out["argmax_entropy"] = counts(am, {"ent_ptr": "*fp32", "pred_ptr": "*i64"}, {"BLOCK_V": 2048, "PDL": True},
                                    num_warps=8)
     out["accept"] = counts(acc, {"ent_ptr": "*fp32", "eout_ptr": "*fp32", "valid_ptr": "*u8", "mask_ptr": "*u8",
@@ -70,6 +70,10 @@ def main() -> None:
                                  "oslot_ptr", "par_ptr", "depth_ptr", "roots_ptr", "kept_ptr", "res_ptr")}},
                            {"S": 23, "D": 5, "SP": 32, "DP": 8, "ROW": 192, "ROWP": 256, "HP": 1024, "PDL": True},
                            num_warps=4)
+    out["verify_inputs"] = counts(vin, {n: "*i64" for n in ("tok_ptr", "depth_ptr", "anc_tab_ptr", "row_ptr", "req_ptr",
+                                                            "known_ptr", "ahead_ptr", "kept_ptr", "ids_ptr", "pos_ptr",
+                                                            "anc_ptr")} | {"skip_ptr": "*i32"},
+                                  {"S": 23, "SP": 32, "PDL": True}, num_warps=1)
     print(json.dumps(out))
 
 

@@ -1,4 +1,4 @@
-"""The verify graph's tail (spec/device_accept.py): the two Triton kernels, run here in Triton's
+"""The verify graph's bookkeeping (spec/verify_kernels.py): its input kernel and the two tail kernels, run here in Triton's
 interpreter (conftest.py sets TRITON_INTERPRET=1), compiled where CUDA is (both in float32),
 against the torch form they replace on CUDA. The torch form itself is checked end to end by test_device_step.py's token-for-token
 tests; on the GPU the kernels run inside the verify graphs of tests/gpu."""
@@ -10,10 +10,16 @@ import pytest
 import torch
 
 from srt_entmtp.model.kv_cache import KVPool
-from srt_entmtp.spec.device_accept import accept_torch, accept_triton, argmax_entropy
 from srt_entmtp.spec.entropy import entropy_from_logits
 from srt_entmtp.spec.tree import Tree
 from srt_entmtp.spec.tree_layout import LayoutTable, TreeLayout
+from srt_entmtp.spec.verify_kernels import (
+    accept_torch,
+    accept_triton,
+    argmax_entropy,
+    verify_inputs_torch,
+    verify_inputs_triton,
+)
 from tests.kernel_checks import DEV, needs_triton
 from tests.spec.test_device_step import TREES
 
@@ -108,3 +114,28 @@ def test_accept_kernel_matches_torch_tail(seed, hit):
         assert acc.tolist() == depths
     if hit >= 0.6:
         assert bool((acc > 0).any())  # some path moved KV, so the copy was exercised
+
+
+def test_verify_inputs_kernel_matches_torch():
+    """ids, positions, ancestor bits and the hidden key range, with some requests launched after
+    an unread step (ahead > 0: the prefix grows by that step's kept count, read on the device)."""
+    case = _case(4, 0.5)
+    tab, row, req, tokens = case["table"], case["row"], case["req"], case["tokens"]
+    B, S = tokens.shape
+    g = torch.Generator().manual_seed(5)
+    known = torch.randint(1, 300, (B,), generator=g)
+    ahead = torch.tensor([0, 23, 0, 23, 23, 0, 0])
+    kept = torch.randint(1, 6, (10,), generator=g)
+    outs = {}
+    for name, fn, dev in (("torch", verify_inputs_torch, "cpu"), ("triton", verify_inputs_triton, DEV)):
+        t = LayoutTable(tab.layout, tab.trees, dev)
+        ids = torch.zeros(B * S, dtype=torch.long, device=dev)
+        pos, anc = torch.zeros_like(ids), torch.zeros(B, S, dtype=torch.long, device=dev)
+        skip = torch.zeros(2, B, dtype=torch.int32, device=dev)
+        fn(tokens.to(dev), t, row.to(dev), req.to(dev), known.to(dev), ahead.to(dev), kept.to(dev), ids, pos, anc, skip)
+        outs[name] = [x.cpu() for x in (ids, pos, anc, skip)]
+    for a, b in zip(outs["torch"], outs["triton"]):
+        assert torch.equal(a, b)
+    prefix = known + torch.where(ahead > 0, kept[req], 0)
+    assert torch.equal(outs["triton"][1].view(B, S)[:, 0], prefix)       # the root sits at the prefix length
+    assert torch.equal(outs["triton"][3][1] - outs["triton"][3][0], (known + ahead - prefix).int())

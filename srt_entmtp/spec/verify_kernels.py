@@ -1,4 +1,10 @@
-"""The verify graph's tail: greedy acceptance of B placed trees, KV compaction, the next step's state.
+"""The verify graph's bookkeeping around its forward, as Triton kernels on CUDA (torch forms elsewhere).
+
+Before the forward, `verify_inputs`: each request's prefix length, the forward's token ids and
+positions, and the Triton tree attention's ancestor bits and hidden key range (13 small torch
+ops; one kernel, one program per request).
+
+After it, the tail: greedy acceptance of B placed trees, KV compaction, the next step's state.
 
 After the verify forward, DeviceSpecStep needs per request: the deepest slot whose path agrees
 with the target's argmax at every parent, the emitted tokens (accepted drafts, then the bonus),
@@ -31,13 +37,49 @@ from srt_entmtp.model import fused, pdl
 from srt_entmtp.spec.entropy import entropy_from_logits
 from srt_entmtp.spec.tree_layout import LayoutTable
 
-__all__ = ["accept", "accept_torch", "accept_triton", "argmax_entropy", "triton_usable"]
+__all__ = ["accept", "accept_torch", "accept_triton", "argmax_entropy", "triton_usable", "verify_inputs",
+           "verify_inputs_torch", "verify_inputs_triton"]
 
 ENABLED = True  # False: the torch form on the GPU too (benchmarks' A/B; read at capture)
 
 
 def triton_usable(x: torch.Tensor) -> bool:
-    return ENABLED and fused.enabled(x) and _kernels() is not None
+    return ENABLED and not fused.DISABLED and x.is_cuda and _kernels() is not None
+
+
+def verify_inputs(tokens, table: LayoutTable, row, req, known, ahead, kept, ids, pos, anc, skip) -> None:
+    """The verify forward's inputs for B requests (shapes: see verify_inputs_torch)."""
+    if anc is not None and triton_usable(kept):
+        verify_inputs_triton(tokens, table, row, req, known, ahead, kept, ids, pos, anc, skip)
+    else:
+        verify_inputs_torch(tokens, table, row, req, known, ahead, kept, ids, pos, anc, skip)
+
+
+def verify_inputs_torch(tokens, table: LayoutTable, row, req, known, ahead, kept, ids, pos, anc, skip) -> None:
+    """tokens [B, S] drafted; row, req [B]; known [B] each request's prefix length as the host
+    knows it; ahead [B] > 0 when the step was launched after one not yet read, whose kept slots
+    (kept[req], written on the device) then extend the prefix. Writes ids, pos [B*S]; anc [B, S]
+    the slots' ancestor bits (None: not wanted); skip [2, B] int32 the keys [prefix, known +
+    ahead) hidden (that step's rejected slots; empty when ahead = 0)."""
+    prefix = known + torch.where(ahead > 0, kept[req], 0)
+    ids.copy_(tokens.view(-1))
+    pos.copy_((prefix.unsqueeze(1) + table.depth[row]).view(-1))
+    if anc is not None:
+        anc.copy_(table.anc[row])
+        skip[0].copy_(prefix)
+        skip[1].copy_(known + ahead)
+
+
+def verify_inputs_triton(tokens, table: LayoutTable, row, req, known, ahead, kept, ids, pos, anc, skip) -> None:
+    """verify_inputs_torch in one kernel (anc not None: the Triton tree attention's inputs)."""
+    triton, _, _, kern = _kernels()
+    B, S = tokens.shape
+    if B == 0:
+        return
+    assert anc is not None and table.anc is not None and tokens.is_contiguous() and skip.is_contiguous()
+    use_pdl = pdl.on(kept)
+    kern[(B,)](tokens, table.depth, table.anc, row, req, known, ahead, kept, ids, pos, anc, skip, skip.stride(0),
+               S=S, SP=triton.next_power_of_2(S), PDL=use_pdl, num_warps=1, **pdl.launch_kw(use_pdl))
 
 
 def accept(tokens, logits, hidden, table: LayoutTable, row, req, out_slots, kv, hidden_pool, roots, kept,
@@ -92,7 +134,7 @@ def accept_torch(tokens, logits, hidden, table: LayoutTable, row, req, out_slots
 
 def argmax_entropy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(argmax [R] int64, entropy in nats [R] float32) of each row of logits [R, V], one pass."""
-    _, kern, _ = _kernels()
+    _, kern, _, _ = _kernels()
     R, V = logits.shape
     assert logits.stride(1) == 1
     pred = torch.empty(R, dtype=torch.long, device=logits.device)
@@ -107,7 +149,7 @@ def argmax_entropy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def accept_triton(tokens, logits, hidden, table: LayoutTable, row, req, out_slots, kv, hidden_pool, roots, kept,
                   result, entropy) -> None:
     """accept_torch's work in two kernels (module docstring)."""
-    triton, _, kern = _kernels()
+    triton, _, kern, _ = _kernels()
     B, S = tokens.shape
     D = table.layout.depth
     if B == 0:
@@ -235,4 +277,25 @@ def _kernels():
             hv = tl.load(hid_ptr + (b * S + leaf).to(tl.int64) * H + hc, mask=hc < H, other=0.0)
             tl.store(hpool_ptr + r * H + hc, hv, mask=hc < H)
 
-    return triton, argmax_entropy_kernel, accept_kernel
+    @triton.jit
+    def verify_inputs_kernel(tok_ptr, depth_ptr, anc_tab_ptr, row_ptr, req_ptr, known_ptr, ahead_ptr, kept_ptr,
+                             ids_ptr, pos_ptr, anc_ptr, skip_ptr, s_skip,
+                             S: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # model/pdl.py
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        b = tl.program_id(0)
+        sl = tl.arange(0, SP)
+        m = sl < S
+        trow = tl.load(row_ptr + b)
+        known = tl.load(known_ptr + b)
+        ahead = tl.load(ahead_ptr + b)
+        kept = tl.load(kept_ptr + tl.load(req_ptr + b))
+        prefix = known + tl.where(ahead > 0, kept, 0)
+        tl.store(ids_ptr + b * S + sl, tl.load(tok_ptr + b * S + sl, mask=m), mask=m)
+        tl.store(pos_ptr + b * S + sl, prefix + tl.load(depth_ptr + trow * S + sl, mask=m), mask=m)
+        tl.store(anc_ptr + b * S + sl, tl.load(anc_tab_ptr + trow * S + sl, mask=m), mask=m)
+        tl.store(skip_ptr + b, prefix.to(tl.int32))
+        tl.store(skip_ptr + s_skip + b, (known + ahead).to(tl.int32))
+
+    return triton, argmax_entropy_kernel, accept_kernel, verify_inputs_kernel
