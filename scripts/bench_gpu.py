@@ -386,7 +386,8 @@ def part_c(ns, dev):
                         + (("ENTMTP-not-launched-ahead",) if ns.launch_ahead_ab else ())
                         + (("ENTMTP-eager-prefill",) if ns.prefill_graph_ab else ())
                         + (tuple("ENTMTP" + v for v in STEP_KERNEL_AB) if ns.step_kernels_ab else ())
-                        + (("ENTMTP-torch-accept",) if ns.accept_kernels_ab else ())):
+                        + (("ENTMTP-torch-accept",) if ns.accept_kernels_ab else ())
+                        + tuple(f"STATIC-chain{k}" for k in ns.static_chains)):
                 kw = {"tree_library": lib} if lib else {}
                 kw["lookup_tokens"] = ns.lookup_tokens if cfg == "ENTMTP+lookup" else 0
                 kw["tree_attention"] = "flashinfer" if cfg == "ENTMTP-flashinfer-tree" else "auto"
@@ -408,8 +409,9 @@ def part_c(ns, dev):
                 if cfg == "ENTMTP-not-launched-ahead":  # each step launched only once the one before is read
                     eng.worker.launch_ahead = False
                 specs = plain
-                if cfg == "STATIC":
-                    name = _static_name(eng, static)
+                if cfg.startswith("STATIC"):  # the report's pooled best tree, or a chain of k drafts
+                    k = int(cfg[len("STATIC-chain"):]) if cfg != "STATIC" else 0
+                    name = _static_name(eng, [[0] * d for d in range(1, k + 1)] if k else static)
                     specs = [SpecOptions(task=f, tree=name) for f, _ in prompts]
                 runs.append((cfg, drafter, eng, specs, False if cfg == "ENTMTP-unpipelined" else None))
         for k, (_, _, eng, specs, _) in enumerate(runs):  # warm-up (kernels compiled, caches allocated)
@@ -514,6 +516,9 @@ def main():
     ap.add_argument("--accept-kernels-ab", action="store_true",
                     help="(c) also runs ENTMTP with the verify graphs' acceptance, entropies and KV compaction as "
                          "torch ops in place of spec/verify_kernels.py's two kernels")
+    ap.add_argument("--static-chains", type=int, nargs="*", default=[],
+                    help="(c) also runs a static chain of k drafted tokens for each k given (what the policy's "
+                         "smallest trees buy at this load)")
     ap.add_argument("--kernel-ab", action="store_true",
                     help="(b) also times the decode step with one kernel choice undone at a time: FlashInfer's "
                          "decode attention, the unfused matmuls, no PDL, RoPE in its own kernel, the merge kernel, "
