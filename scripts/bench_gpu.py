@@ -448,7 +448,7 @@ def part_c(ns, dev):
 
 # (c)'s --step-kernels-ab: config suffix -> the kernel switches (see _switches) it runs with
 STEP_KERNEL_AB = {"-no-pdl": {"pdl": False}, "-merge-last": {"merge_last": True}, "-rope-kernel": {"rope_in_qkv": False}}
-# (c)'s --accept-kernels-ab: the verify graphs' tail as torch ops, not spec/verify_kernels.py's two kernels
+# (c)'s --accept-kernels-ab: the verify graphs' bookkeeping as torch ops, not spec/verify_kernels.py's kernels
 ACCEPT_AB = {"-torch-accept": {"fused_accept": False}}
 
 
@@ -514,8 +514,8 @@ def main():
                     help="(c) also runs NONE and ENTMTP with every prompt chunk eager (no prefill CUDA graphs; "
                          "the A/B of EngineArgs.prefill_cuda_graph)")
     ap.add_argument("--accept-kernels-ab", action="store_true",
-                    help="(c) also runs ENTMTP with the verify graphs' acceptance, entropies and KV compaction as "
-                         "torch ops in place of spec/verify_kernels.py's two kernels")
+                    help="(c) also runs ENTMTP with the verify graphs' bookkeeping (inputs, acceptance, entropies, KV "
+                         "compaction) as torch ops in place of spec/verify_kernels.py's three kernels")
     ap.add_argument("--static-chains", type=int, nargs="*", default=[],
                     help="(c) also runs a static chain of k drafted tokens for each k given (what the policy's "
                          "smallest trees buy at this load)")

@@ -4,7 +4,7 @@ Every request verifies S tree nodes (S <= 64) over its cached prefix keys plus i
 which the step just wrote. Node i sees the whole prefix and the tree key j iff bit j of
 anc[b, i] is set (ancestor-or-self), so the mask is one int64 per query row instead of a
 packed bit per (query, key) pair. A verify graph may also hide one range of a request's keys
-(`TreeAttention.set_skip`): a step launched before the one before it is read lays out all of
+(`TreeAttention.skip`): a step launched before the one before it is read lays out all of
 that step's tree after the prefix, and only the device knows which of those slots were rejected.
 
 Why not FlashInfer here: its custom-mask prefill costs 14-23 us a layer at batch 1 (8-33
@@ -211,8 +211,8 @@ def tree_attention(q, k_cache, v_cache, kv_indptr, kv_indices, anc, out, part_o,
 class TreeAttention(AttentionBackend):
     """The verify graph's attention for one shape (`batch` requests x `nodes` tree nodes each):
     plan_fixed_trees stages kv_indptr and kv_indices (one pinned copy, no FlashInfer plan),
-    `set_trees` (inside the graph) gathers each request's ancestor bits, run() stores K/V and
-    attends."""
+    the graph writes each request's ancestor bits (`anc`) and hidden key range (`skip`) before its
+    forward (spec/verify_kernels.verify_inputs), run() stores K/V and attends."""
 
     tree = True
     decode = False  # DecodeAttention: no hidden keys, the kernel skips no range
@@ -233,7 +233,9 @@ class TreeAttention(AttentionBackend):
         self._host_turn = 0
         self.kv_indptr, self.kv_indices = self.meta[: batch + 1], self.meta[batch + 1:]
         self.anc = torch.zeros(batch, nodes, dtype=torch.long, device=dev)
-        # keys each request's queries do not see: [skip[0, b], skip[1, b]) of its range (set_skip)
+        # keys each request's queries do not see: [skip[0, b], skip[1, b]) of its range. A step
+        # launched before the one before it is read lays out that step's whole tree after the prefix; the
+        # rejected part of it, known only on the device, is hidden this way
         self.skip = torch.zeros(2, batch, dtype=torch.int32, device=dev)
         g = num_heads // num_kv_heads
         self.block_m = max(16, min(64, 1 << (nodes * g - 1).bit_length()))
@@ -262,17 +264,6 @@ class TreeAttention(AttentionBackend):
         n = kv_indices.numel()
         host[B + 1: B + 1 + n] = kv_indices
         self.meta[: B + 1 + n].copy_(host[: B + 1 + n], non_blocking=True)
-
-    def set_trees(self, anc: torch.Tensor) -> None:
-        """The step's ancestor bits [batch, nodes] (a device op, captured with the graph)."""
-        self.anc.copy_(anc)
-
-    def set_skip(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        """Hide keys [lo[b], hi[b]) of request b's range (device ops, captured with the graph). A
-        step launched before the one before it is read lays out that step's whole tree after the
-        prefix; the rejected part of it, known only on the device, is hidden this way."""
-        self.skip[0].copy_(lo)
-        self.skip[1].copy_(hi)
 
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None) -> torch.Tensor:
         kc, vc = self.kv.k[layer], self.kv.v[layer]
@@ -307,6 +298,3 @@ class DecodeAttention(TreeAttention):
         if fb.num_tokens != fb.batch_size:
             raise ValueError("DecodeAttention: one new token per request")
         self.plan_fixed_trees(1, [k - 1 for k in fb.kv_lens], fb.kv_indices)
-
-    def set_trees(self, anc: torch.Tensor) -> None:
-        raise NotImplementedError("DecodeAttention has no trees")
