@@ -8,9 +8,9 @@ layer, so weights come from HBM as in a forward, and launch gaps count as they d
   (2) a layer's matmul chain without attention, at the chosen configs:
       unfused  add_rms_norm, qkv, o, add_rms_norm, gate_up, silu_mul, down   (7 kernels)
       fused    norm_linear, linear_residual, norm_gate_silu, linear_residual (4 kernels)
-  (3) --sweep-wide: the 32- and 64-row tiles (small_linear.WIDE) at 24-64 rows and the chains
-      at those rows with the best of them, written to --configs-out for
-      ENTMTP_SMALL_LINEAR_CONFIGS.
+  (3) --sweep-wide: the 32-, 64- and 128-row tiles (small_linear.WIDE) at 24-128 rows, beside
+      16-row tiles there, and the chains at those rows with the best of them (and with 16-row
+      tiles only), written to --configs-out for ENTMTP_SMALL_LINEAR_CONFIGS.
 
     python scripts/bench_small_linear.py [--out small_linear.json] [--sweep] [--sweep-wide]
 
@@ -99,21 +99,31 @@ def sweep(W, dt, grid, rows=ROWS):
     return out
 
 
-WIDE_ROWS = {32: (24, 32), 64: (40, 48, 64)}
+WIDE_ROWS = {32: (24, 32), 64: (40, 48, 64), 128: (96, 120, 128)}
+
+
+def wide_grid(bm):
+    if bm == 128:  # a 128 x BLOCK_K tile of x per stage: narrower K tiles, and 8 warps tried
+        return [(bm, *c) for c in itertools.product((16, 32, 64), (64, 128), (4, 8), (3,))]
+    return [(bm, *c) for c in itertools.product((16, 32, 64), (128, 256), (4,), (3,))]
 
 
 def sweep_wide(W, dt):
-    """Row tiles of 32 and 64 (17-64 rows: tree verification): every op at each tile's rows over a
-    small grid; the best config per (config key, row tile) goes into small_linear.WIDE."""
+    """Row tiles of 32, 64 and 128 (17-128 rows: tree verification at batch 1-8): every op at each
+    tile's rows over a small grid, and 16-row tiles at the same rows; the best config per (config
+    key, row tile) goes into small_linear.WIDE, with 16 as its row tile where those win."""
     rows, best = [], {}
     for bm, ms in WIDE_ROWS.items():
-        rows += sweep(W, dt, [(bm, *c) for c in itertools.product((16, 32, 64), (128, 256), (4,), (3,))], ms)
+        sixteen = [(16, bn, bk, w, st) for bn, bk, w, st in dict.fromkeys(small_linear.CONFIGS[k] for k in CONFIG_KEY.values())]
+        rows += sweep(W, dt, [(bm, *c[1:]) for c in wide_grid(bm)] + sixteen, ms)
+        for r in rows[-len(sixteen) * len(OPS):]:
+            r["tile_for"] = bm  # 16-row tiles measured at this tile's rows
     for bm in WIDE_ROWS:
         for key in dict.fromkeys(CONFIG_KEY.values()):
             cands = {}
             for r in rows:
-                if r["config"][0] == bm and CONFIG_KEY[r["op"]] == key:
-                    cands.setdefault(tuple(r["config"][1:]), []).append(sum(r["us"].values()))
+                if r.get("tile_for", r["config"][0]) == bm and CONFIG_KEY[r["op"]] == key:
+                    cands.setdefault(tuple(r["config"]), []).append(sum(r["us"].values()))
             cands = {c: sum(v) for c, v in cands.items() if len(v) == sum(CONFIG_KEY[o] == key for o in OPS)}
             if cands:
                 best.setdefault(bm, {})[key] = min(cands, key=cands.get)
@@ -144,7 +154,15 @@ def chains(W, dt, rows=ROWS):
                 hh = small_linear.linear_residual(attn, W["o"][i], hh)
                 hh = small_linear.linear_residual(small_linear.norm_gate_silu(hh, W["ln"][i], W["gate_up"][i], 1e-5),
                                                   W["down"][i], hh)
-        out.append({"rows": M, "unfused_us": graph_us(unfused), "fused_us": graph_us(fused_chain)})
+        row = {"rows": M, "unfused_us": graph_us(unfused), "fused_us": graph_us(fused_chain)}
+        if small_linear.WIDE and M > small_linear.BLOCK_M:  # the same chain in 16-row tiles only
+            saved = dict(small_linear.WIDE)
+            small_linear.WIDE.clear()
+            try:
+                row["fused16_us"] = graph_us(fused_chain)
+            finally:
+                small_linear.WIDE.update(saved)
+        out.append(row)
     return out
 
 
@@ -175,10 +193,16 @@ def main():
            "rows": list(chain_rows), "configs": small_linear.CONFIGS,
            "wide": {str(k): v for k, v in small_linear.WIDE.items()}, "norm_gate_silu_max_abs_err": err,
            "sweep": sweep(W, dt, grid) if grid else [], "sweep_wide": wide_rows, "chains": chains(W, dt, chain_rows)}
-    if ns.sweep_wide:  # the chains above ran with the wide tiles: where they lose, leave WIDE empty
-        Path(ns.configs_out).write_text(json.dumps({"wide": {
+    if ns.sweep_wide:  # the chains above ran with the wide tiles; small_m: up to where the fused chain wins
+        small_m = 0
+        for c in sorted(res["chains"], key=lambda c: c["rows"]):
+            if c["fused_us"] > c["unfused_us"]:
+                break
+            small_m = c["rows"]
+        res["small_m"] = small_m
+        Path(ns.configs_out).write_text(json.dumps({"small_m": small_m, "wide": {
             str(bm): {op: list(c) for op, c in ops.items()} for bm, ops in small_linear.WIDE.items()}}, indent=1))
-        print(f"wide tiles: {wide_best}; wrote {ns.configs_out}")
+        print(f"wide tiles: {wide_best}; fused up to {small_m} rows; wrote {ns.configs_out}")
     Path(ns.out).write_text(json.dumps(res, indent=1))
     if res["sweep"]:
         print("\nbest config per op (sum of us over rows 1 and 8):")
@@ -186,9 +210,11 @@ def main():
             best = min((r for r in res["sweep"] if r["op"] == op), key=lambda r: r["us"][1] + r["us"][8])
             print(f"  {op:24s} {best['config']}  " + " ".join(f"{best['us'][M]:.2f}" for M in ROWS))
     print(f"\n{res['gpu']}: a layer's matmul chain (no attention), us per layer in a {LAYERS}-layer graph")
-    print("| rows | unfused (7 kernels) | fused (4 kernels) | saved |\n| --- | --- | --- | --- |")
+    print("| rows | unfused (7 kernels) | fused (4 kernels) | saved | fused, 16-row tiles only |\n"
+          "| --- | --- | --- | --- | --- |")
     for c in res["chains"]:
-        print(f"| {c['rows']} | {c['unfused_us']:.2f} | {c['fused_us']:.2f} | {c['unfused_us'] - c['fused_us']:.2f} |")
+        print(f"| {c['rows']} | {c['unfused_us']:.2f} | {c['fused_us']:.2f} | {c['unfused_us'] - c['fused_us']:.2f} | "
+              f"{c.get('fused16_us', c['fused_us']):.2f} |")
     print(f"norm_gate_silu vs torch, max |diff|: {err:.4f}\nwrote {ns.out}")
 
 

@@ -5,7 +5,11 @@ uses at that batch. The host is out of the picture (CUDA events around 200 repla
 the floor each step's wall time sits on. Run on a CUDA machine after a short generation has
 planned every graph with real lengths:
 
-    python scripts/time_step_graphs.py [--batch-sizes 1 8] [--out step_graphs.json]
+    python scripts/time_step_graphs.py [--batch-sizes 1 8] [--kernels] [--out step_graphs.json]
+
+--kernels adds each graph's kernels under the profiler (us and calls per replay, by name): the
+profiler serialises what PDL overlaps, so their sum is above the graph's time, but it shows
+which kernels grow with the tree.
 """
 from __future__ import annotations
 
@@ -41,10 +45,25 @@ def gpu_ms(replays, n=200) -> float:
     return a.elapsed_time(b) / n
 
 
+def kernels(replay, n=20) -> list[dict]:
+    """Kernels of one replay by name, under the profiler: calls and us per replay, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+    replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            replay()
+        torch.cuda.synchronize()
+    ev = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    ev.sort(key=lambda e: -e.self_device_time_total)
+    return [{"name": e.key[:80], "calls": e.count / n, "us": e.self_device_time_total / n} for e in ev]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--prompts-dir", default=None)
+    ap.add_argument("--kernels", action="store_true", help="also each graph's kernels under the profiler")
     ap.add_argument("--out", default="step_graphs.json")
     ns = ap.parse_args()
     rows = []
@@ -62,6 +81,8 @@ def main():
             g = eng.runner.graphs
             dec = g.graphs[min(k for k in g.graphs if not k[2] and k[0] >= B)].graph
             row = {"batch": B, "algorithm": algo, "decode_graph_ms": gpu_ms([dec.replay])}
+            if ns.kernels and algo == "NONE":
+                row["decode_kernels"] = kernels(dec.replay)
             step = getattr(eng.worker, "device_step", None)
             if step is not None:
                 row["tokens_per_step"] = tokens_per_step
@@ -73,8 +94,11 @@ def main():
                     row["layouts"][f"{lay} (slots {step.shapes[li].layout.num_slots}, batch {b})"] = {
                         "draft_ms": gpu_ms([gd.replay]), "verify_ms": gpu_ms([gv.replay]),
                         "step_ms": gpu_ms([gd.replay, gv.replay])}
+                    if ns.kernels:
+                        row["layouts"][f"{lay} (slots {step.shapes[li].layout.num_slots}, batch {b})"].update(
+                            draft_kernels=kernels(gd.replay), verify_kernels=kernels(gv.replay))
             rows.append(row)
-            print(json.dumps(row))
+            print(json.dumps({k: v for k, v in row.items() if k != "decode_kernels"}))
             del eng, g, dec, step
             gc.collect()
             torch.cuda.empty_cache()
@@ -84,6 +108,9 @@ def main():
         print(f"batch {r['batch']} {r['algorithm']:6s} decode graph {r['decode_graph_ms']:.3f}")
         for k, v in r.get("layouts", {}).items():
             print(f"   {k:40s} draft {v['draft_ms']:.3f}  verify {v['verify_ms']:.3f}  both {v['step_ms']:.3f}")
+            for part in ("draft_kernels", "verify_kernels"):
+                for kr in v.get(part, [])[:12]:
+                    print(f"      {part[:6]} {kr['us']:8.1f} us  {kr['calls']:5.1f} calls  {kr['name']}")
 
 
 if __name__ == "__main__":

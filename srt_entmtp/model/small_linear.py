@@ -51,17 +51,20 @@ CONFIGS = {"norm_linear": (16, 256, 4, 4), "norm_gate_silu": (32, 256, 4, 4), "l
            # a draft head's projection onto its vocabulary with the per-tile top-k (norm_linear_topk):
            # 128 columns a program (128 programs for a 16k vocabulary), narrower K tiles to fit 3 stages
            "topk": (128, 64, 4, 3)}
-# 17-64 rows in one row tile of 32 or 64 rows ({BLOCK_M: {op: config}}), so each weight tile is
-# read once, not once per 16 rows. Empty: on the H200 the best such tiles were slower than two or
-# four 16-row tiles (fewer programs; the re-reads hit L2), 22.5 vs 21.7 us a layer unfused at 24
-# rows (bench_small_linear.py --sweep-wide, small_linear_wide_h200_2026-12-01.json). Kept for
-# tuning other GPUs through ENTMTP_SMALL_LINEAR_CONFIGS.
+# Tiles for 17-128 rows by row group ({group: {op: config}}; group 32 takes 17-32 rows, 64 takes
+# 33-64, 128 takes 65-128): a 4-tuple config runs in one row tile of the group's height, so each
+# weight tile is read once, not once per 16 rows; a 5-tuple names its row tile. Empty: on the H200
+# the best 32- and 64-row tiles were slower than two or four 16-row tiles (fewer programs; the
+# re-reads hit L2), 22.5 vs 21.7 us a layer unfused at 24 rows (bench_small_linear.py
+# --sweep-wide, small_linear_wide_h200_2026-12-01.json). Kept for tuning other GPUs through
+# ENTMTP_SMALL_LINEAR_CONFIGS.
 WIDE: dict[int, dict[str, tuple]] = {}
 
 
 def _load_overrides() -> None:
     """ENTMTP_SMALL_LINEAR_CONFIGS=<json> (tuning on another GPU; bench_small_linear.py --sweep-wide
-    writes one): {"small_m": int, "wide": {"32": {op: [BLOCK_N, BLOCK_K, warps, stages]}, "64": ...}}."""
+    writes one): {"small_m": int, "wide": {"32": {op: [BLOCK_N, BLOCK_K, warps, stages] or
+    [BLOCK_M, BLOCK_N, BLOCK_K, warps, stages]}, "64": ..., "128": ...}}."""
     global SMALL_M
     path = os.environ.get("ENTMTP_SMALL_LINEAR_CONFIGS")
     if not path:
@@ -76,14 +79,17 @@ _load_overrides()
 
 
 def tile(op: str, M: int, config=None) -> tuple[int, tuple]:
-    """(BLOCK_M, (BLOCK_N, BLOCK_K, warps, stages)) for M rows; config: a 4-tuple for M's row tile,
-    or (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)."""
-    if config is not None and len(config) == 5:
-        return config[0], tuple(config[1:])
-    bm = BLOCK_M if M <= BLOCK_M or op == "topk" else (32 if M <= 32 else 64)
-    if bm != BLOCK_M and op not in WIDE.get(bm, {}):
-        bm = BLOCK_M
-    return bm, tuple(config) if config is not None else (CONFIGS[op] if bm == BLOCK_M else WIDE[bm][op])
+    """(BLOCK_M, (BLOCK_N, BLOCK_K, warps, stages)) for M rows; config: a 4-tuple (16-row tiles)
+    or (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Without one, M's row group in WIDE if it
+    names op, else 16-row tiles; the draft top-k always keeps 16-row tiles."""
+    if config is not None:
+        return (config[0], tuple(config[1:])) if len(config) == 5 else (BLOCK_M, tuple(config))
+    if op != "topk" and M > BLOCK_M:
+        group = next((g for g in sorted(WIDE) if M <= g), None)
+        c = WIDE.get(group, {}).get(op) if group is not None else None
+        if c is not None:
+            return (c[0], tuple(c[1:])) if len(c) == 5 else (group, tuple(c))
+    return BLOCK_M, CONFIGS[op]
 
 
 ENABLED = True    # False: the model's ordinary path at every size (benchmarks' A/B; read at capture)

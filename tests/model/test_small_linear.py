@@ -93,8 +93,10 @@ def test_norm_qkv_rope_is_norm_linear_then_rope_and_kv_store(M, config):
 def test_row_tiles_follow_the_row_count(monkeypatch):
     """16-row tiles at every size by default (on the H200, one 32- or 64-row tile was slower than
     two or four 16-row ones: docs/gpu.md); with wide tiles configured (WIDE, as
-    ENTMTP_SMALL_LINEAR_CONFIGS sets them), 17-32 rows take the 32-row tile and 33-64 the 64-row
-    one; the draft top-k keeps 16-row tiles; an explicit 5-tuple names the row tile."""
+    ENTMTP_SMALL_LINEAR_CONFIGS sets them), 17-32 rows take the 32-row group's tile, 33-64 the
+    64-row one and 65-128 the 128-row one, where a 5-tuple entry names its own row tile; rows past
+    the largest group, and ops a group does not name, keep 16-row tiles; the draft top-k keeps
+    16-row tiles; an explicit config wins (a 4-tuple is a 16-row tile)."""
     from srt_entmtp.model import small_linear
     from srt_entmtp.model.small_linear import CONFIGS, tile
 
@@ -106,6 +108,11 @@ def test_row_tiles_follow_the_row_count(monkeypatch):
     assert tile("norm_linear", 64) == (64, wide[64]["norm_linear"])
     assert tile("topk", 30)[0] == 16
     assert tile("norm_gate_silu", 5, (64, 32, 128, 4, 3)) == (64, (32, 128, 4, 3))
+    assert tile("norm_gate_silu", 40, (32, 128, 4, 3)) == (16, (32, 128, 4, 3))
+    assert tile("norm_gate_silu", 40) == (16, CONFIGS["norm_gate_silu"])  # not named in group 64
+    wide[128] = {"norm_linear": (16, 64, 128, 8, 3)}
+    assert tile("norm_linear", 65) == (16, (64, 128, 8, 3))
+    assert tile("norm_linear", 129) == (16, CONFIGS["norm_linear"])
 
 
 def tiny_model(qkv_bias: bool, monkeypatch):
