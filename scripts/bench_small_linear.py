@@ -8,11 +8,13 @@ layer, so weights come from HBM as in a forward, and launch gaps count as they d
   (2) a layer's matmul chain without attention, at the chosen configs:
       unfused  add_rms_norm, qkv, o, add_rms_norm, gate_up, silu_mul, down   (7 kernels)
       fused    norm_linear, linear_residual, norm_gate_silu, linear_residual (4 kernels)
+      mid      norm_linear, linear_residual, rms_norm, gate_up, silu_mul, addmm down (6 kernels;
+               past SMALL_M rows: the model's mid-size forward, MID_M)
   (3) --sweep-wide: the 32-, 64- and 128-row tiles (small_linear.WIDE) at 24-128 rows, beside
       16-row tiles there, and the chains at those rows with the best of them (and with 16-row
       tiles only), written to --configs-out for ENTMTP_SMALL_LINEAR_CONFIGS.
 
-    python scripts/bench_small_linear.py [--out small_linear.json] [--sweep] [--sweep-wide]
+    python scripts/bench_small_linear.py [--out small_linear.json] [--sweep] [--sweep-wide] [--rows 1 8 40 120]
 
 Needs CUDA and Triton, not the model. Prints a table last and writes JSON.
 """
@@ -154,7 +156,17 @@ def chains(W, dt, rows=ROWS):
                 hh = small_linear.linear_residual(attn, W["o"][i], hh)
                 hh = small_linear.linear_residual(small_linear.norm_gate_silu(hh, W["ln"][i], W["gate_up"][i], 1e-5),
                                                   W["down"][i], hh)
+        def mid_chain(h=h, attn=attn):  # LlamaModel._forward_mid_tokens without attention and RoPE
+            hh = h
+            for i in range(LAYERS):
+                small_linear.norm_linear(hh, W["ln"][i], W["qkv"][i], None, 1e-5)
+                hh = small_linear.linear_residual(attn, W["o"][i], hh)
+                up = fused.silu_mul(F.linear(fused.rms_norm(hh, W["ln"][i], 1e-5), W["gate_up"][i]))
+                hh = torch.addmm(hh, up, W["down"][i].t())
+
         row = {"rows": M, "unfused_us": graph_us(unfused), "fused_us": graph_us(fused_chain)}
+        if M > small_linear.SMALL_M:
+            row["mid_us"] = graph_us(mid_chain)
         if small_linear.WIDE and M > small_linear.BLOCK_M:  # the same chain in 16-row tiles only
             saved = dict(small_linear.WIDE)
             small_linear.WIDE.clear()
@@ -174,6 +186,8 @@ def main():
                     help="tune the 32- and 64-row tiles (17-64 rows), time the chains with them, and write the "
                          "best configs to --configs-out (ENTMTP_SMALL_LINEAR_CONFIGS reads it)")
     ap.add_argument("--configs-out", default="small_linear_configs.json")
+    ap.add_argument("--rows", type=int, nargs="+", default=None,
+                    help="row counts of the chains (default 1-64, or every swept row count with --sweep-wide)")
     ns = ap.parse_args()
     if not torch.cuda.is_available() or small_linear._kernel() is None:
         sys.exit("bench_small_linear.py needs a CUDA device and Triton")
@@ -189,6 +203,7 @@ def main():
     grid = list(itertools.product((16, 32), (256, 512), (2, 4), (3, 4, 5))) if ns.sweep else []
     wide_rows, wide_best = sweep_wide(W, dt) if ns.sweep_wide else ([], {})
     chain_rows = sorted(set(ROWS) | {m for ms in WIDE_ROWS.values() for m in ms}) if ns.sweep_wide else ROWS
+    chain_rows = ns.rows or chain_rows
     res = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(), "layers": LAYERS,
            "rows": list(chain_rows), "configs": small_linear.CONFIGS,
            "wide": {str(k): v for k, v in small_linear.WIDE.items()}, "norm_gate_silu_max_abs_err": err,
@@ -210,11 +225,12 @@ def main():
             best = min((r for r in res["sweep"] if r["op"] == op), key=lambda r: r["us"][1] + r["us"][8])
             print(f"  {op:24s} {best['config']}  " + " ".join(f"{best['us'][M]:.2f}" for M in ROWS))
     print(f"\n{res['gpu']}: a layer's matmul chain (no attention), us per layer in a {LAYERS}-layer graph")
-    print("| rows | unfused (7 kernels) | fused (4 kernels) | saved | fused, 16-row tiles only |\n"
-          "| --- | --- | --- | --- | --- |")
+    print("| rows | unfused (7 kernels) | fused (4 kernels) | saved | fused, 16-row tiles only | mid (6 kernels) |\n"
+          "| --- | --- | --- | --- | --- | --- |")
     for c in res["chains"]:
+        mid = f"{c['mid_us']:.2f}" if "mid_us" in c else "-"
         print(f"| {c['rows']} | {c['unfused_us']:.2f} | {c['fused_us']:.2f} | {c['unfused_us'] - c['fused_us']:.2f} | "
-              f"{c.get('fused16_us', c['fused_us']):.2f} |")
+              f"{c.get('fused16_us', c['fused_us']):.2f} | {mid} |")
     print(f"norm_gate_silu vs torch, max |diff|: {err:.4f}\nwrote {ns.out}")
 
 

@@ -112,6 +112,8 @@ class LlamaModel:
         fused_rope = fused.enabled(h) and not self.cfg.qk_norm
         if fused_rope and small_linear.usable(h):
             return self._forward_few_tokens(h, positions, attn, hidden_indices)
+        if fused_rope and small_linear.mid_usable(h):
+            return self._forward_mid_tokens(h, positions, attn, hidden_indices)
         if not fused_rope:
             cos = self.cos[positions].to(self.dtype).unsqueeze(1)  # [N, 1, d], shared by all heads
             sin = self.sin_signed[positions].to(self.dtype).unsqueeze(1)
@@ -159,6 +161,24 @@ class LlamaModel:
                                    slots)
             h = sl.linear_residual(attn.run(i, q, None, None), L["o"].weight, h)
             h = sl.linear_residual(sl.norm_gate_silu(h, L["ln2"], L["gate_up"].weight, eps), L["down"].weight, h)
+        return rms_norm(h if hidden_indices is None else h[hidden_indices], self.final_norm, eps)
+
+    def _forward_mid_tokens(self, h: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend,
+                            hidden_indices: torch.Tensor | None) -> torch.Tensor:
+        """forward() for tree verification of SMALL_M-MID_M tokens (33-128: batch 8 of 5-16-slot
+        trees): norm + q/k/v + RoPE + KV store and o + residual as in _forward_few_tokens (their
+        Triton tiles keep pace with cuBLAS at these rows), the MLP on cuBLAS (the Triton tiles fall
+        behind on its two wide matmuls) with the residual added in the down projection's epilogue
+        (addmm: one rounding where the unfused forward rounds the product, then the sum). Eight
+        kernels a layer where the unfused forward has ten."""
+        cfg, sl = self.cfg, small_linear
+        d, eps = cfg.head_dim, cfg.rms_norm_eps
+        for i, L in enumerate(self.layers):
+            kc, vc, slots = attn.cache_target(i)
+            q = sl.norm_qkv_rope(h, L["ln1"], L["qkv"].weight, L["qkv"].bias, eps, sl.RopeStore(
+                positions, self.cos, self.sin_signed, kc, vc, slots, self.q_size, self.kv_size, d))
+            h = sl.linear_residual(attn.run(i, q, None, None), L["o"].weight, h)
+            h = torch.addmm(h, silu_mul(L["gate_up"](rms_norm(h, L["ln2"], eps))), L["down"].weight.t())
         return rms_norm(h if hidden_indices is None else h[hidden_indices], self.final_norm, eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -53,24 +53,35 @@ CONFIGS = {"norm_linear": (16, 256, 4, 4), "norm_gate_silu": (32, 256, 4, 4), "l
            "topk": (128, 64, 4, 3)}
 # Tiles for 17-128 rows by row group ({group: {op: config}}; group 32 takes 17-32 rows, 64 takes
 # 33-64, 128 takes 65-128): a 4-tuple config runs in one row tile of the group's height, so each
-# weight tile is read once, not once per 16 rows; a 5-tuple names its row tile. Empty: on the H200
-# the best 32- and 64-row tiles were slower than two or four 16-row tiles (fewer programs; the
-# re-reads hit L2), 22.5 vs 21.7 us a layer unfused at 24 rows (bench_small_linear.py
-# --sweep-wide, small_linear_wide_h200_2026-12-01.json). Kept for tuning other GPUs through
-# ENTMTP_SMALL_LINEAR_CONFIGS.
-WIDE: dict[int, dict[str, tuple]] = {}
+# weight tile is read once, not once per 16 rows; a 5-tuple names its row tile. An op a group does
+# not name keeps 16-row tiles. Up to 32 rows (the few-token forward) none: on the H200 one 32-row
+# tile was slower than two 16-row ones (fewer programs; the re-reads hit L2; bench_small_linear.py
+# --sweep-wide, small_linear_wide_h200_2026-12-01.json). Groups 64 and 128 serve the mid-size
+# forward's two fused matmuls (MID_M): 16-row tiles 32 columns wide for q/k/v (half the programs of
+# 16 columns, so x is re-read half as often: 6.1 against 9.5 us at 120 rows), one row tile for o.
+# From the 2026-12-02 sweep (small_linear_wide128_h200_2026-12-02.json); ENTMTP_SMALL_LINEAR_CONFIGS
+# retunes them for another GPU.
+WIDE: dict[int, dict[str, tuple]] = {
+    64: {"norm_linear": (16, 32, 256, 4, 4), "linear_residual": (64, 16, 128, 4, 3)},
+    128: {"norm_linear": (16, 32, 256, 4, 4), "linear_residual": (128, 16, 64, 4, 3)},
+}
+ROW_GROUPS = (32, 64, 128)
+# rows (SMALL_M, MID_M] take the mid-size forward (LlamaModel._forward_mid_tokens): q/k/v + RoPE and o
+# fused here, the MLP on cuBLAS; 0 turns it off (the unfused forward, as before; an A/B switch read at capture)
+MID_M = 128
 
 
 def _load_overrides() -> None:
     """ENTMTP_SMALL_LINEAR_CONFIGS=<json> (tuning on another GPU; bench_small_linear.py --sweep-wide
-    writes one): {"small_m": int, "wide": {"32": {op: [BLOCK_N, BLOCK_K, warps, stages] or
-    [BLOCK_M, BLOCK_N, BLOCK_K, warps, stages]}, "64": ..., "128": ...}}."""
-    global SMALL_M
+    writes one): {"small_m": int, "mid_m": int, "wide": {"32": {op: [BLOCK_N, BLOCK_K, warps, stages]
+    or [BLOCK_M, BLOCK_N, BLOCK_K, warps, stages]}, "64": ..., "128": ...}}."""
+    global SMALL_M, MID_M
     path = os.environ.get("ENTMTP_SMALL_LINEAR_CONFIGS")
     if not path:
         return
     d = json.loads(Path(path).read_text())
     SMALL_M = int(d.get("small_m", SMALL_M))
+    MID_M = int(d.get("mid_m", MID_M))
     for bm, ops in d.get("wide", {}).items():
         WIDE.setdefault(int(bm), {}).update({op: tuple(c) for op, c in ops.items()})
 
@@ -85,7 +96,7 @@ def tile(op: str, M: int, config=None) -> tuple[int, tuple]:
     if config is not None:
         return (config[0], tuple(config[1:])) if len(config) == 5 else (BLOCK_M, tuple(config))
     if op != "topk" and M > BLOCK_M:
-        group = next((g for g in sorted(WIDE) if M <= g), None)
+        group = next((g for g in ROW_GROUPS if M <= g), None)
         c = WIDE.get(group, {}).get(op) if group is not None else None
         if c is not None:
             return (c[0], tuple(c[1:])) if len(c) == 5 else (group, tuple(c))
@@ -98,6 +109,12 @@ ROPE_IN_QKV = True  # False: RoPE and the KV store in a kernel after norm_linear
 
 def usable(x: torch.Tensor) -> bool:
     return ENABLED and fused.enabled(x) and x.dim() == 2 and x.shape[0] <= SMALL_M and _kernel() is not None
+
+
+def mid_usable(x: torch.Tensor) -> bool:
+    """Whether x's rows take the mid-size forward (SMALL_M < rows <= MID_M)."""
+    return (ENABLED and fused.enabled(x) and x.dim() == 2 and SMALL_M < x.shape[0] <= MID_M
+            and _kernel() is not None)
 
 
 @functools.cache

@@ -438,6 +438,40 @@ def test_fused_forward_matches_the_torch_forward():
     assert agree >= 0.97, f"fused and torch forwards pick the same next token at only {agree:.1%} of positions"
 
 
+@pytest.mark.parametrize("rows", [40, 120])
+def test_mid_size_forward_matches_the_torch_forward(rows):
+    """Forwards of 33-128 tokens (a batch-8 tree verify) take LlamaModel._forward_mid_tokens: its
+    logits against the torch forms' on the same tokens, and it is the path taken."""
+    from srt_entmtp.model import fused, llama, small_linear
+
+    assert small_linear.SMALL_M < rows <= small_linear.MID_M
+    eng = _engine(cuda_graph=False, attention_backend="flashinfer")
+    r = eng.runner
+    row = load_prompts(per_family=1, seed=5)[0]
+    ids = torch.tensor(eng.tokenize_chat([{"role": "user", "content": row["prompt"]}]) * 4)
+    per = rows // 4
+    seqs = [ids[i * per:(i + 1) * per] for i in range(4)]
+    slots = [r.kv.alloc(len(s)) for s in seqs]
+    fb = ForwardBatch.build(seqs, [torch.empty(0, dtype=torch.long)] * len(seqs), slots, device="cuda")
+    taken = []
+    real = llama.LlamaModel._forward_mid_tokens
+    try:
+        llama.LlamaModel._forward_mid_tokens = lambda self, *a: taken.append(a[0].shape[0]) or real(self, *a)
+        got = r.forward(fb).logits.clone()
+        fused.DISABLED = True
+        want = r.forward(fb).logits.clone()
+    finally:
+        llama.LlamaModel._forward_mid_tokens = real
+        fused.DISABLED = False
+        for s in slots:
+            r.kv.free(s)
+    assert taken == [rows]
+    err = (got - want).abs().max().item()
+    agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    print(f"mid-size ({rows} rows) vs torch forward: max |logit diff| {err:.3f}, argmax agreement {agree:.3f}")
+    assert agree >= 0.97 and err < 1.0, (agree, err)
+
+
 @needs_flashinfer
 def test_plain_steps_launched_ahead_give_the_tokens_of_unpipelined_steps(prompt_ids):
     """NONE with decode graphs (Triton decode attention): steps launched before the one before

@@ -54,7 +54,9 @@ def main() -> None:
         out[f"tree_attn merge_last={ml}"] = counts(attn, ty, {"S": 5, "H": 9, "KH": 3, "D": 64, "BLOCK_M": 16, "BLOCK_N": 64,
                                                                   "SPLIT": True, "SKIP": True, "MERGE_LAST": ml, "PDL": True},
                                                    num_warps=4)
-    out["merge"] = counts(merge, {"part_o_ptr": "*fp32", "part_lse_ptr": "*fp32"}, {"D": 64, "NSPLIT": 8, "BLOCK_R": 64, "PDL": True})
+    for block_r in (4, 64):  # tree_triton.merge_rows: 4 rows a program for small steps, up to 64
+        out[f"merge block_r={block_r}"] = counts(merge, {"part_o_ptr": "*fp32", "part_lse_ptr": "*fp32"},
+                                                 {"D": 64, "NSPLIT": 8, "BLOCK_R": block_r, "PDL": True})
     _, pick = fused_draft._kernel()
     out["pick"] = counts(pick, {"topv_ptr": "*fp32", "topi_ptr": "*i32", "parent_ptr": "*i64", "rank_ptr": "*i64",
                                 "vocab_ptr": "*i64", "out_ptr": "*i64"}, {"HAS_VOCAB": True, "BLOCK_C": 64, "PDL": True})

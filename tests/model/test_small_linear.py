@@ -141,12 +141,13 @@ def tiny_model(qkv_bias: bool, monkeypatch):
     return cfg, llama.LlamaModel(cfg, sd, DT, DEV, max_positions=128)
 
 
-@pytest.mark.parametrize("rope_in_qkv", [True, False])
+@pytest.mark.parametrize("rope_in_qkv, mid_m", [(True, 0), (False, 0), (True, 128), (False, 128)])
 @pytest.mark.parametrize("qkv_bias", [False, True])
-def test_few_token_forward_matches_the_ordinary_forward(monkeypatch, qkv_bias, rope_in_qkv):
-    """A 40-token prompt (the ordinary path), then a 3-token chunk on top of it (the few-token
-    path: fused matmuls, RoPE + KV store in the q/k/v kernel or in one of their own) give the
-    unfused forward's hidden states, and write the same KV."""
+def test_few_token_forward_matches_the_ordinary_forward(monkeypatch, qkv_bias, rope_in_qkv, mid_m):
+    """A 40-token prompt (the ordinary path, or with MID_M the mid-size one: fused q/k/v + RoPE + KV
+    store and o, the MLP unfused with the residual in the down projection's addmm), then a 3-token
+    chunk on top of it (the few-token path: fused matmuls, RoPE + KV store in the q/k/v kernel or
+    in one of their own) give the unfused forward's hidden states, and write the same KV."""
     from srt_entmtp.model import fused, llama, small_linear
     from srt_entmtp.model.attention.sdpa import SdpaBackend
     from srt_entmtp.model.forward_batch import ForwardBatch
@@ -168,20 +169,25 @@ def test_few_token_forward_matches_the_ordinary_forward(monkeypatch, qkv_bias, r
         return outs, kv.k.clone(), kv.v.clone()
 
     calls = []
-    name = "norm_qkv_rope" if rope_in_qkv else "norm_linear"
-    real = getattr(small_linear, name)
 
-    def counted(*a, **k):
-        calls.append(a[0].shape[0])
-        return real(*a, **k)
+    def counted(name):
+        real = getattr(small_linear, name)
+
+        def call(*a, **k):
+            calls.append((name, a[0].shape[0]))
+            return real(*a, **k)
+        return call
 
     with monkeypatch.context() as m:  # the Triton kernels, on CPU in the interpreter, in float32
         m.setattr(fused, "enabled", lambda x: True)
         m.setattr(small_linear, "ROPE_IN_QKV", rope_in_qkv)
-        m.setattr(llama.small_linear, name, counted)
+        m.setattr(small_linear, "MID_M", mid_m)
+        for name in ("norm_qkv_rope", "norm_linear"):
+            m.setattr(llama.small_linear, name, counted(name))
         few_out, few_k, few_v = run()
     base_out, base_k, base_v = run()
-    assert calls == [3, 3], calls  # once a layer, for the 3-token forward only
+    few = [("norm_qkv_rope" if rope_in_qkv else "norm_linear", 3)] * 2  # once a layer, for the 3-token forward
+    assert calls == ([("norm_qkv_rope", 40)] * 2 if mid_m else []) + few, calls
     for a, b in zip(few_out, base_out):
         ok, err = close(a, b)
         assert ok, err

@@ -42,11 +42,17 @@ def reference(q, kc, vc, prefix, slots, masks, scale):
 
 # a lone node; splits over several key blocks; a one-key prefix (padding requests); row tiles; 64 nodes
 # merge_last: the last split of each program's rows merges them (tickets), not the merge kernel
-@pytest.mark.parametrize("merge_last", [False, True])
+# merge_programs: the merge kernel's row blocks (merge_rows) of 4 rows by default, of 16 and 64 with fewer
+# programs asked for, each with a partial last block
+@pytest.mark.parametrize("merge_last, merge_programs", [(False, 256), (True, 256), (False, 64), (False, 8)])
 @pytest.mark.parametrize("B, S, prefix, nsplit", [(1, 1, [5], 1), (1, 9, [70], 4), (2, 5, [1, 130], 1),
                                                   (3, 33, [3, 64, 200], 3), (1, 64, [17], 2), (2, 1, [300, 20], 8)])
-def test_tree_attention_kernel_matches_softmax_attention(B, S, prefix, nsplit, merge_last):
+def test_tree_attention_kernel_matches_softmax_attention(B, S, prefix, nsplit, merge_last, merge_programs,
+                                                         monkeypatch):
+    from srt_entmtp.model.attention import tree_triton
     from srt_entmtp.model.attention.tree_triton import ancestor_bits, tree_attention
+
+    monkeypatch.setattr(tree_triton, "MERGE_PROGRAMS", merge_programs)
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
@@ -113,6 +119,17 @@ def test_tree_attention_hides_the_skipped_key_range(nsplit, merge_last):
     want = reference(q, kc, vc, [p - (hi - lo) for p, (lo, hi) in zip(before, skips)], kept, masks, D ** -0.5)
     tol = 2e-2 if dt == torch.bfloat16 else 1e-4
     assert torch.allclose(res.float().cpu(), want, atol=tol, rtol=tol), (res.float().cpu() - want).abs().max()
+
+
+def test_merge_rows_give_about_the_asked_programs_in_power_of_two_blocks():
+    from srt_entmtp.model.attention.tree_triton import MERGE_MIN_ROWS, MERGE_PROGRAMS, merge_rows
+
+    for rows in (1, 9, 135, 1080, 4096, 20000, 10 ** 6):
+        r = merge_rows(rows)
+        assert r & (r - 1) == 0 and MERGE_MIN_ROWS <= r <= 64
+        programs = -(-rows // r)
+        assert r == 64 or programs < 2 * MERGE_PROGRAMS, (rows, r)
+        assert r == MERGE_MIN_ROWS or programs > MERGE_PROGRAMS // 4, (rows, r)
 
 
 def test_ancestor_bits_set_bit_j_of_row_i_for_mask_i_j():

@@ -41,6 +41,8 @@ MAX_SPLITS = 8          # (H200, 256-1,024 keys: 8 splits beat 16 by 0.1-1.3 us 
 # H200 with PDL it was slower, 0.722 vs 0.644 ms a batch-1 decode graph (the merge kernel's launch
 # overlaps the splits; the last split's merge does not; docs/gpu.md). A/B switch, read at capture.
 MERGE_LAST = False
+MERGE_PROGRAMS = 256    # the merge kernel's row block is sized for about this many programs (merge_rows)
+MERGE_MIN_ROWS = 4
 
 
 @functools.cache
@@ -178,6 +180,13 @@ def num_splits(batch: int, nodes: int, num_heads: int, num_kv_heads: int, block_
     return max(1, min(MAX_SPLITS, TARGET_PROGRAMS // (batch * num_kv_heads * tiles)))
 
 
+def merge_rows(rows: int) -> int:
+    """Rows per merge program: enough programs to spread the partials' reads over the GPU. A
+    program reads nsplit x D floats a row; with 64 rows a program (as before), a verify of 120
+    tokens x 9 heads was 17 programs reading 131 KB each, latency-bound on a few SMs."""
+    return max(MERGE_MIN_ROWS, min(64, 1 << max(0, (rows // MERGE_PROGRAMS) - 1).bit_length()))
+
+
 def tree_attention(q, k_cache, v_cache, kv_indptr, kv_indices, anc, out, part_o, part_lse, scale: float,
                    nodes: int, nsplit: int, block_m: int, skip: torch.Tensor | None = None,
                    tickets: torch.Tensor | None = None) -> torch.Tensor:
@@ -203,8 +212,9 @@ def tree_attention(q, k_cache, v_cache, kv_indptr, kv_indices, anc, out, part_o,
                                     num_warps=4, **pdl.launch_kw(use_pdl))
     if nsplit > 1 and not merge_last:
         R = N * H
-        merge_k[(triton.cdiv(R, 64),)](part_o, part_lse, out, R, D=D, NSPLIT=nsplit, BLOCK_R=64, PDL=use_pdl,
-                                       num_warps=4, **pdl.launch_kw(use_pdl))
+        block_r = merge_rows(R)
+        merge_k[(triton.cdiv(R, block_r),)](part_o, part_lse, out, R, D=D, NSPLIT=nsplit, BLOCK_R=block_r,
+                                            PDL=use_pdl, num_warps=4, **pdl.launch_kw(use_pdl))
     return out
 
 
