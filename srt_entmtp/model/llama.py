@@ -165,7 +165,7 @@ class LlamaModel:
 
     def _forward_mid_tokens(self, h: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend,
                             hidden_indices: torch.Tensor | None) -> torch.Tensor:
-        """forward() for tree verification of SMALL_M-MID_M tokens (33-128: batch 8 of 5-16-slot
+        """forward() for tree verification of SMALL_M-MID_M tokens (33-64: batch 8 of 5-8-slot
         trees): norm + q/k/v + RoPE + KV store and o + residual as in _forward_few_tokens (their
         Triton tiles keep pace with cuBLAS at these rows), the MLP on cuBLAS (the Triton tiles fall
         behind on its two wide matmuls) with the residual added in the down projection's epilogue

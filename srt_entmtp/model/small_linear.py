@@ -58,7 +58,8 @@ CONFIGS = {"norm_linear": (16, 256, 4, 4), "norm_gate_silu": (32, 256, 4, 4), "l
 # tile was slower than two 16-row ones (fewer programs; the re-reads hit L2; bench_small_linear.py
 # --sweep-wide, small_linear_wide_h200_2026-12-01.json). Groups 64 and 128 serve the mid-size
 # forward's two fused matmuls (MID_M): 16-row tiles 32 columns wide for q/k/v (half the programs of
-# 16 columns, so x is re-read half as often: 6.1 against 9.5 us at 120 rows), one row tile for o.
+# 16 columns, so x is re-read half as often: 4.4 against 6.0 us at 40-64 rows, 6.1 against 9.5 at
+# 120), one row tile for o.
 # From the 2026-12-02 sweep (small_linear_wide128_h200_2026-12-02.json); ENTMTP_SMALL_LINEAR_CONFIGS
 # retunes them for another GPU.
 WIDE: dict[int, dict[str, tuple]] = {
@@ -67,8 +68,11 @@ WIDE: dict[int, dict[str, tuple]] = {
 }
 ROW_GROUPS = (32, 64, 128)
 # rows (SMALL_M, MID_M] take the mid-size forward (LlamaModel._forward_mid_tokens): q/k/v + RoPE and o
-# fused here, the MLP on cuBLAS; 0 turns it off (the unfused forward, as before; an A/B switch read at capture)
-MID_M = 128
+# fused here, the MLP on cuBLAS; 0 turns it off (the unfused forward; an A/B switch read at capture).
+# H200, 2026-12-02 (small_linear_mid_h200_2026-12-02.json, a layer's matmuls in a 30-layer graph):
+# 21.7 against 22.7-22.9 us unfused at 40-64 rows, but 24.9-25.2 against 23.2-23.6 at 96-128, and a
+# batch-8 verify of 120 tokens took 1.103 ms this way against 1.064 unfused: so up to 64 rows only
+MID_M = 64
 
 
 def _load_overrides() -> None:
