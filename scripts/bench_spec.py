@@ -70,7 +70,7 @@ def main(argv=None):
     p.add_argument("--out", default="benchmarks/results/spec_cpu.json")
     a = p.parse_args(argv)
     torch.manual_seed(0)
-    common = dict(device=a.device, dtype=a.dtype, kv_slots=8192, context_length=2048, max_running_requests=1)
+    common = {"device": a.device, "dtype": a.dtype, "kv_slots": 8192, "context_length": 2048, "max_running_requests": 1}
     prompts = {f: benchmark_prompts(f, a.prompts) for f in a.families}
     plain = Engine(EngineArgs(**common))
     enc = {f: [plain.tokenize_chat([{"role": "user", "content": r["prompt"]}]) for r in rows]

@@ -66,5 +66,5 @@ def test_partial_character_is_held_back_until_complete(tok):
 def test_stop_string_cuts_text_and_is_not_streamed(tok):
     text = "alpha beta STOP gamma delta"
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    req, streamed = _stream(Detokenizer(tok), ids, [1] * len(ids), stop=["STOP"])
+    _, streamed = _stream(Detokenizer(tok), ids, [1] * len(ids), stop=["STOP"])
     assert streamed == "alpha beta "

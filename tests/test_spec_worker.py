@@ -38,7 +38,7 @@ def reference(runner, prompts):
 
 
 def _spec_engine(runner, algorithm, drafter, **kw):
-    args = dict(kv_slots=8192, context_length=2048, max_running_requests=16) | kw
+    args = {"kv_slots": 8192, "context_length": 2048, "max_running_requests": 16} | kw
     return Engine(EngineArgs(model_path=str(runner.model_dir), speculative_algorithm=algorithm, drafter=drafter,
                              **args))
 
@@ -385,7 +385,7 @@ def test_sampling_through_lookup_chains_matches_plain_sampling_distribution(runn
 def test_seeded_sampling_with_speculation_is_reproducible(runner, prompts):
     ids = prompts[1][0]
     spec = _spec_engine(runner, "ENTMTP", "hydra")
-    sp = dict(temperature=0.8, top_p=0.9, max_new_tokens=16, ignore_eos=True)
+    sp = {"temperature": 0.8, "top_p": 0.9, "max_new_tokens": 16, "ignore_eos": True}
     a = spec.generate([ids], SamplingParams(seed=7, **sp))[0].output_ids
     b = spec.generate([ids] + prompts[1][1:4], [SamplingParams(seed=7, **sp)] + [SamplingParams(temperature=1.0)] * 3)
     assert a == b[0].output_ids

@@ -12,6 +12,7 @@ are within `merge_tolerance` of each other's rate share one tree, so a family ke
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -72,7 +73,7 @@ def search_family(stats: AcceptanceStats, family: str | None, edges: list[float]
                   max_depth: int) -> list[BucketChoice]:
     bounds = [float("-inf")] + list(edges) + [float("inf")]
     out = []
-    for lo, hi in zip(bounds, bounds[1:]):
+    for lo, hi in itertools.pairwise(bounds):
         acc, counts = stats.table(family, lo, hi)
         front = depth_fronts(acc, max_nodes, max_depth)
         scored = [(n, e, (1.0 + e) / tree_cost(t, cost), t) for n, e, t in front]

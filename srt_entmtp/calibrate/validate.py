@@ -12,6 +12,7 @@ math and writing sets; srt_entmtp/bench_prompts.py), at batch 1, one run:
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import statistics
@@ -36,7 +37,7 @@ def ablation_library(lib_path: Path, stats: AcceptanceStats, report: dict, out: 
     d = json.loads(Path(lib_path).read_text())
     gen = d["families"]["general"]
     edges = [float("-inf")] + gen["bucket_edges"] + [float("inf")]
-    tables = [stats.table(None, lo, hi)[0] for lo, hi in zip(edges, edges[1:])]
+    tables = [stats.table(None, lo, hi)[0] for lo, hi in itertools.pairwise(edges)]
     names = {}
 
     def add(name: str, tree: Tree) -> None:
@@ -139,8 +140,8 @@ def prediction_table(steps: list[dict], lib: TreeLibrary) -> list[dict]:
 
 
 def format_tables(res: dict) -> str:
-    out = [f"ablation, {res['drafter']} heads, batch 1, {res['prompts_per_family']} prompts x "
-           f"{res['max_new_tokens']} tokens per family, {res['hardware']}",
+    out = [(f"ablation, {res['drafter']} heads, batch 1, {res['prompts_per_family']} prompts x "
+            f"{res['max_new_tokens']} tokens per family, {res['hardware']}"),
            f"trees (non-root nodes): {res['trees']}",
            f"{'family':8s} " + " ".join(f"{c:>17s}" for c in CONFIGS) + f" {'vs NONE':>8s} {'vs static':>9s} {'vs m63':>7s}"]
     for r in res["ablation"]:

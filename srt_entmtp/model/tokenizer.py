@@ -11,7 +11,7 @@ def load_tokenizer(model_dir: Path):
 
     try:
         return AutoTokenizer.from_pretrained(str(model_dir))
-    except Exception as e:  # transformers raises OSError/ValueError/... for a broken tokenizer
+    except Exception as e:  # noqa: BLE001 -- transformers raises OSError/ValueError/... for a broken tokenizer
         raise ModelLoadError(f"{model_dir}: tokenizer files missing or unreadable: {e}") from None
 
 

@@ -3,7 +3,9 @@ trees (library the core loads; the choice beats alternatives), validate (real sp
 plain decoding), and the errors for bad stats and cost files."""
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import random
 from pathlib import Path
 
@@ -132,7 +134,7 @@ def test_trees_library_loads_and_choice_beats_alternatives(tmp_path):
         f = loaded.families[fam]
         assert 1 <= len(f.trees) <= 5
         bounds = [float("-inf")] + list(f.bucket_edges) + [float("inf")]
-        for b, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        for b, (lo, hi) in enumerate(itertools.pairwise(bounds)):
             acc, _ = st.table(fam, lo, hi)
             chosen = f.tree_for_bucket(b)
             for alt in alternatives:
@@ -298,5 +300,5 @@ def test_acceptance_signals_script(tmp_path):
     for name in mod.SIGNALS:
         q = r[name]
         assert q["edges"] == sorted(q["edges"]) and len(q["depth1_top1"]) == 4
-        assert all(0 <= h <= 1 for h in q["depth1_top1"] if h == h)            # NaN: an empty quartile
-        assert all(h <= c <= 3 for h, c in zip(q["depth1_top1"], q["chain3_accepted"]) if c == c)
+        assert all(0 <= h <= 1 for h in q["depth1_top1"] if not math.isnan(h))  # NaN: an empty quartile
+        assert all(h <= c <= 3 for h, c in zip(q["depth1_top1"], q["chain3_accepted"]) if not math.isnan(c))

