@@ -352,19 +352,25 @@ def part_c(ns, dev):
     slower than a twin running the same code (docs/gpu.md)."""
     base = Engine(EngineArgs(device=ns.device, speculative_algorithm="NONE", max_running_requests=max(ns.concurrency),
                              context_length=2048, kv_slots=ns.kv_slots, cuda_graph=not ns.eager))
-    per = max(ns.concurrency) // len(FAMILIES) + 1
+    per = max(max(C * ns.waves, ns.min_prompts) for C in ns.concurrency) // len(FAMILIES) + 1
     by_fam = {fam: [(fam, base.tokenize_chat([{"role": "user", "content": p["prompt"]}]))
                     for p in benchmark_prompts(fam, per, prompts_dir=ns.prompts_dir)] for fam in FAMILIES}
     pool = [by_fam[f][i] for i in range(per) for f in FAMILIES if i < len(by_fam[f])]  # families interleaved
     rows = []
     for C in ns.concurrency:
-        # at least --min-prompts requests, C at a time (one prompt at C = 1 would be one family's noise)
-        prompts = [pool[i % len(pool)] for i in range(max(C, ns.min_prompts))]
+        # at least --min-prompts requests, C at a time (one prompt at C = 1 would be one family's noise),
+        # and --waves times C: with few waves the last one's staggered finishes weigh on speculation
+        prompts = [pool[i % len(pool)] for i in range(max(C * ns.waves, ns.min_prompts))]
         base.scheduler.max_running = C  # NONE at the same concurrency as the speculative engines
         plain = [SpecOptions(task=f) for f, _ in prompts]
         # (config, drafter, engine, per-request options, pipeline setting)
         runs = [("NONE", None, base, None, None)] + ([("NONE-unpipelined", None, base, None, False)]
                                                       if ns.pipeline_ab else [])
+        if ns.launch_changed_ab:  # its own engine: the switch is the worker's, not the run's
+            none_next_call = Engine(EngineArgs(device=ns.device, speculative_algorithm="NONE", max_running_requests=C,
+                                               context_length=2048, kv_slots=ns.kv_slots, cuda_graph=not ns.eager))
+            none_next_call.worker.launch_changed = False
+            runs.append(("NONE-changed-next-call", None, none_next_call, None, None))
         switches = {}  # run index -> kernel switches set while it is built and measured (--step-kernels-ab)
         if ns.step_kernels_ab:
             with switched(STEP_KERNEL_AB["-no-pdl"]):
@@ -387,6 +393,7 @@ def part_c(ns, dev):
                         + (("ENTMTP-eager-prefill",) if ns.prefill_graph_ab else ())
                         + (tuple("ENTMTP" + v for v in STEP_KERNEL_AB) if ns.step_kernels_ab else ())
                         + (("ENTMTP-torch-accept",) if ns.accept_kernels_ab else ())
+                        + (("ENTMTP-changed-next-call",) if ns.launch_changed_ab else ())
                         + tuple(f"STATIC-chain{k}" for k in ns.static_chains)):
                 kw = {"tree_library": lib} if lib else {}
                 kw["lookup_tokens"] = ns.lookup_tokens if cfg == "ENTMTP+lookup" else 0
@@ -408,6 +415,8 @@ def part_c(ns, dev):
                     eng.worker.draft_ahead = False
                 if cfg == "ENTMTP-not-launched-ahead":  # each step launched only once the one before is read
                     eng.worker.launch_ahead = False
+                if cfg == "ENTMTP-changed-next-call":  # a batch that changed launches on the scheduler's next call
+                    eng.worker.launch_changed = False
                 specs = plain
                 if cfg.startswith("STATIC"):  # the report's pooled best tree, or a chain of k drafts
                     k = int(cfg[len("STATIC-chain"):]) if cfg != "STATIC" else 0
@@ -433,12 +442,13 @@ def part_c(ns, dev):
         ref, ref_outs = med[0], med[0]["outputs"]
         for (cfg, drafter, eng, _, _), res in zip(runs, med):
             outs = res.pop("outputs")
-            row = {"concurrency": C, "config": cfg, "drafter": drafter, **res, "graphs": graph_info(eng)}
+            row = {"concurrency": C, "config": cfg, "drafter": drafter, **res, "graphs": graph_info(eng),
+                   "requests": len(prompts), "changed_launches": eng.worker.changed_launches}  # over every run
             if drafter is not None:
                 gaps = divergence_gaps(base, prompts, ref_outs, outs)
                 row |= {"speedup": res["tokens_per_s"] / ref["tokens_per_s"],
                         "outputs_equal_none": sum(a == b for a, b in zip(outs, ref_outs)),
-                        "requests": len(prompts), "divergences": gaps,
+                        "divergences": gaps,
                         "max_divergence_gap_ulps": max((g["gap_ulps"] for g in gaps), default=None)}
             rows.append(row)
         del runs, eng, results, med
@@ -491,6 +501,9 @@ def main():
     ap.add_argument("--drafters", nargs="+", default=["medusa", "hydra", "mtp"])
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--min-prompts", type=int, default=8, help="requests per run at low concurrency (run C at a time)")
+    ap.add_argument("--waves", type=int, default=1,
+                    help="(c) at least this many times C requests per run (C at a time): the steady state of a "
+                         "long queue, where a finish is followed by an admission, not by a shrinking batch")
     ap.add_argument("--c-repeats", type=int, default=3,
                     help="runs per configuration in (c), round-robin over the configurations; the median is kept")
     ap.add_argument("--pipeline-ab", action="store_true",
@@ -504,6 +517,10 @@ def main():
     ap.add_argument("--launch-ahead-ab", action="store_true",
                     help="(c) also runs ENTMTP with every step launched only after the one before it is read "
                          "(the A/B of SpecWorker._launch_after)")
+    ap.add_argument("--launch-changed-ab", action="store_true",
+                    help="(c) also runs NONE and ENTMTP with a batch that changed (a request finished, one was "
+                         "admitted) launching its next step on the scheduler's next call, not at once (the A/B of "
+                         "Worker.launch_changed)")
     ap.add_argument("--draft-kernels-ab", action="store_true",
                     help="(c) also runs ENTMTP drafting each level with torch's ops in place of the fused draft "
                          "kernels (spec/drafters/fused_draft.py)")
@@ -597,7 +614,8 @@ def print_tables(res):
                 eq += f" (widest top-2 gap at a divergence: {r['max_divergence_gap_ulps']:.1f} bf16 ulps)"
             pre = (f" prefill {r['prefill_s'] / r['seconds']:.0%} of the time ({r['prefill_forwards']} forwards)"
                    if "prefill_s" in r else "")
-            print(f"C={r['concurrency']:3d} {r['config']:13s} {r['drafter'] or '':7s} {r['tokens_per_s']:9.1f} "
+            pre += f" {r['requests']} requests" if "requests" in r else ""
+            print(f"C={r['concurrency']:3d} {r['config']:24s} {r['drafter'] or '':5s} {r['tokens_per_s']:9.1f} "
                   f"({r['accept_per_step']:.2f}) {sp}{eq}{pre}")
 
 
