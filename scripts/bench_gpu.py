@@ -288,7 +288,9 @@ def graph_info(eng) -> dict | None:
 
 def throughput(eng, prompts, n_tokens, specs=None):
     """Offline run of `prompts`; also the wall time spent in prefill forwards (each ends reading
-    its first tokens back, so host time is their time) and how many there were."""
+    its first tokens back, so host time is their time) and how many there were. A prefill queued
+    behind a pipelined step still in flight also waits for that step, which then counts here:
+    prefill_s is an upper bound, and decode_tokens_per_s leaves that step's time out."""
     w = eng.worker
     pre = {"s": 0.0, "n": 0}
 
@@ -366,11 +368,6 @@ def part_c(ns, dev):
         # (config, drafter, engine, per-request options, pipeline setting)
         runs = [("NONE", None, base, None, None)] + ([("NONE-unpipelined", None, base, None, False)]
                                                       if ns.pipeline_ab else [])
-        if ns.launch_changed_ab:  # its own engine: the switch is the worker's, not the run's
-            none_next_call = Engine(EngineArgs(device=ns.device, speculative_algorithm="NONE", max_running_requests=C,
-                                               context_length=2048, kv_slots=ns.kv_slots, cuda_graph=not ns.eager))
-            none_next_call.worker.launch_changed = False
-            runs.append(("NONE-changed-next-call", None, none_next_call, None, None))
         switches = {}  # run index -> kernel switches set while it is built and measured (--step-kernels-ab)
         if ns.step_kernels_ab:
             with switched(STEP_KERNEL_AB["-no-pdl"]):
@@ -393,7 +390,6 @@ def part_c(ns, dev):
                         + (("ENTMTP-eager-prefill",) if ns.prefill_graph_ab else ())
                         + (tuple("ENTMTP" + v for v in STEP_KERNEL_AB) if ns.step_kernels_ab else ())
                         + (("ENTMTP-torch-accept",) if ns.accept_kernels_ab else ())
-                        + (("ENTMTP-changed-next-call",) if ns.launch_changed_ab else ())
                         + tuple(f"STATIC-chain{k}" for k in ns.static_chains)):
                 kw = {"tree_library": lib} if lib else {}
                 kw["lookup_tokens"] = ns.lookup_tokens if cfg == "ENTMTP+lookup" else 0
@@ -415,8 +411,6 @@ def part_c(ns, dev):
                     eng.worker.draft_ahead = False
                 if cfg == "ENTMTP-not-launched-ahead":  # each step launched only once the one before is read
                     eng.worker.launch_ahead = False
-                if cfg == "ENTMTP-changed-next-call":  # a batch that changed launches on the scheduler's next call
-                    eng.worker.launch_changed = False
                 specs = plain
                 if cfg.startswith("STATIC"):  # the report's pooled best tree, or a chain of k drafts
                     k = int(cfg[len("STATIC-chain"):]) if cfg != "STATIC" else 0
@@ -443,7 +437,7 @@ def part_c(ns, dev):
         for (cfg, drafter, eng, _, _), res in zip(runs, med):
             outs = res.pop("outputs")
             row = {"concurrency": C, "config": cfg, "drafter": drafter, **res, "graphs": graph_info(eng),
-                   "requests": len(prompts), "changed_launches": eng.worker.changed_launches}  # over every run
+                   "requests": len(prompts)}
             if drafter is not None:
                 gaps = divergence_gaps(base, prompts, ref_outs, outs)
                 row |= {"speedup": res["tokens_per_s"] / ref["tokens_per_s"],
@@ -517,10 +511,6 @@ def main():
     ap.add_argument("--launch-ahead-ab", action="store_true",
                     help="(c) also runs ENTMTP with every step launched only after the one before it is read "
                          "(the A/B of SpecWorker._launch_after)")
-    ap.add_argument("--launch-changed-ab", action="store_true",
-                    help="(c) also runs NONE and ENTMTP with a batch that changed (a request finished, one was "
-                         "admitted) launching its next step on the scheduler's next call, not at once (the A/B of "
-                         "Worker.launch_changed)")
     ap.add_argument("--draft-kernels-ab", action="store_true",
                     help="(c) also runs ENTMTP drafting each level with torch's ops in place of the fused draft "
                          "kernels (spec/drafters/fused_draft.py)")

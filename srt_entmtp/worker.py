@@ -47,10 +47,6 @@ class Worker:
         # launch a plain step before the one before it is read, where the decode graph allows
         # (None: wherever it does; False: never, an A/B switch for benchmarks)
         self.launch_ahead = None
-        # a pipelined batch that changed (requests finished or were admitted) launches its next step
-        # as soon as the step in flight is read, not on the next call (False: an A/B switch)
-        self.launch_changed = True
-        self.changed_launches = 0  # steps launched that way
         self._plain_inflight: _PlainStep | None = None  # the pipelined plain step in flight
         self._next_host = None  # two (pinned buffer for a step's next tokens, its event), used in turn
         self._host_turn = 0
@@ -117,7 +113,7 @@ class Worker:
         turn (the Triton decode attention), the next step is launched even before this step's
         tokens are read, fed by its argmax on the device, so the GPU never waits for the host
         between steps. A request that stops meanwhile wastes its token of the step launched
-        ahead; a batch that changed launches its own step once the one in flight is read."""
+        ahead; a batch that changed is not relaunched."""
         if self._plain_inflight is not None:
             return self._plain_collect(reqs)
         if not self._pipelines(reqs):
@@ -180,17 +176,7 @@ class Worker:
             self._plain_inflight = ahead
         elif len(results) == len(step.reqs) and same_batch(step.reqs, reqs) and self._pipelines(reqs):
             self._plain_inflight = self._plain_launch(reqs, [results[r.rid][0] for r in reqs])
-        elif self.launch_changed and reqs and self._pipelines(reqs) and self._plain_takes(reqs):
-            # a batch that changed: the requests that stayed go on from the tokens just read, the
-            # others (just prefilled) from their pending token; the GPU runs while the host books them
-            self._plain_inflight = self._plain_launch(
-                reqs, [results[r.rid][0] if r.rid in results else r.pending_token for r in reqs])
-            self.changed_launches += 1
         return results
-
-    def _plain_takes(self, reqs: list[Request]) -> bool:
-        """Whether a plain step is this batch's next step (a speculative worker may draft instead)."""
-        return True
 
     def plain_step(self, reqs: list[Request]):
         """The autoregressive step; also returns the forward's output (valid until the next forward)."""

@@ -113,8 +113,6 @@ def test_pipelined_plain_steps_give_the_same_tokens_and_free_every_slot(runner, 
     for a, b in zip(out, ref):
         assert a.output_ids == b.output_ids and a.finish_reason == b.finish_reason
     assert len(launches) > 10, "the plain steps were not pipelined"
-    # batches that changed (a request stopped, the waiting one came in) went on without a call's wait
-    assert eng.worker.changed_launches >= 2
     # the step launched ahead of the last request's stop is wasted, its slot freed when it stopped
     assert eng.runner.kv.num_free == free0
 

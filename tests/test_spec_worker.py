@@ -96,38 +96,6 @@ def test_device_step_equals_plain_decoding_with_mixed_trees_and_padding(runner, 
     assert sum(o.accepted_tokens for o in out) > 0
 
 
-def test_device_step_batches_that_change_launch_at_once_and_equal_plain_decoding(runner, prompts, reference):
-    """Requests that stop at different steps with others waiting for a place: each batch that
-    changed (one stopped, one was admitted and prefilled) launches its first device step as soon
-    as the step in flight is read (SpecWorker._launch_changed), the requests that stayed drafting
-    from the pools that step wrote and the new one from its prefill. Tokens equal plain decoding,
-    with that launch and without it, and every KV slot comes back."""
-    rows, ids = prompts
-    sel, lens = [0, 3, 6, 9, 12, 2], [6, 15, 9, 12, 4, 10]
-    eng = _spec_engine(runner, "ENTMTP", "mtp", tree_library=str(PRIOR_LIBRARY), spec_step="device",
-                       lookup_tokens=0, max_running_requests=3)
-    step = eng.worker.device_step
-    step.pad_eager = True
-    mixed = []  # per draft launched with per-request roots: did it mix pooled and prefilled requests?
-    launch = step.launch_draft
-    step.launch_draft = lambda li, reqs, trees, pooled=False: (
-        isinstance(pooled, list) and mixed.append(len(set(pooled)) == 2)) or launch(li, reqs, trees, pooled)
-    sps = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in lens]
-    specs = [SpecOptions(task=rows[i]["task"]) for i in sel]
-    free0 = eng.runner.kv.num_free
-    for changed in (True, False):
-        eng.worker.launch_changed = changed
-        before = eng.worker.changed_launches
-        out = eng.generate([ids[i] for i in sel], sps, specs)
-        for i, n, o in zip(sel, lens, out):
-            assert o.output_ids == reference[i][:n], f"{rows[i]['task']} prompt diverged (launch_changed={changed})"
-        assert eng.runner.kv.num_free == free0, "KV slots leaked"
-        if changed:
-            assert eng.worker.changed_launches - before >= 3 and any(mixed), "no changed batch launched at once"
-        else:
-            assert eng.worker.changed_launches == before
-
-
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_device_step_with_triton_tree_attention_equals_plain_decoding_graph_replay_mocked(runner, prompts, reference,
                                                                                         monkeypatch):

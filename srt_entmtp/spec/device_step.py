@@ -292,13 +292,12 @@ class DeviceSpecStep:
 
     # ---- one step -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def launch_draft(self, li: int, reqs, trees: list[Tree], pooled: bool | list[bool] = False) -> DraftedStep:
+    def launch_draft(self, li: int, reqs, trees: list[Tree], pooled: bool = False) -> DraftedStep:
         """Start drafting: each request's tree from its hidden state and root (its pending
         token; a hidden state computed elsewhere, by prefill or a plain step, enters the pool).
         pooled=True: every request's last step is the device step in flight or just collected,
         whose verify graph writes both pools (hidden state, bonus token) before this graph runs
-        (one stream): the roots come from there, since the host does not know them yet. A list:
-        per request (a batch that changed: the requests that stayed, and those just prefilled)."""
+        (one stream): the roots come from there, since the host does not know them yet."""
         sh = self.shapes[li]
         n = len(reqs)
         B = 1 if sh.lone else self.bucket(n)
@@ -306,11 +305,13 @@ class DeviceSpecStep:
             self._capture_one(li, B)  # a layout added after start-up (calibration)
         if (li, B) not in self.graphs and not self.pad_eager:
             B = n  # eager: no padding needed
-        from_pool = pooled if isinstance(pooled, list) else [pooled] * n
-        roots = [-1 if p else r.pending_token for r, p in zip(reqs, from_pool)]  # -1: the bonus token's pool
-        for r, p in zip(reqs, from_pool):
-            if not p and r.last_hidden is not self._pool_rows[r.slot]:
-                self.hidden[r.slot].copy_(r.last_hidden)
+        if pooled:
+            roots = [-1] * n
+        else:
+            roots = [r.pending_token for r in reqs]
+            for r in reqs:
+                if r.last_hidden is not self._pool_rows[r.slot]:
+                    self.hidden[r.slot].copy_(r.last_hidden)
         self._fill_draft(sh, [r.slot for r in reqs], roots, [sh.table.rows[t] for t in trees], B)
         entry = self.graphs.get((li, B))
         if entry is not None:

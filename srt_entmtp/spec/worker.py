@@ -247,7 +247,8 @@ class SpecWorker(Worker):
             trees = self._trees(reqs, slots, entropy)
         dev = self.runner.device
         chains = self._lookup_chains(reqs) if self.lookup_tokens else None
-        if self._device_step_takes(reqs) and not (chains and any(chains)):
+        if self.device_step is not None and not (chains and any(chains)) and all(
+                r.sampling.greedy and r.spec.policy != "confidence" for r in reqs):
             li = self._device_layout(trees)
             if li is not None:
                 return self._decode_device(li, reqs, trees, slots, entropy)
@@ -311,14 +312,6 @@ class SpecWorker(Worker):
             results[r.rid] = emitted[i]
         return results
 
-    def _plain_takes(self, reqs: list[Request]) -> bool:
-        """A pipelined plain step goes on into a changed batch only if no request of it can draft."""
-        return self._never_draft(reqs) is not None
-
-    def _device_step_takes(self, reqs: list[Request]) -> bool:
-        """Whether a batch may take the device step (lookup chains aside): greedy, no ConfAdapt pruning."""
-        return self.device_step is not None and all(r.sampling.greedy and r.spec.policy != "confidence" for r in reqs)
-
     def _decode_device(self, li: int, reqs: list[Request], trees: list[Tree], slots: torch.Tensor,
                        entropy: torch.Tensor) -> dict[str, list[int]]:
         """A greedy step as one fixed-shape device step (device_step.py), pipelined one step deep.
@@ -333,8 +326,8 @@ class SpecWorker(Worker):
             before the tokens go back to the scheduler (`_collect_device`): stop checks, streaming
             and metrics then run while the GPU works. A request that stops meanwhile wastes its
             part of that step (its tree slots are freed at once, `on_finish`); a batch that
-            changed (a request finished, or new ones admitted) collects what was in flight for
-            the requests still running and launches its own step at once (`_launch_changed`).
+            changes (a request finished, or new ones admitted) is not relaunched: the next call
+            collects what is in flight for the requests still running.
         On the H200 host this work (~1 ms a step at batch 1) was otherwise spent with the GPU idle."""
         self._launch_device(li, reqs, trees, slots, entropy)
         return self._collect_device(reqs)
@@ -381,8 +374,6 @@ class SpecWorker(Worker):
             self._relaunch(reqs)  # before the records: the GPU waits on it
         else:
             self._drafted_ahead = None  # drafts of a batch that changed are not verified
-            if self.pipeline is not False and self.launch_changed:
-                self._launch_changed(reqs, {id(f["reqs"][i]) for i in alive})
         est, est_in = f["est"].tolist(), f["entropy_in"].tolist()
         self.step_info = {}
         results = {}
@@ -431,27 +422,6 @@ class SpecWorker(Worker):
             self._ahead = (tuple(r.rid for r in reqs), *ahead)
             return
         self._launch_device(drafted.li, reqs, trees, slots, entropy, drafted)
-
-    def _launch_changed(self, reqs: list[Request], stayed: set[int]) -> None:
-        """Launch the first step of a batch that changed (requests finished, or were admitted and
-        prefilled) now, before the step just collected goes back to the scheduler, instead of on
-        the next call: the GPU, idle since that step and any prefill, works while the host books
-        them. The requests that stayed start from the pools that step wrote (their tokens are not
-        appended yet); the others from their prefill (or host-path) hidden state and pending token.
-        Batches the device step does not take, or with no drafting tree, are left to the next call."""
-        if not reqs or self.lookup_tokens or not self._device_step_takes(reqs) or self._never_draft(reqs) is not None:
-            return
-        self._fold_deferred()
-        slots = torch.tensor([r.slot for r in reqs])
-        entropy = self.tracker.value(slots)
-        trees = self._trees(reqs, slots, entropy)
-        li = self._device_layout(trees)
-        if li is None:  # nothing drafts, or no layout holds them: the next call takes these trees
-            self._ahead = (tuple(r.rid for r in reqs), slots, entropy, trees)
-            return
-        drafted = self.device_step.launch_draft(li, reqs, trees, pooled=[id(r) in stayed for r in reqs])
-        self._launch_device(li, reqs, trees, slots, entropy, drafted)
-        self.changed_launches += 1
 
     def _device_layout(self, trees: list[Tree]) -> int | None:
         """The device step's layout for these trees (one per request), or None: no tree drafts,
