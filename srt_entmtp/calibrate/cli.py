@@ -75,7 +75,7 @@ def cmd_cost(ns) -> int:
     result = {"format": COST_FORMAT, "hardware": hardware_string(runner), "device": str(runner.device),
               "draft_dtype": "int8" if eng.worker.drafter.int8 else str(runner.dtype).replace("torch.", ""),
               "dtype": str(runner.dtype).replace("torch.", ""), "backend": runner.backend_name,
-              "model": runner.name, "context": ns.context,
+              "model": runner.name, "context": ns.context, "timing": ns.timing,
               "forward": measure_step_latency(runner, [n + 1 for n in ns.nodes], ns.batch_sizes, ns.context,
                                               repeats=ns.repeats),
               "spec_steps": {}}
@@ -83,7 +83,7 @@ def cmd_cost(ns) -> int:
     for kind in ns.drafters:
         eng = _engine(ns, "STATIC", drafter=kind, **same)
         result["spec_steps"][kind] = measure_spec_steps(eng, ns.nodes, ns.batch_sizes, steps=ns.steps,
-                                                        prompt_len=ns.context, depths=ns.depths)
+                                                        prompt_len=ns.context, depths=ns.depths, timing=ns.timing)
         del eng
         gc.collect()  # engines hold reference cycles: free this one's KV pool before the next
         if torch.cuda.is_available():
@@ -196,6 +196,10 @@ def add_parser(sub) -> None:
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--kv-slots", type=int, default=None, help="KV pool per engine (default: sized for the device)")
     p.add_argument("--steps", type=int, default=6, help="timed decode steps per point")
+    p.add_argument("--timing", choices=["pipelined", "synced"], default="pipelined",
+                   help="a step's time: between the scheduler's step returns with no sync (pipelined: what a "
+                        "step costs while serving, host and device overlapped), or with a sync around each "
+                        "(synced: host plus device time, the grids before 2026-12-03)")
     p.add_argument("--repeats", type=int, default=3, help="timed forwards per point")
     p.add_argument("--out", default="benchmarks/calibration/cost_cpu.json")
     p.set_defaults(func=cmd_cost)

@@ -90,19 +90,33 @@ def chain_like_tree(num_nodes: int, max_depth: int, depth: int | None = None):
     return Tree.from_paths(paths, max_depth=max_depth)
 
 
+TIMINGS = ("pipelined", "synced")
+
+
 def measure_spec_steps(engine, node_counts: list[int], batch_sizes: list[int] = (1,), steps: int = 8,
-                       prompt_len: int = 256, depths: list[int] | None = None) -> list[dict]:
+                       prompt_len: int = 256, depths: list[int] | None = None,
+                       timing: str = "pipelined") -> list[dict]:
     """Median wall time of one whole decode step (policy, draft, verify forward, acceptance, KV
     compaction, entropy update: everything the engine does per step) with a static tree of n
     non-root nodes, for B running requests with `prompt_len`-token prompts. n = 0 is a root-only
-    tree: the speculative engine decoding one token per step. With `depths`, every node count is
-    timed at each of those depths it can have (a sequential drafter pays per depth, so trees are
-    then priced by nodes and depth); otherwise at one chain-like shape per count."""
+    tree: the speculative engine decoding one token per step, as a batch that never drafts does
+    when it serves (plain steps, pipelined where the engine pipelines). With `depths`, every node
+    count is timed at each of those depths it can have (a sequential drafter pays per depth, so
+    trees are then priced by nodes and depth); otherwise at one chain-like shape per count.
+
+    timing "pipelined": the time between consecutive returns of the scheduler's step, with no
+    sync in between, so a step launched while the host books the one before counts once, at
+    whichever of host and device is slower: what a step costs while serving. "synced": a device
+    sync before and after each step (host and device time added up; on the GPU that overprices
+    every step by the host's share, most for small trees, and the search then picks big ones)."""
     from srt_entmtp.sched.request import SamplingParams, Status
     from srt_entmtp.spec.policy import StaticPolicy
 
+    if timing not in TIMINGS:
+        raise ValueError(f"timing must be one of {', '.join(TIMINGS)}, got {timing!r}")
+
     w, sched = engine.worker, engine.scheduler
-    old_policy, old_max = w.policy, w.max_nodes
+    old_policy, old_max, old_never = w.policy, w.max_nodes, w._never_drafts_by_batch
     depth = min(w.drafter.max_depth, 6)
     shapes = []
     for n in node_counts:
@@ -124,26 +138,37 @@ def measure_spec_steps(engine, node_counts: list[int], batch_sizes: list[int] = 
                     w.max_nodes = max(w.max_nodes, w.device_step.shapes[li].layout.num_slots)
                 budget = 2 * (steps + 2) * (tree.depth + 1) + 16
                 reqs = [engine.make_request(p, SamplingParams(max_new_tokens=budget, ignore_eos=True)) for p in prompts]
+                # root-only: these requests take the plain steps of a batch whose library never drafts
+                w._never_drafts_by_batch = [(0, {r.task: tree for r in reqs})] if n == 0 else old_never
                 for r in reqs:
                     sched.add(r, bounded=False)
                 times = []
+                last = None  # pipelined: when the last decode step returned
                 while len(times) < steps and not any(r.finished for r in reqs):
                     decoding = all(r.status is Status.DECODE for r in reqs)
-                    _sync(engine.runner.device)
+                    if timing == "synced":
+                        _sync(engine.runner.device)
                     t0 = time.perf_counter()
                     sched.step()
-                    _sync(engine.runner.device)
-                    if decoding:
-                        times.append(time.perf_counter() - t0)
+                    if timing == "synced":
+                        _sync(engine.runner.device)
+                    t1 = time.perf_counter()
+                    if decoding and timing == "synced":
+                        times.append(t1 - t0)
+                    elif decoding and last is not None:
+                        times.append(t1 - last)
+                    last = t1 if decoding else None
                 for r in reqs:
                     sched.abort(r.rid)
                 while sched.has_work():
                     sched.step()
+                _sync(engine.runner.device)
                 rows.append({"batch": B, "nodes": n, "tokens_per_request": n + 1, "depth": tree.depth,
                              "latency_s": statistics.median(times) if times else None, "samples": len(times)})
     finally:
         w.policy = w.confidence.base = old_policy
         w.max_nodes = old_max
+        w._never_drafts_by_batch = old_never
     return rows
 
 

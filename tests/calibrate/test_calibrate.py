@@ -258,6 +258,28 @@ def test_cost_measures_whole_steps_and_leaves_engine_clean(runner):
     assert eng.runner.kv.num_free == free0
 
 
+def test_cost_prices_root_only_as_the_plain_steps_a_never_drafting_batch_takes(runner):
+    """n = 0 is timed on the path a batch whose library never drafts takes when it serves (plain
+    steps, pipelined where the engine pipelines), with either timing; the worker is left as it was."""
+    eng = Engine(EngineArgs(model_path=str(runner.model_dir), kv_slots=4096, context_length=1024,
+                            speculative_algorithm="STATIC", drafter="mtp"))
+    never = eng.worker._never_drafts_by_batch
+    plain = []
+    real = eng.worker.plain_decode
+    eng.worker.plain_decode = lambda reqs: plain.append(len(reqs)) or real(reqs)
+    for timing in ("pipelined", "synced"):
+        plain.clear()
+        rows = measure_spec_steps(eng, [0], [2], steps=3, prompt_len=32, timing=timing)
+        assert rows[0]["samples"] == 3 and rows[0]["latency_s"] > 0
+        assert len(plain) >= 3 and set(plain) == {2}, f"{timing}: root-only steps did not take the plain path"
+        plain.clear()
+        measure_spec_steps(eng, [2], [2], steps=2, prompt_len=32, timing=timing)
+        assert not plain, "a drafted tree took the plain path"
+    assert eng.worker._never_drafts_by_batch is never and not eng.scheduler.has_work()
+    with pytest.raises(ValueError, match="timing must be one of"):
+        measure_spec_steps(eng, [0], [1], timing="wall")
+
+
 def test_validate_tiny_run(tmp_path, runner):
     if prompts_dir() is None:
         pytest.skip("shared/data/prompts not found beside the repo (set ENTMTP_PROMPTS_DIR)")
