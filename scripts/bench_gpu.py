@@ -260,10 +260,11 @@ def part_b(ns, dev):
 
 # ---- (c) -------------------------------------------------------------------------------------------
 
-def library_for(ns, drafter, C):
-    if not ns.library_dir:
+def library_for(ns, drafter, C, library_dir=None):
+    library_dir = library_dir or ns.library_dir
+    if not library_dir:
         return None, None
-    p = Path(ns.library_dir) / f"{drafter}_gpu_b{C}.json"
+    p = Path(library_dir) / f"{drafter}_gpu_b{C}.json"
     rep = p.with_suffix(".report.json")
     static = None
     if rep.is_file():
@@ -381,6 +382,7 @@ def part_c(ns, dev):
                 kv_slots=ns.kv_slots, cuda_graph=not ns.eager, prefill_cuda_graph=False)), None, None))
         for drafter in ns.drafters:
             lib, static = library_for(ns, drafter, C)
+            lib_b = library_for(ns, drafter, C, ns.library_dir_b)[0] if ns.library_dir_b else None
             for cfg in (("STATIC", "ENTMTP") + (("ENTMTP+lookup",) if ns.lookup_tokens else ())
                         + (("ENTMTP-unpipelined",) if ns.pipeline_ab else ())
                         + (("ENTMTP-flashinfer-tree",) if ns.tree_attention_ab else ())
@@ -390,8 +392,9 @@ def part_c(ns, dev):
                         + (("ENTMTP-eager-prefill",) if ns.prefill_graph_ab else ())
                         + (tuple("ENTMTP" + v for v in STEP_KERNEL_AB) if ns.step_kernels_ab else ())
                         + (("ENTMTP-torch-accept",) if ns.accept_kernels_ab else ())
+                        + (("ENTMTP-library-b",) if lib_b else ())
                         + tuple(f"STATIC-chain{k}" for k in ns.static_chains)):
-                kw = {"tree_library": lib} if lib else {}
+                kw = {"tree_library": lib_b if cfg == "ENTMTP-library-b" else lib} if lib else {}
                 kw["lookup_tokens"] = ns.lookup_tokens if cfg == "ENTMTP+lookup" else 0
                 kw["tree_attention"] = "flashinfer" if cfg == "ENTMTP-flashinfer-tree" else "auto"
                 kw["prefill_cuda_graph"] = cfg != "ENTMTP-eager-prefill"
@@ -531,6 +534,9 @@ def main():
                          "decode attention, the unfused matmuls, no PDL, RoPE in its own kernel, the merge kernel, "
                          "and the last three together")
     ap.add_argument("--library-dir", default=None)
+    ap.add_argument("--library-dir-b", default=None,
+                    help="(c) also runs ENTMTP with <dir>/<drafter>_gpu_b<C>.json from this directory "
+                         "(ENTMTP-library-b: two calibrations in one run; needs --library-dir)")
     ap.add_argument("--lookup-tokens", type=int, default=0,
                     help="also run ENTMTP with a prompt-lookup branch of up to N tokens (part c)")
     ap.add_argument("--prompts-dir", default=None)
