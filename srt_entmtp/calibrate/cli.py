@@ -196,7 +196,7 @@ def add_parser(sub) -> None:
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--kv-slots", type=int, default=None, help="KV pool per engine (default: sized for the device)")
     p.add_argument("--steps", type=int, default=6, help="timed decode steps per point")
-    p.add_argument("--timing", choices=["pipelined", "synced"], default="pipelined",
+    p.add_argument("--timing", choices=["pipelined", "synced"], default="pipelined",  # cost.TIMINGS (lazy import)
                    help="a step's time: between the scheduler's step returns with no sync (pipelined: what a "
                         "step costs while serving, host and device overlapped), or with a sync around each "
                         "(synced: host plus device time, the grids before 2026-12-03)")

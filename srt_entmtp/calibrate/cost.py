@@ -114,6 +114,7 @@ def measure_spec_steps(engine, node_counts: list[int], batch_sizes: list[int] = 
 
     if timing not in TIMINGS:
         raise ValueError(f"timing must be one of {', '.join(TIMINGS)}, got {timing!r}")
+    synced = timing == "synced"
 
     w, sched = engine.worker, engine.scheduler
     old_policy, old_max, old_never = w.policy, w.max_nodes, w._never_drafts_by_batch
@@ -143,20 +144,19 @@ def measure_spec_steps(engine, node_counts: list[int], batch_sizes: list[int] = 
                 for r in reqs:
                     sched.add(r, bounded=False)
                 times = []
-                last = None  # pipelined: when the last decode step returned
+                last = None  # when the last decode step returned (pipelined: a step starts there)
                 while len(times) < steps and not any(r.finished for r in reqs):
                     decoding = all(r.status is Status.DECODE for r in reqs)
-                    if timing == "synced":
+                    if synced:
                         _sync(engine.runner.device)
                     t0 = time.perf_counter()
                     sched.step()
-                    if timing == "synced":
+                    if synced:
                         _sync(engine.runner.device)
                     t1 = time.perf_counter()
-                    if decoding and timing == "synced":
-                        times.append(t1 - t0)
-                    elif decoding and last is not None:
-                        times.append(t1 - last)
+                    start = t0 if synced else last
+                    if decoding and start is not None:
+                        times.append(t1 - start)
                     last = t1 if decoding else None
                 for r in reqs:
                     sched.abort(r.rid)
