@@ -159,14 +159,19 @@ class DeviceSpecStep:
         self._lone: dict[Tree, int] = {}
         drafted = list(dict.fromkeys(t for t in trees if t.num_nodes > 1))
         if len(drafted) <= LONE_LAYOUTS:
+            # trees of equal level widths share one exact layout: one lone shape whose table holds them all
+            by_layout: dict[TreeLayout, list[Tree]] = {}
             for t in drafted:
-                lay = TreeLayout.covering([t])
-                if lay in self.layouts:
-                    self._lone[t] = self.layouts.index(lay)
-                    continue
-                self.shapes.append(_Shape(LayoutTable(lay, [t, ROOT_ONLY], self.dev), 1, capacity, self.dev, lone=True))
-                self.layouts.append(lay)
-                self._lone[t] = len(self.shapes) - 1
+                by_layout.setdefault(TreeLayout.covering([t]), []).append(t)
+            for lay, group in by_layout.items():
+                if lay in self.layouts:  # a shared layout already holds every tree that fits it
+                    li = self.layouts.index(lay)
+                else:
+                    self.shapes.append(_Shape(LayoutTable(lay, group + [ROOT_ONLY], self.dev), 1, capacity,
+                                              self.dev, lone=True))
+                    self.layouts.append(lay)
+                    li = len(self.shapes) - 1
+                self._lone.update(dict.fromkeys(group, li))
         H = runner.config.hidden_size
         # each request's last hidden state (row = its worker slot; row `capacity` is padding's)
         self.hidden = torch.zeros(capacity + 1, H, dtype=runner.dtype, device=self.dev)

@@ -143,3 +143,24 @@ def test_verify_graphs_take_the_triton_tree_attention_unless_told_flashinfer(run
         assert torch.equal(sh.table.anc, ancestor_bits(sh.table.mask_cpu))
     with pytest.raises(ValueError, match="tree attention must be one of auto, flashinfer"):
         DeviceSpecStep(runner, d, TREES, capacity=8, max_batch=4, tree_attention="cudnn")
+
+
+def test_lone_trees_of_one_layout_share_a_table_that_holds_each(runner):
+    """Two different trees with the same level widths have the same exact layout; at batch 1
+    each must find its own row in that layout's table (a library of many 24-node trees at
+    batch 1 hit a KeyError when the second tree was mapped to a table made for the first)."""
+    from srt_entmtp.spec.device_step import DeviceSpecStep
+    from srt_entmtp.spec.drafters import load_drafter
+    from srt_entmtp.spec.worker import default_heads_dir
+
+    a = Tree.from_paths([[0], [1], [0, 0], [0, 0, 0]])
+    b = Tree.from_paths([[0], [1], [1, 0], [1, 0, 0]])  # same widths 1-2-1-1, other parent
+    wide = Tree.from_paths([[0], [1], [2], [0, 0]])  # the only shared layout: 1-3-1-1, neither of theirs
+    assert a != b and TreeLayout.covering([a]) == TreeLayout.covering([b]) != TreeLayout.covering([a, b, wide])
+    d = load_drafter(default_heads_dir("mtp"), runner)
+    step = DeviceSpecStep(runner, d, [a, b, wide], capacity=8, max_batch=4)
+    for t in (a, b):
+        li = step.pick([t], 1)
+        assert step.shapes[li].lone and step.shapes[li].layout == TreeLayout.covering([t])
+        assert step.shapes[li].table.holds([t]), f"{t.name}'s lone layout has no row for it"
+    assert step.pick([a], 1) == step.pick([b], 1)  # one shape (one graph per bucket) for both
