@@ -28,11 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import srt_entmtp.worker as worker_mod
 from srt_entmtp.engine import Engine, EngineArgs
 from srt_entmtp.sched.request import SamplingParams, SpecOptions
+from srt_entmtp.spec.library import TreeLibrary
 
 LIBS = Path(__file__).resolve().parents[1] / "srt_entmtp" / "spec" / "libraries"
 LIB = LIBS / "medusa_gpu.json"
 DEVICE_LIB = LIBS / "mtp_gpu_b8.json"
-ACCEPT = 2  # drafted tokens the stubbed device step accepts per request and step
+# drafted tokens the stubbed device step accepts per request and step (at most the trees' depth)
+ACCEPT = min(2, max(t.depth for t in TreeLibrary.load(DEVICE_LIB).all_trees()))
 
 
 def stub_device_step(eng) -> None:
