@@ -169,9 +169,9 @@ def test_request_aborted_while_its_device_step_is_in_flight(runner, prompts, ref
 
 
 def test_lone_request_verifies_its_tree_in_its_own_layout(runner, prompts, reference):
-    """With the shipped batch-1 GPU library (trees of 32-33 nodes whose covering layout has 46
-    slots), a lone request's step takes its tree's exact layout, a pair takes the covering one,
-    and the lone steps still equal plain decoding."""
+    """With the shipped batch-1 GPU library (trees of 12-25 nodes whose covering layout is wider
+    than any one of them), a lone request's step takes its tree's exact layout, a pair takes the
+    covering one, and the lone steps still equal plain decoding."""
     from srt_entmtp.spec.tree_layout import TreeLayout
 
     rows, ids = prompts
