@@ -611,8 +611,11 @@ def print_tables(res):
             pre = (f" prefill {r['prefill_s'] / r['seconds']:.0%} of the time ({r['prefill_forwards']} forwards)"
                    if "prefill_s" in r else "")
             pre += f" {r['requests']} requests" if "requests" in r else ""
+            runs = r.get("tokens_per_s_runs") or []
+            # the spread of the repeats: at batch 8 one process's runs can spread 30% (docs/gpu.md)
+            spread = f" runs {min(runs):.0f}-{max(runs):.0f}" if len(runs) > 1 else ""
             print(f"C={r['concurrency']:3d} {r['config']:24s} {r['drafter'] or '':5s} {r['tokens_per_s']:9.1f} "
-                  f"({r['accept_per_step']:.2f}) {sp}{eq}{pre}")
+                  f"({r['accept_per_step']:.2f}) {sp}{spread}{eq}{pre}")
 
 
 if __name__ == "__main__":
