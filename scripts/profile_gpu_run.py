@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""Where an offline run's wall time goes, NONE against ENTMTP: bench_gpu.py (c)'s run, step by step.
+
+Each scheduler step of the run is timed from the end of the step before (no syncs: pipelined
+steps overlap the host's work with the GPU, and a sync would undo that) and put in one class:
+
+  prefill          a prompt chunk forward (admissions)
+  decode, changed  the first decode step of a batch that changed (an admission or a finish):
+                   the step launched ahead was for the old batch, so the pipeline restarts
+  decode, full     an unchanged batch of C requests (the steady state a cost grid measures)
+  decode, partial  an unchanged batch of fewer than C (the last requests' tail)
+
+The table gives each class's steps, share of the wall time, ms a step and tokens a step, and the
+run's rate if every token had come at the full-batch steady rate. Requests as in (c): prompts of
+the four task families interleaved, `max(C * waves, min_prompts)` of them, EOS ignored.
+Run on a CUDA machine (on CPU it runs too, small, as the CPU test does):
+
+    python scripts/profile_gpu_run.py --concurrency 8 64 --waves 1 2 [--out run.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from srt_entmtp.bench_prompts import benchmark_prompts
+from srt_entmtp.engine import Engine, EngineArgs
+from srt_entmtp.sched.request import SamplingParams, SpecOptions
+
+FAMILIES = ("code", "math", "chat", "writing")
+CLASSES = ("prefill", "decode, changed", "decode, full", "decode, partial")
+
+
+def timed_run(eng: Engine, prompts, n_tokens: int, concurrency: int) -> dict:
+    """One offline run of `prompts`; each step's wall time, class, batch and tokens."""
+    sched = eng.scheduler
+    trace, prev = [], {"batch": None, "t": 0.0, "prefills": 0}
+
+    def listener(outs, _dt):
+        now = time.perf_counter()
+        prefills = sched.stats["prefill_steps"]
+        batch = frozenset(o.req.rid for o in outs)
+        if prefills != prev["prefills"]:
+            kind = "prefill"
+            prev["batch"] = None  # the decode after a prefill starts a new batch
+        elif batch != prev["batch"]:
+            kind = "decode, changed"
+        else:
+            kind = "decode, full" if len(batch) >= concurrency else "decode, partial"
+        if kind != "prefill":
+            prev["batch"] = batch
+        trace.append((kind, len(batch), now - prev["t"], sum(len(o.new_ids) for o in outs)))
+        prev["t"], prev["prefills"] = now, prefills
+
+    sync = torch.cuda.synchronize if eng.runner.device.type == "cuda" else (lambda: None)
+    sync()
+    prev["prefills"] = sched.stats["prefill_steps"]
+    eng.step_listeners.append(listener)
+    try:
+        t0 = prev["t"] = time.perf_counter()
+        reqs = eng.generate([p for _, p in prompts], SamplingParams(max_new_tokens=n_tokens, ignore_eos=True),
+                            [SpecOptions(task=f) for f, _ in prompts])
+        sync()
+        wall = time.perf_counter() - t0
+    finally:
+        eng.step_listeners.remove(listener)
+    return summarize(trace, wall, sum(len(r.output_ids) for r in reqs))
+
+
+def summarize(trace, wall: float, tokens: int) -> dict:
+    classes = {}
+    for c in CLASSES:
+        rows = [t for t in trace if t[0] == c]
+        s = sum(t[2] for t in rows)
+        toks = sum(t[3] for t in rows)
+        classes[c] = {"steps": len(rows), "seconds": s, "share": s / wall, "ms_per_step": 1e3 * s / max(len(rows), 1),
+                      "tokens": toks, "tokens_per_step": toks / max(len(rows), 1),
+                      "mean_batch": sum(t[1] for t in rows) / max(len(rows), 1)}
+    full = classes["decode, full"]
+    steady = full["tokens"] / full["seconds"] if full["seconds"] else None
+    return {"seconds": wall, "tokens": tokens, "tokens_per_s": tokens / wall, "classes": classes,
+            "steady_full_tokens_per_s": steady, "trace": [list(t) for t in trace]}
+
+
+def build_prompts(eng: Engine, n: int, prompts_dir: str | None):
+    per = n // len(FAMILIES) + 1
+    by_fam = {f: [(f, eng.tokenize_chat([{"role": "user", "content": p["prompt"]}]))
+                  for p in benchmark_prompts(f, per, prompts_dir=prompts_dir)] for f in FAMILIES}
+    pool = [by_fam[f][i] for i in range(per) for f in FAMILIES if i < len(by_fam[f])]
+    return [pool[i % len(pool)] for i in range(n)]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[8, 64])
+    ap.add_argument("--waves", type=int, nargs="+", default=[1],
+                    help="requests per run = max(C x waves, --min-prompts); one entry per concurrency, or one for all")
+    ap.add_argument("--min-prompts", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3, help="runs per engine, round-robin; the median's breakdown is kept")
+    ap.add_argument("--drafter", default="mtp")
+    ap.add_argument("--library-dir", default=None, help="<drafter>_gpu_b<C>.json per concurrency (default: shipped)")
+    ap.add_argument("--prompts-dir", default=None)
+    ap.add_argument("--kv-slots", type=int, default=131072)
+    ap.add_argument("--out", default="profile_gpu_run.json")
+    ns = ap.parse_args()
+    waves = ns.waves * len(ns.concurrency) if len(ns.waves) == 1 else ns.waves
+    if len(waves) != len(ns.concurrency):
+        ap.error("--waves: one value, or one per --concurrency")
+    rows = []
+    for C, w in zip(ns.concurrency, waves):
+        common = {"device": ns.device, "max_running_requests": C, "context_length": 2048, "kv_slots": ns.kv_slots}
+        engines = {"NONE": Engine(EngineArgs(speculative_algorithm="NONE", **common))}
+        lib = str(Path(ns.library_dir) / f"{ns.drafter}_gpu_b{C}.json") if ns.library_dir else None
+        engines["ENTMTP"] = Engine(EngineArgs(speculative_algorithm="ENTMTP", drafter=ns.drafter, lookup_tokens=0,
+                                              **({"tree_library": lib} if lib else {}), **common))
+        prompts = build_prompts(engines["NONE"], max(C * w, ns.min_prompts), ns.prompts_dir)
+        for eng in engines.values():  # warm-up: kernels compiled, caches allocated
+            timed_run(eng, prompts[:1], 8, C)
+        runs = {k: [] for k in engines}
+        for _ in range(ns.repeats):
+            for k, eng in engines.items():
+                runs[k].append(timed_run(eng, prompts, ns.max_new_tokens, C))
+        for k, res in runs.items():
+            res.sort(key=lambda r: r["tokens_per_s"])
+            med = res[len(res) // 2]
+            rows.append({"concurrency": C, "waves": w, "requests": len(prompts), "config": k, "library": lib,
+                         "tokens_per_s_runs": [r["tokens_per_s"] for r in res], **med})
+        del engines
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    dev = torch.cuda.get_device_name() if ns.device == "cuda" else "cpu"
+    Path(ns.out).write_text(json.dumps({"device": dev, "args": vars(ns), "rows": rows}))
+    print(f"device: {dev}")
+    for r in rows:
+        print(f"\nC={r['concurrency']} {r['config']}, {r['requests']} requests: {r['tokens_per_s']:,.0f} tok/s "
+              f"(runs {min(r['tokens_per_s_runs']):,.0f}-{max(r['tokens_per_s_runs']):,.0f}); at the full-batch "
+              f"steady rate {r['steady_full_tokens_per_s'] or 0:,.0f}")
+        print(f"  {'class':18s} {'steps':>6s} {'share':>6s} {'ms/step':>8s} {'tok/step':>9s} {'batch':>6s}")
+        for c, v in r["classes"].items():
+            print(f"  {c:18s} {v['steps']:6d} {v['share']:6.1%} {v['ms_per_step']:8.3f} {v['tokens_per_step']:9.2f} "
+                  f"{v['mean_batch']:6.1f}")
+    print(f"\nwrote {ns.out}")
+
+
+if __name__ == "__main__":
+    main()
