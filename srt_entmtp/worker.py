@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from srt_entmtp.model.forward_batch import ForwardBatch
@@ -29,7 +30,7 @@ def same_batch(a: list[Request], b: list[Request]) -> bool:
 class _PlainStep:
     """A greedy plain step launched and not yet read."""
     reqs: list[Request]
-    slots: dict[int, torch.Tensor]   # id(request) -> its new KV slot (on_finish takes it back)
+    slots: dict[int, np.ndarray]     # id(request) -> its new KV slot (on_finish takes it back)
     next_tokens: torch.Tensor        # the step's argmax on the device (feeds a step launched ahead)
     host: torch.Tensor               # pinned copy of next_tokens
     done: torch.cuda.Event | None    # recorded after that copy
@@ -85,7 +86,7 @@ class Worker:
         fb = ForwardBatch.build(tokens, prefixes, slots, logits_indices=torch.tensor([i for _, i in done], dtype=torch.long))
         out = self.runner.forward(fb)
         for req, new, n in zip(reqs, slots, chunk_lens):
-            req.kv_slots = torch.cat([req.kv_slots, new])
+            req.append_kv(new)
             req.num_prefilled += n
         results = {}
         if done:
@@ -135,7 +136,7 @@ class Worker:
             fb = ForwardBatch.build_decode(tokens, [r.kv_slots for r in reqs], slots, device="cpu")
             nxt = self.runner.forward(fb).logits.argmax(-1)
         else:
-            pending = torch.cat([after.slots[id(r)] for r in reqs])
+            pending = torch.from_numpy(np.concatenate([after.slots[id(r)] for r in reqs]))
             fb = ForwardBatch.build_decode([0] * n, [r.kv_slots for r in reqs], slots, device="cpu",
                                            pending_slots=pending)
             nxt = self.runner.forward(fb, input_ids=after.next_tokens).logits.argmax(-1)
@@ -149,7 +150,7 @@ class Worker:
         host[:n].copy_(nxt, non_blocking=True)
         if done is not None:
             done.record()
-        return _PlainStep(reqs, {id(r): s for r, s in zip(reqs, slots.split(1))}, nxt, host, done)
+        return _PlainStep(reqs, dict(zip(map(id, reqs), slots.numpy().reshape(n, 1))), nxt, host, done)
 
     def _launches_ahead(self, reqs: list[Request], step: _PlainStep) -> bool:
         """Whether the step after `step` can be launched before `step` is read: the same batch,
@@ -157,7 +158,7 @@ class Worker:
         g = self.runner.graphs
         if self.launch_ahead is False or g is None or not same_batch(step.reqs, reqs) or not self._pipelines(reqs):
             return False
-        return g.queue_safe_decode(len(reqs), sum(int(r.kv_slots.numel()) + 2 for r in reqs))
+        return g.queue_safe_decode(len(reqs), sum(r.num_kv + 2 for r in reqs))
 
     def _plain_collect(self, reqs: list[Request]) -> dict[str, list[int]]:
         step, self._plain_inflight = self._plain_inflight, None
@@ -170,7 +171,7 @@ class Worker:
             s = step.slots.get(id(r))
             if s is None:  # finished while the step ran (on_finish freed its slot)
                 continue
-            r.kv_slots = torch.cat([r.kv_slots, s])
+            r.append_kv(s)
             results[r.rid] = [t]
         if ahead is not None:
             self._plain_inflight = ahead
@@ -186,6 +187,6 @@ class Worker:
                                        device="cpu" if self.runner.graphs is not None else self.runner.device)
         out = self.runner.forward(fb)
         nxt = sample(out.logits, [r.sampling for r in reqs], [r.generator for r in reqs]).tolist()
-        for r, s in zip(reqs, slots.split(1)):
-            r.kv_slots = torch.cat([r.kv_slots, s])
+        for r, s in zip(reqs, slots.numpy().reshape(-1, 1)):
+            r.append_kv(s)
         return {r.rid: [t] for r, t in zip(reqs, nxt)}, out

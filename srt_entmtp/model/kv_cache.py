@@ -52,10 +52,11 @@ class KVPool:
         self._num_free -= total
         return list(torch.from_numpy(slots).split(counts))
 
-    def free(self, slots: torch.Tensor) -> None:
-        if slots.numel() == 0:
+    def free(self, slots: torch.Tensor | np.ndarray) -> None:
+        s = slots if isinstance(slots, np.ndarray) else slots.cpu().numpy()
+        if s.size == 0:
             return
-        s = -np.sort(-slots.cpu().numpy())  # descending: the smallest lands on top of the stack
+        s = -np.sort(-s.reshape(-1))  # descending: the smallest lands on top of the stack
         if self._free[s].any() or s[-1] == 0 or (s[1:] == s[:-1]).any():
             raise RuntimeError("KVPool.free: double free or reserved slot (engine bookkeeping bug)")
         self._free[s] = True

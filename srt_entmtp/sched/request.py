@@ -5,6 +5,7 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -61,6 +62,7 @@ class Status(enum.Enum):
 
 
 _ids = itertools.count()
+_NO_SLOTS = np.empty(0, dtype=np.int64)
 
 
 class Request:
@@ -74,7 +76,10 @@ class Request:
         self.status = Status.WAITING
         self.output_ids: list[int] = []
         self.finish_reason: str | None = None      # stop | length | abort
-        self.kv_slots = torch.empty(0, dtype=torch.long)  # tokens whose KV is cached, in order
+        # tokens whose KV is cached, in order: a growable host array (appended to every step;
+        # one torch.cat per request and step cost ~3 us each, most of a batch-64 step's host work)
+        self._kv = _NO_SLOTS
+        self._kv_n = 0
         self.num_prefilled = 0                      # prompt tokens already in the cache
         self.generator: torch.Generator | None = None
         if sampling.seed is not None:
@@ -100,6 +105,37 @@ class Request:
         self.detok_prefix = 0
         self.detok_read = 0
         self.aborted = False
+
+    @property
+    def kv_slots(self) -> torch.Tensor:
+        """The KV slots of the tokens cached so far, in order (a LongTensor view: appends do not
+        change a view taken before them)."""
+        return torch.from_numpy(self._kv[: self._kv_n])
+
+    @kv_slots.setter
+    def kv_slots(self, slots: torch.Tensor) -> None:
+        self._kv = np.array(slots, dtype=np.int64)  # a copy: the caller's tensor stays its own
+        self._kv_n = self._kv.size
+
+    @property
+    def kv_array(self) -> np.ndarray:
+        """The same slots as a numpy view, for host bookkeeping without torch's per-op cost."""
+        return self._kv[: self._kv_n]
+
+    @property
+    def num_kv(self) -> int:
+        return self._kv_n
+
+    def append_kv(self, slots: torch.Tensor | np.ndarray) -> None:
+        """Add slots of newly cached tokens (a host tensor or array) after the others."""
+        a = slots.numpy() if isinstance(slots, torch.Tensor) else slots
+        n = self._kv_n + a.size
+        if n > self._kv.size:  # grow geometrically: appends are amortised O(1)
+            grown = np.empty(max(n, 2 * self._kv.size, 64), dtype=np.int64)
+            grown[: self._kv_n] = self._kv[: self._kv_n]
+            self._kv = grown
+        self._kv[self._kv_n: n] = a
+        self._kv_n = n
 
     @property
     def seq_len(self) -> int:

@@ -55,7 +55,7 @@ class Scheduler:
 
     def _reserve(self, req: Request) -> int:
         """Slots the request may still take: the rest of its prompt and outputs, plus one tree."""
-        left = len(req.prompt_ids) + req.sampling.max_new_tokens - int(req.kv_slots.numel())
+        left = len(req.prompt_ids) + req.sampling.max_new_tokens - req.num_kv
         return max(left, 0) + self.worker.max_new_slots_per_step()
 
     def _admit(self) -> list[StepOutput]:

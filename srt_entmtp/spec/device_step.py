@@ -28,6 +28,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from srt_entmtp.model.attention import tree_triton
@@ -71,8 +72,8 @@ def choose_layouts(trees: list[Tree], limit: int = MAX_LAYOUTS) -> list[TreeLayo
 class DeviceStepResult:
     accept: list[int]               # accepted drafted tokens per request
     tokens: list[list[int]]         # emitted tokens per request (accepted drafts + bonus)
-    entropy: list[list[float]]      # target entropy at each accepted position (root first)
-    slots: list[torch.Tensor]       # the tree's KV slots per request; the first accept+1 hold the path
+    entropy: np.ndarray             # [n, depth + 1] target entropy at each position; the first accept+1 are real
+    slots: np.ndarray               # [n, S] the trees' KV slots per request; the first accept+1 hold the path
 
 
 @dataclass
@@ -334,7 +335,7 @@ class DeviceSpecStep:
         if entry is None or not isinstance(entry[0], tree_triton.TreeAttention) or len(after.reqs) != len(d.reqs):
             return False
         S, S0, n = self.shapes[d.li].layout.num_slots, after.shape.layout.num_slots, len(d.reqs)
-        prefix = [int(r.kv_slots.numel()) for r in d.reqs]
+        prefix = [r.num_kv for r in d.reqs]
         if max(prefix) + S0 + S > self.runner.context_length:
             return False
         return sum(prefix) + n * (S0 + S) + (d.B - n) * (1 + S) <= entry[0].kv_capacity
@@ -351,15 +352,16 @@ class DeviceSpecStep:
         sh, B, reqs = self.shapes[d.li], d.B, d.reqs
         S, n = sh.layout.num_slots, len(reqs)
         slots = self.kv.alloc(n * S)
-        prefix = [int(r.kv_slots.numel()) for r in reqs]
+        prefix = [r.num_kv for r in reqs]
         S0 = 0 if after is None else after.shape.layout.num_slots
         ahead = [S0] * n
         self._fill_verify(sh, prefix, ahead, slots, B)
-        # per request: prefix, (the unread step's tree,) its own tree
-        own = slots.view(n, S)
-        parts = ([x for r, s in zip(reqs, own) for x in (r.kv_slots, s)] if after is None else
-                 [x for r, p, s in zip(reqs, after.slots.view(n, S0), own) for x in (r.kv_slots, p, s)])
-        kv_idx = torch.cat(parts + [torch.zeros((B - n) * (1 + S), dtype=torch.long)])
+        # per request: prefix, (the unread step's tree,) its own tree; numpy views, one concatenate
+        own = slots.numpy().reshape(n, S)
+        parts = ([x for r, s in zip(reqs, own) for x in (r.kv_array, s)] if after is None else
+                 [x for r, p, s in zip(reqs, after.slots.numpy().reshape(n, S0), own) for x in (r.kv_array, p, s)])
+        parts.append(np.zeros((B - n) * (1 + S), dtype=np.int64))
+        kv_idx = torch.from_numpy(np.concatenate(parts))
         entry = self.graphs.get((d.li, B))
         padded = [p + a for p, a in zip(prefix, ahead)] + [1] * (B - n)  # padding requests: slot 0 is their one prefix key
         if entry is not None:
@@ -389,24 +391,25 @@ class DeviceSpecStep:
             host.done.synchronize()
         accept = host.result[:n, 0].tolist()
         rows = host.result[:n, 1:].tolist()
-        ents = host.entropy[:n].tolist()
         for r in reqs:
             r.last_hidden = self._pool_rows[r.slot]
         return DeviceStepResult(accept=accept, tokens=[row[:a + 1] for row, a in zip(rows, accept)],
-                                entropy=[e[:a + 1] for e, a in zip(ents, accept)], slots=list(step.slots.view(n, S)))
+                                entropy=host.entropy[:n].numpy().copy(),  # the buffer is reused two steps on
+                                slots=step.slots.numpy().reshape(n, S))
 
     def _fill_draft(self, sh: _Shape, req_slots, roots, rows, B: int) -> None:
         """The draft graph's inputs (padded to B requests), one host-to-device copy."""
         n, Bm = len(req_slots), sh.req_slot.numel()
-        pad = B - n
         if sh.draft_host is not None:
             host = sh.draft_host[sh._draft_turn]
             sh._draft_turn = (sh._draft_turn + 1) % len(sh.draft_host)
         else:
-            host = torch.empty_like(sh.draft_in)
-        # padding requests: the pool's spare hidden row, root token 0, a root-only tree
-        host.view(3, Bm)[:, :B] = torch.tensor([req_slots + [sh.capacity] * pad, roots + [0] * pad,
-                                                rows + [sh.root_row] * pad], dtype=torch.long)
+            host = torch.empty_like(sh.draft_in, device="cpu")
+        # padding requests: the pool's spare hidden row, root token 0, a root-only tree (written
+        # through numpy: a torch op per field costs more than the copy)
+        h = host.numpy().reshape(3, Bm)
+        h[0, :n], h[1, :n], h[2, :n] = req_slots, roots, rows
+        h[0, n:B], h[1, n:B], h[2, n:B] = sh.capacity, 0, sh.root_row
         sh.draft_in.copy_(host, non_blocking=True)  # whole (1.5 KB at batch 64): one contiguous copy
 
     def _fill_verify(self, sh: _Shape, prefix, ahead, out_slots: torch.Tensor, B: int) -> None:
@@ -416,11 +419,12 @@ class DeviceSpecStep:
             host = sh.verify_host[sh._verify_turn]
             sh._verify_turn ^= 1
         else:
-            host = torch.empty_like(sh.verify_in)
-        host[:B] = torch.tensor(prefix + [1] * (B - n), dtype=torch.long)  # padding: slot 0 is their one prefix key
-        host[Bm: Bm + B] = torch.tensor(list(ahead) + [0] * (B - n), dtype=torch.long)
-        o = host[2 * Bm: 2 * Bm + B * S]
-        o[: n * S] = out_slots
+            host = torch.empty_like(sh.verify_in, device="cpu")
+        h = host.numpy()
+        h[:n], h[n:B] = prefix, 1  # padding: slot 0 is their one prefix key
+        h[Bm: Bm + n], h[Bm + n: Bm + B] = ahead, 0
+        o = h[2 * Bm: 2 * Bm + B * S]
+        o[: n * S] = out_slots.numpy()
         o[n * S:] = 0
         sh.verify_in.copy_(host, non_blocking=True)  # whole: one contiguous copy (rows past B are unused)
 

@@ -128,7 +128,7 @@ class SpecWorker(Worker):
         if spec_step == "auto":
             spec_step = "device" if runner.device.type == "cuda" else "host"
         self.device_step = None
-        self._deferred = None  # (requests, entropies) of the last device step, not yet in the estimates
+        self._deferred = None  # (requests, entropies, accept counts) of the last device step, not yet in the estimates
         self._ahead = None     # (rids, slots, estimate, trees) chosen for the next step of that batch
         self._inflight = None  # the device step launched and not yet collected (see _decode_device)
         self._drafted_ahead = None  # the drafts of the next step of the batch in flight (DraftedStep)
@@ -256,7 +256,7 @@ class SpecWorker(Worker):
         if all(t.num_nodes == 1 for t in trees) and not (chains and any(chains)) and not any(
                 r.generator is not None and not r.sampling.greedy for r in reqs):
             return self._decode_root_only(reqs, trees, slots, entropy)
-        prefix = [int(r.kv_slots.numel()) for r in reqs]
+        prefix = [r.num_kv for r in reqs]
         batch = RaggedTreeBatch.build(trees, torch.tensor(prefix), device=dev)
         hidden = torch.stack([r.last_hidden for r in reqs])
         roots = torch.tensor([r.pending_token for r in reqs], device=dev)
@@ -302,7 +302,7 @@ class SpecWorker(Worker):
             leaf = leaves.tolist()
             starts = batch.node_indptr.tolist()
         for i, r in enumerate(reqs):
-            r.kv_slots = torch.cat([r.kv_slots, new_slots[i][:accept[i] + 1]])
+            r.append_kv(new_slots[i][:accept[i] + 1])
             r.last_hidden = last_hidden[i]
             # the deepest accepted node hangs on the lookup chain: the whole accepted path came from it
             by_lookup = grafted and trees[i].paths[leaf[i] - starts[i]][-1:] == (LOOKUP_RANK,)
@@ -339,7 +339,7 @@ class SpecWorker(Worker):
         ds = self.device_step
         step = ds.launch_verify(drafted if drafted is not None else ds.launch_draft(li, reqs, trees), after=after)
         self._inflight = {"step": step, "reqs": reqs, "trees": trees, "entropy_in": entropy,
-                          "slots": {id(r): s for r, s in zip(reqs, step.slots.view(len(reqs), -1))}}
+                          "slots": dict(zip(map(id, reqs), step.slots.numpy().reshape(len(reqs), -1)))}
         self._fold_deferred()
         est = self.tracker.value(slots)
         self._inflight["est"] = est
@@ -357,17 +357,17 @@ class SpecWorker(Worker):
         f, self._inflight = self._inflight, None
         nxt = self._launch_after(f, reqs)
         out = self.device_step.collect(f["step"])
-        spare, alive = [], []
-        for i, r in enumerate(f["reqs"]):
-            if r.slot < 0:  # finished while the step ran: on_finish freed its tree slots
-                continue
-            a, sl = out.accept[i], out.slots[i]
-            r.kv_slots = torch.cat([r.kv_slots, sl[:a + 1]])
-            spare.append(sl[a + 1:])
-            alive.append(i)
-        if spare:
-            self.kv.free(torch.cat(spare))
-        self._deferred = (f["reqs"], out.entropy)
+        alive = [i for i, r in enumerate(f["reqs"]) if r.slot >= 0]  # else finished meanwhile: on_finish freed its tree
+        if alive:
+            # each live request keeps its tree's first accept+1 slots (the accepted path, compacted
+            # there by the verify graph); the rest go back in one free (numpy: no per-request torch ops)
+            accept = np.asarray(out.accept)[alive]
+            tree_slots = out.slots[alive]
+            kept = np.arange(tree_slots.shape[1]) <= accept[:, None]
+            for r_i, row, a in zip(alive, tree_slots, accept.tolist()):
+                f["reqs"][r_i].append_kv(row[:a + 1])
+            self.kv.free(tree_slots[~kept])
+        self._deferred = (f["reqs"], out.entropy, out.accept)
         if nxt is not None:  # launched before this step was read; its drafts of the step after too
             self._inflight = nxt
         elif self.pipeline is not False and len(alive) == len(f["reqs"]) and same_batch(f["reqs"], reqs):
@@ -442,14 +442,17 @@ class SpecWorker(Worker):
         (a finished request's slot may already belong to a new one)."""
         if self._deferred is None:
             return
-        reqs, ents = self._deferred
+        reqs, ents, accept = self._deferred
         self._deferred = None
-        live = [(r.slot, e) for r, e in zip(reqs, ents) if r.slot >= 0]
+        live = [i for i, r in enumerate(reqs) if r.slot >= 0]
         if not live:
             return
+        n_new = np.asarray(accept, dtype=np.int64)[live] + 1  # entropies at the accepted path and the bonus token
         indptr = np.zeros(len(live) + 1, dtype=np.int64)
-        np.cumsum([len(e) for _, e in live], out=indptr[1:])
-        self.tracker.update(np.array([s for s, _ in live], dtype=np.int64), [x for _, e in live for x in e], indptr)
+        np.cumsum(n_new, out=indptr[1:])
+        rows = ents[live]
+        flat = rows[np.arange(rows.shape[1]) < n_new[:, None]]  # row-major: each request's in order
+        self.tracker.update(np.array([reqs[i].slot for i in live], dtype=np.int64), flat, indptr)
 
     def _lookup_chains(self, reqs: list[Request]) -> list[list[int]]:
         """Each request's prompt-lookup proposal (empty: no earlier occurrence, or `policy: none`)."""
