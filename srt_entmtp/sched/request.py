@@ -76,8 +76,8 @@ class Request:
         self.status = Status.WAITING
         self.output_ids: list[int] = []
         self.finish_reason: str | None = None      # stop | length | abort
-        # tokens whose KV is cached, in order: a growable host array (appended to every step;
-        # one torch.cat per request and step cost ~3 us each, most of a batch-64 step's host work)
+        # tokens whose KV is cached, in order: a growable host array, appended to every step (a
+        # torch.cat per request and step cost ~3 us each, a quarter of a batch-64 step's host work)
         self._kv = _NO_SLOTS
         self._kv_n = 0
         self.num_prefilled = 0                      # prompt tokens already in the cache
