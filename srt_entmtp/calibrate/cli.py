@@ -117,7 +117,7 @@ def cmd_trees(ns) -> int:
     lib, report = build_library(stats, cost, ns.batch_size, buckets=ns.buckets, min_bucket=ns.min_bucket,
                                 max_nodes=ns.max_nodes, merge_tolerance=ns.merge_tolerance, max_trees=ns.max_trees,
                                 hysteresis=ns.hysteresis, lookup_tokens=ns.lookup_tokens,
-                                lookup_min_match=ns.lookup_min_match)
+                                lookup_min_match=ns.lookup_min_match, cost_fit=ns.cost_fit)
     out = Path(ns.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     lib.save(out)
@@ -217,6 +217,10 @@ def add_parser(sub) -> None:
     p.add_argument("--lookup-tokens", type=int, default=0,
                    help="write a prompt-lookup branch of up to N tokens into the library's policy (0: none)")
     p.add_argument("--lookup-min-match", type=int, default=2, help="shortest repeated n-gram the lookup follows")
+    p.add_argument("--cost-fit", choices=["lower", "max"], default="lower",  # cost.COST_FITS (lazy import)
+                   help="how grid noise leaves the prices: lower = each point at the cheapest measured step with "
+                        "at least its nodes and depth (noise only adds time); max = a running maximum (how the "
+                        "libraries before 2026-12-03 evening were searched)")
     p.add_argument("--out", required=True)
     p.add_argument("--report", default=None, help="report JSON (default: <out>.report.json)")
     p.add_argument("--plots", default=None, help="directory for PNG plots (needs matplotlib)")

@@ -6,6 +6,7 @@ scripts/bench_forward.py prints. It allocates its own KV slots and frees them.
 """
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -172,31 +173,50 @@ def measure_spec_steps(engine, node_counts: list[int], batch_sizes: list[int] = 
     return rows
 
 
-def _monotone_curve(points: list[tuple[int, float]]):
-    """seconds(n), linear between measured node counts, never decreasing (a dip is noise), held
-    proportional to tokens beyond the last point."""
+COST_FITS = ("lower", "max")  # how step_cost_fn turns noisy grid points into monotone prices
+
+
+def _interp(xs: list[int], ys: list[float], n: int) -> float:
+    """Linear between measured node counts, held at the first below it, proportional to tokens
+    beyond the last."""
+    if n <= xs[0]:
+        return ys[0]
+    for x0, y0, x1, y1 in zip(xs, ys, xs[1:], ys[1:]):
+        if n <= x1:
+            return y0 + (y1 - y0) * (n - x0) / (x1 - x0)
+    return ys[-1] * (n + 1) / (xs[-1] + 1)
+
+
+def _monotone_curve(points: list[tuple[int, float]], fit: str = "lower"):
+    """seconds(n) over one curve, never decreasing in n. fit="lower": each point is priced at the
+    cheapest measurement at or beyond it (timing noise only adds time, so a step measured slower
+    than a bigger one is noise); fit="max": at the dearest at or before it (a dip is noise)."""
     points = sorted(points)
     xs = [x for x, _ in points]
-    ys = [max(y for _, y in points[: i + 1]) for i in range(len(points))]
-
-    def f(n: int) -> float:
-        if n <= xs[0]:
-            return ys[0]
-        for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
-            if n <= x1:
-                return y0 + (y1 - y0) * (n - x0) / (x1 - x0)
-        return ys[-1] * (n + 1) / (xs[-1] + 1)
-    return f
+    if fit == "lower":
+        ys = [min(y for _, y in points[i:]) for i in range(len(points))]
+    else:
+        ys = [max(y for _, y in points[: i + 1]) for i in range(len(points))]
+    return lambda n: _interp(xs, ys, n)
 
 
-def step_cost_fn(cost: dict, batch: int, drafter: str | None = None):
+def step_cost_fn(cost: dict, batch: int, drafter: str | None = None, fit: str = "lower"):
     """seconds(nodes, depth=None) for `batch`. Whole-step rows (`spec_steps`) are used when the
     file has them for the drafter; otherwise the forward rows (drafting then counts as free).
 
     When some node count was timed at several depths (`calibrate cost --depths`), each depth has
-    its own curve over nodes, and a tree is priced on the curve of its depth (the deepest
-    measured one beyond it; never below a shallower curve's price). Otherwise there is one curve
-    and `depth` is ignored. Root-only (n = 0) has its own row."""
+    its own curve over nodes, and a tree is priced on the curve of its depth (the deepest measured
+    one beyond it). Prices never decrease with nodes or depth. How noise is taken out (`fit`):
+    - "lower" (the default): a measured point is priced at the cheapest point with at least its
+      nodes and depth, root-only included (at most a one-node step's price). A step's time only
+      grows with noise, so one slow grid point no longer raises every bigger tree's price: on
+      the H200's pipelined batch-8 grid of 2026-12-03 a 2-node depth-1 point read 1.109 ms
+      between 0.822 (1 node) and 0.871 (3 nodes), and priced every tree of 2+ nodes above 1.1 ms;
+    - "max": a running maximum over nodes and then over shallower curves, as the shipped
+      libraries before 2026-12-03 (evening) were searched.
+    Otherwise there is one curve and `depth` is ignored. Root-only (n = 0) has its own row."""
+    if fit not in COST_FITS:
+        raise ValueError(f"cost fit must be one of {', '.join(COST_FITS)}, got {fit!r}")
     steps = [r for r in cost.get("spec_steps", {}).get(drafter or "", []) if r["batch"] == batch and r["latency_s"]]
     if steps:
         pts = [(r["nodes"], r.get("depth"), r["latency_s"]) for r in steps]
@@ -210,18 +230,27 @@ def step_cost_fn(cost: dict, batch: int, drafter: str | None = None):
     for n, d, _ in pts:
         by_nodes.setdefault(n, set()).add(d)
     if not any(len(ds) > 1 for ds in by_nodes.values()):
-        one = _monotone_curve([(n, y) for n, _, y in pts])
+        one = _monotone_curve([(n, y) for n, _, y in pts], fit)
         return lambda n, depth=None: one(n)
     root = [y for n, _, y in pts if n == 0]
+    grid = [(n, d, y) for n, d, y in pts if n > 0]
+    measured = sorted({d for _, d, _ in grid})
     curves = {}
-    for d in sorted({d for n, d, _ in pts if n > 0}):
-        # no root anchor: a curve starts at its shallowest measured tree (held flat below it)
-        curves[d] = _monotone_curve([(n, y) for n, dd, y in pts if dd == d and n > 0])
-    measured = sorted(curves)
+    for d in measured:
+        if fit == "lower":
+            # each point of depth d at its cheapest measurement with >= its nodes and >= depth d
+            own = sorted({n for n, dd, _ in grid if dd == d})
+            ys = [min(y for nn, dd, y in grid if nn >= n and dd >= d) for n in own]
+            curves[d] = functools.partial(_interp, own, ys)
+        else:  # no root anchor: a curve starts at its shallowest measured tree (held flat below it)
+            curves[d] = _monotone_curve([(n, y) for n, dd, y in grid if dd == d], fit)
+    root_price = min(root) if root else None
+    if fit == "lower" and root_price is not None:
+        root_price = min(root_price, curves[measured[0]](1))
 
     def f(n: int, depth: int | None = None) -> float:
-        if n == 0 and root:
-            return min(root)
+        if n == 0 and root_price is not None:
+            return root_price
         d = measured[-1] if depth is None else min(max(depth, measured[0]), measured[-1])
         return max(curves[k](n) for k in measured if k <= d)
     return f

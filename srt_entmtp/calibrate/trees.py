@@ -110,13 +110,14 @@ def build_library(stats: AcceptanceStats, cost: dict, batch: int, *, buckets: in
                   max_nodes: int = 64, max_depth: int | None = None, merge_tolerance: float = 0.02,
                   max_trees: int = 5, hysteresis: float = 0.1, min_steps_between_switches: int = 2,
                   hardware: str | None = None, lookup_tokens: int = 0,
-                  lookup_min_match: int = 2) -> tuple[TreeLibrary, dict]:
-    """The library and a report (per family and bucket: counts, front, choice, predicted rates)."""
-    cost_fn = step_cost_fn(cost, batch, stats.drafter)
+                  lookup_min_match: int = 2, cost_fit: str = "lower") -> tuple[TreeLibrary, dict]:
+    """The library and a report (per family and bucket: counts, front, choice, predicted rates).
+    cost_fit: how the grid's noise is taken out of the prices (`cost.step_cost_fn`)."""
+    cost_fn = step_cost_fn(cost, batch, stats.drafter, fit=cost_fit)
     depth = min(stats.depth, max_depth or stats.depth)
     node_cap = max_nodes
     fams: dict[str, Family] = {}
-    report: dict = {"batch": batch, "families": {}}
+    report: dict = {"batch": batch, "cost_fit": cost_fit, "families": {}}
     for fam in list(HEAD_FAMILIES) + ["general"]:
         key = None if fam == "general" else fam
         if key is not None and (fam not in stats.families or not stats.families[fam].ranks):
@@ -154,7 +155,7 @@ def build_library(stats: AcceptanceStats, cost: dict, batch: int, *, buckets: in
     hw = hardware or cost.get("hardware", "unknown hardware")
     desc = (f"Calibrated by `entmtp calibrate trees` for batch {batch}: acceptance statistics of "
             f"{stats.drafter} heads ({sum(len(f.ranks) for f in stats.families.values())} positions), "
-            f"step costs measured on {hw}.")
+            f"step costs measured on {hw} ({cost_fit} fit).")
     lib = TreeLibrary(stats.model, stats.drafter, f"{hw}, batch {batch}", policy, fams, description=desc,
                       batch_size=batch)
     return lib, report

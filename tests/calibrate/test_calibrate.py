@@ -210,6 +210,55 @@ def test_cost_by_depth_prices_trees_by_nodes_and_depth():
     assert one(4, 1) == one(4, 5) == pytest.approx(0.070)
 
 
+# the H200's pipelined batch-8 grid of 2026-12-03 (ms), whose 2-node depth-1 point is slow noise
+NOISY_GRID_MS = {(0, 0): 0.727, (1, 1): 0.822, (2, 1): 1.109, (2, 2): 0.896, (3, 1): 0.871, (3, 2): 0.926,
+                 (3, 3): 0.952, (4, 1): 1.121, (4, 2): 1.176, (4, 3): 1.176, (4, 4): 1.244, (6, 1): 1.147,
+                 (6, 2): 1.154, (6, 3): 1.172, (6, 4): 1.153}
+
+
+def _noisy_grid() -> dict:
+    rows = [{"batch": 8, "nodes": n, "depth": d, "latency_s": ms / 1e3} for (n, d), ms in NOISY_GRID_MS.items()]
+    return {"format": "entmtp-cost-curve", "hardware": "synthetic", "spec_steps": {"mtp": rows}}
+
+
+def test_lower_fit_keeps_one_slow_grid_point_from_pricing_every_bigger_tree():
+    lower = step_cost_fn(_noisy_grid(), 8, "mtp")
+    dear = step_cost_fn(_noisy_grid(), 8, "mtp", fit="max")
+    # lower: a point at the cheapest measurement with at least its nodes and depth
+    assert lower(2, 1) == pytest.approx(0.000871) and lower(2, 2) == pytest.approx(0.000896)
+    assert lower(3, 2) == pytest.approx(0.000926) and lower(4, 1) == pytest.approx(0.001121)
+    assert lower(4, 4) == pytest.approx(0.001153)  # (6, 4) was measured cheaper than (4, 4)
+    # max: the slow point raises every tree of 2+ nodes, whatever its depth
+    assert dear(2, 2) == dear(3, 3) == pytest.approx(0.001109)
+    assert lower(0) == dear(0) == pytest.approx(0.000727)
+    for f in (lower, dear):  # never cheaper with more nodes or more depth
+        for n in range(1, 7):
+            for d in range(1, min(n, 4) + 1):
+                assert f(n, d) <= f(n + 1, d) + 1e-15
+                if d < min(n, 4):
+                    assert f(n, d) <= f(n, d + 1) + 1e-15
+    with pytest.raises(ValueError, match="cost fit"):
+        step_cost_fn(_noisy_grid(), 8, "mtp", fit="median")
+
+
+def test_lower_fit_root_only_is_never_dearer_than_a_one_node_step():
+    grid = _noisy_grid()
+    grid["spec_steps"]["mtp"][0]["latency_s"] = 0.000900  # a slow root-only point above the 1-node step
+    assert step_cost_fn(grid, 8, "mtp")(0) == pytest.approx(0.000822)
+    assert step_cost_fn(grid, 8, "mtp", fit="max")(0) == pytest.approx(0.000900)
+
+
+def test_the_search_drafts_more_on_the_noisy_grid_with_the_lower_fit():
+    st = AcceptanceStats.load(Path(__file__).resolve().parents[2] / "benchmarks/calibration/mtp_stats.json")
+    kw = {"batch": 8, "buckets": 1, "min_bucket": 200, "merge_tolerance": 0.0, "max_nodes": 3}
+    lo_lib, lo_rep = build_library(st, _noisy_grid(), **kw)
+    hi_lib, hi_rep = build_library(st, _noisy_grid(), cost_fit="max", **kw)
+    assert lo_rep["cost_fit"] == "lower" and hi_rep["cost_fit"] == "max"
+    lo_t, hi_t = lo_lib.families["code"].tree_for_bucket(0), hi_lib.families["code"].tree_for_bucket(0)
+    assert lo_t.num_nodes > hi_t.num_nodes  # the slow point's price had kept the search at one node
+    assert "lower fit" in lo_lib.description
+
+
 def test_depth_priced_search_goes_shallow_and_wide_when_levels_are_dear():
     from srt_entmtp.calibrate.trees import tree_cost
 
