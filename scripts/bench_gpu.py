@@ -35,13 +35,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from srt_entmtp.bench_prompts import benchmark_prompts
+from srt_entmtp.bench_prompts import BENCH_FAMILIES as FAMILIES
+from srt_entmtp.bench_prompts import cycled, interleaved_chat_prompts
 from srt_entmtp.calibrate.cost import measure_step_latency
 from srt_entmtp.engine import Engine, EngineArgs
 from srt_entmtp.sched.request import SamplingParams, SpecOptions
 from srt_entmtp.spec.drafters import fused_draft
-
-FAMILIES = ("code", "math", "chat", "writing")
 
 
 def sync(dev):
@@ -356,14 +355,12 @@ def part_c(ns, dev):
     base = Engine(EngineArgs(device=ns.device, speculative_algorithm="NONE", max_running_requests=max(ns.concurrency),
                              context_length=2048, kv_slots=ns.kv_slots, cuda_graph=not ns.eager))
     per = max(max(C * ns.waves, ns.min_prompts) for C in ns.concurrency) // len(FAMILIES) + 1
-    by_fam = {fam: [(fam, base.tokenize_chat([{"role": "user", "content": p["prompt"]}]))
-                    for p in benchmark_prompts(fam, per, prompts_dir=ns.prompts_dir)] for fam in FAMILIES}
-    pool = [by_fam[f][i] for i in range(per) for f in FAMILIES if i < len(by_fam[f])]  # families interleaved
+    pool = interleaved_chat_prompts(base.tokenize_chat, per, ns.prompts_dir, FAMILIES)
     rows = []
     for C in ns.concurrency:
         # at least --min-prompts requests, C at a time (one prompt at C = 1 would be one family's noise),
         # and --waves times C: with few waves the last one's staggered finishes weigh on speculation
-        prompts = [pool[i % len(pool)] for i in range(max(C * ns.waves, ns.min_prompts))]
+        prompts = cycled(pool, max(C * ns.waves, ns.min_prompts))
         base.scheduler.max_running = C  # NONE at the same concurrency as the speculative engines
         plain = [SpecOptions(task=f) for f, _ in prompts]
         # (config, drafter, engine, per-request options, pipeline setting)

@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from srt_entmtp.bench_prompts import benchmark_prompts
+from srt_entmtp.bench_prompts import BENCH_FAMILIES as FAMILIES
+from srt_entmtp.bench_prompts import cycled, interleaved_chat_prompts
 from srt_entmtp.engine import Engine, EngineArgs
 from srt_entmtp.sched.request import SamplingParams, SpecOptions
 
-FAMILIES = ("code", "math", "chat", "writing")
 CLASSES = ("prefill", "decode, changed", "decode, full", "decode, partial")
 
 
@@ -88,11 +88,8 @@ def summarize(trace, wall: float, tokens: int) -> dict:
 
 
 def build_prompts(eng: Engine, n: int, prompts_dir: str | None):
-    per = n // len(FAMILIES) + 1
-    by_fam = {f: [(f, eng.tokenize_chat([{"role": "user", "content": p["prompt"]}]))
-                  for p in benchmark_prompts(f, per, prompts_dir=prompts_dir)] for f in FAMILIES}
-    pool = [by_fam[f][i] for i in range(per) for f in FAMILIES if i < len(by_fam[f])]
-    return [pool[i % len(pool)] for i in range(n)]
+    """bench_gpu.py part c's requests for one concurrency: n prompts, families interleaved."""
+    return cycled(interleaved_chat_prompts(eng.tokenize_chat, n // len(FAMILIES) + 1, prompts_dir, FAMILIES), n)
 
 
 def main():

@@ -25,3 +25,21 @@ def benchmark_prompts(family: str, n: int, seed: int = 0, max_chars: int = 1500,
         rows = [{"id": p.id, "task": family, "prompt": p.prompt} for p in held]
     rows = [r for r in rows if len(r["prompt"]) <= max_chars]
     return random.Random(seed).sample(rows, min(n, len(rows)))
+
+
+BENCH_FAMILIES = ("code", "math", "chat", "writing")
+
+
+def interleaved_chat_prompts(tokenize_chat, per_family: int, prompts_dir: Path | None = None,
+                             families: tuple[str, ...] = BENCH_FAMILIES) -> list[tuple[str, list[int]]]:
+    """(family, token ids) of up to `per_family` benchmark prompts a family, chat-templated by
+    `tokenize_chat` (an Engine's) and interleaved, one family after another, so any prefix of the
+    list mixes the families evenly."""
+    by_fam = {f: [(f, tokenize_chat([{"role": "user", "content": p["prompt"]}]))
+                  for p in benchmark_prompts(f, per_family, prompts_dir=prompts_dir)] for f in families}
+    return [by_fam[f][i] for i in range(per_family) for f in families if i < len(by_fam[f])]
+
+
+def cycled(pool: list, n: int) -> list:
+    """n items of `pool`, starting over when it runs out (more requests than prompts)."""
+    return [pool[i % len(pool)] for i in range(n)]

@@ -31,3 +31,22 @@ def test_profile_run_classes_cover_every_step_and_token(runner):
     assert cls["decode, changed"]["steps"] >= 1 and cls["decode, full"]["steps"] >= 1
     assert 0.9 < sum(c["share"] for c in cls.values()) <= 1.0 + 1e-9
     assert res["steady_full_tokens_per_s"] > 0
+
+
+def test_bench_requests_interleave_families_with_the_real_prompts_and_tokenizer(runner):
+    """The prompt list bench_gpu.py part c and profile_gpu_run.py share (srt_entmtp.bench_prompts)."""
+    import pytest
+
+    from srt_entmtp.bench_prompts import BENCH_FAMILIES, cycled, interleaved_chat_prompts
+    from tests.conftest import prompts_dir
+
+    if prompts_dir() is None:
+        pytest.skip("shared/data/prompts not found beside the repo (set ENTMTP_PROMPTS_DIR)")
+    eng = Engine(EngineArgs(model_path=str(runner.model_dir), kv_slots=1024, context_length=1024))
+    pool = interleaved_chat_prompts(eng.tokenize_chat, 2, prompts_dir())
+    assert [f for f, _ in pool] == list(BENCH_FAMILIES) * 2  # one of each family in turn
+    assert all(ids and isinstance(ids[0], int) for _, ids in pool)
+    assert len({tuple(ids) for _, ids in pool}) == len(pool)
+    reqs = _script().build_prompts(eng, 10, prompts_dir())  # 10 requests: 3 prompts a family, 12 in the pool
+    assert reqs == interleaved_chat_prompts(eng.tokenize_chat, 3, prompts_dir())[:10]
+    assert cycled([1, 2, 3], 7) == [1, 2, 3, 1, 2, 3, 1]
