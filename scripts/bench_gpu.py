@@ -373,6 +373,10 @@ def part_c(ns, dev):
                                                 context_length=2048, kv_slots=ns.kv_slots, cuda_graph=not ns.eager))
             switches[len(runs)] = STEP_KERNEL_AB["-no-pdl"]
             runs.append(("NONE-no-pdl", None, none_no_pdl, None, None))
+        if ns.overlap_prefill_ab:
+            runs.append(("NONE-overlap-prefill", None, Engine(EngineArgs(
+                device=ns.device, speculative_algorithm="NONE", max_running_requests=C, context_length=2048,
+                kv_slots=ns.kv_slots, cuda_graph=not ns.eager, overlap_prefill=True)), None, None))
         if ns.prefill_graph_ab:
             runs.append(("NONE-eager-prefill", None, Engine(EngineArgs(
                 device=ns.device, speculative_algorithm="NONE", max_running_requests=C, context_length=2048,
@@ -387,6 +391,7 @@ def part_c(ns, dev):
                         + (("ENTMTP-unfused-draft",) if ns.draft_kernels_ab else ())
                         + (("ENTMTP-not-launched-ahead",) if ns.launch_ahead_ab else ())
                         + (("ENTMTP-eager-prefill",) if ns.prefill_graph_ab else ())
+                        + (("ENTMTP-overlap-prefill",) if ns.overlap_prefill_ab else ())
                         + (tuple("ENTMTP" + v for v in STEP_KERNEL_AB) if ns.step_kernels_ab else ())
                         + (("ENTMTP-torch-accept",) if ns.accept_kernels_ab else ())
                         + (("ENTMTP-library-b",) if lib_b else ())
@@ -395,6 +400,7 @@ def part_c(ns, dev):
                 kw["lookup_tokens"] = ns.lookup_tokens if cfg == "ENTMTP+lookup" else 0
                 kw["tree_attention"] = "flashinfer" if cfg == "ENTMTP-flashinfer-tree" else "auto"
                 kw["prefill_cuda_graph"] = cfg != "ENTMTP-eager-prefill"
+                kw["overlap_prefill"] = cfg == "ENTMTP-overlap-prefill"
                 fused_draft.ENABLED = cfg != "ENTMTP-unfused-draft"  # read as the graphs are captured
                 values = {**STEP_KERNEL_AB, **ACCEPT_AB}.get(cfg[len("ENTMTP"):], {})
                 try:
@@ -517,6 +523,9 @@ def main():
     ap.add_argument("--step-kernels-ab", action="store_true",
                     help="(c) also runs NONE without PDL, and ENTMTP without PDL, with the last key split merging "
                          "the attention, and with RoPE in its own kernel (one switch each)")
+    ap.add_argument("--overlap-prefill-ab", action="store_true",
+                    help="(c): also NONE and ENTMTP with prompt chunks beside the decode steps (--overlap-prefill), "
+                         "against chunks between them (the default)")
     ap.add_argument("--prefill-graph-ab", action="store_true",
                     help="(c) also runs NONE and ENTMTP with every prompt chunk eager (no prefill CUDA graphs; "
                          "the A/B of EngineArgs.prefill_cuda_graph)")

@@ -28,6 +28,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--disable-prefill-cuda-graph", action="store_true",
                    help="run prompt chunks eagerly (11-20 ms of host launches each on the H200 machine, 1.7-2.3 ms replayed) while decode "
                         "and verify forwards still replay graphs")
+    g.add_argument("--overlap-prefill", action="store_true",
+                   help="run a chunk of greedy prompts admitted while others decode on a side stream beside their "
+                        "decode steps (CUDA with prompt-chunk graphs; off by default: on the H200 it ran level with "
+                        "chunks between steps, or slower, docs/gpu.md)")
     g.add_argument("--cuda-graph-max-bs", type=int, default=64,
                    help="largest batch that gets a CUDA graph; larger batches run eagerly")
     s = p.add_argument_group("speculative decoding")
@@ -73,7 +77,8 @@ def engine_args_from(ns: argparse.Namespace):
                       drafter=ns.drafter, draft_heads=ns.draft_heads, tree_library=ns.tree_library,
                       static_tree=ns.static_tree, draft_dtype=ns.draft_dtype, lookup_tokens=ns.lookup_tokens,
                       spec_step=ns.spec_step, tree_attention=ns.tree_attention, pipeline=not ns.disable_pipeline, cuda_graph=not ns.disable_cuda_graph,
-                      cuda_graph_max_bs=ns.cuda_graph_max_bs, prefill_cuda_graph=not ns.disable_prefill_cuda_graph)
+                      cuda_graph_max_bs=ns.cuda_graph_max_bs, prefill_cuda_graph=not ns.disable_prefill_cuda_graph,
+                      overlap_prefill=ns.overlap_prefill)
 
 
 def cmd_prepare(ns) -> int:

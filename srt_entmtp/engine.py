@@ -53,6 +53,7 @@ class EngineArgs:
     cuda_graph_max_bs: int = 64          # largest batch with a graph; bigger batches run eagerly
     cuda_graph_min_tree_nodes: int = 0   # capture verify graphs for trees at least this big (calibration)
     prefill_cuda_graph: bool = True      # prompt chunks replay graphs too (cuda_graph.py: prefill shapes)
+    overlap_prefill: bool = False        # a chunk admitted while others decode runs beside their steps (CUDA, graphs)
     spec_step: str = "auto"              # greedy speculative steps: device (fixed-shape, graphs), host; auto = device on CUDA
     tree_attention: str = "auto"         # the graphs' attention: auto = Triton's tree kernel where it runs (decode steps as one-node trees), flashinfer
     pipeline: bool = True                # launch the next greedy step of an unchanged batch before the tokens go back
@@ -94,6 +95,7 @@ class Engine:
         self.scheduler = Scheduler(self.worker, max_running=args.max_running_requests,
                                    max_waiting=args.max_waiting_requests, chunk_tokens=args.chunked_prefill_size,
                                    eos_ids=self.eos_ids, detokenizer=self.detok)
+        self.scheduler.overlap_prefill = args.overlap_prefill
         self._inbox: queue.Queue = queue.Queue()
         self._callbacks: dict[str, Callable[[StepOutput], None]] = {}
         self._thread: threading.Thread | None = None

@@ -16,6 +16,7 @@ from srt_entmtp.model.forward_batch import ForwardBatch
 from srt_entmtp.model.runner import ModelRunner
 from srt_entmtp.sampling import sample
 from srt_entmtp.sched.request import Request
+from srt_entmtp.spec.entropy import entropy_from_logits
 
 _EMPTY = torch.empty(0, dtype=torch.long)
 
@@ -24,6 +25,18 @@ def same_batch(a: list[Request], b: list[Request]) -> bool:
     """Whether two running batches are the same requests in the same order (a pipelined step
     relaunches only an unchanged batch)."""
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+@dataclass
+class PromptChunk:
+    """A launched prompt chunk (Worker.launch_prefill): its results, or what to read them from."""
+    reqs: list[Request]
+    done: list[Request]                      # the requests whose prompt this chunk completes
+    results: dict[str, list[int]] | None = None  # first tokens, once known
+    hidden: torch.Tensor | None = None       # [len(done), H] last hidden states (side stream)
+    host: torch.Tensor | None = None         # pinned: first tokens, then prompt entropies
+    event: torch.cuda.Event | None = None    # recorded on the side stream after both copies
+    deferred: bool = False                   # done, but reported one call late (CPU tests)
 
 
 @dataclass
@@ -51,6 +64,11 @@ class Worker:
         self._plain_inflight: _PlainStep | None = None  # the pipelined plain step in flight
         self._next_host = None  # two (pinned buffer for a step's next tokens, its event), used in turn
         self._host_turn = 0
+        # prompt chunks beside decode steps (launch_prefill(beside=True)): None = where they can,
+        # False = never (an A/B switch), "deferred" = CPU tests (tokens handed over a step late)
+        self.overlap_prefill: bool | str | None = None
+        self._prefill_stream = None
+        self.prompt_entropy = False  # whether seed_estimates wants each prompt's last entropy
 
     def max_new_slots_per_step(self) -> int:
         """KV slots one decode step may take per request (the scheduler reserves them)."""
@@ -72,6 +90,16 @@ class Worker:
     def prefill(self, reqs: list[Request], chunk_lens: list[int]) -> dict[str, list[int]]:
         """Run prompt chunks for several requests in one forward; return the first token of each
         request whose prompt is now complete."""
+        return self.finish_prefill(self.launch_prefill(reqs, chunk_lens), block=True)
+
+    def launch_prefill(self, reqs: list[Request], chunk_lens: list[int], beside: bool = False) -> PromptChunk:
+        """Start a prompt-chunk forward. beside=True (the scheduler asks when other requests are
+        decoding): where it can, the chunk runs on a side stream and this returns at once, so the
+        decode steps launched meanwhile run beside it instead of waiting behind it; its first
+        tokens are read by `finish_prefill`. It can on CUDA when the chunk replays a prefill graph
+        (those share no memory, workspace or cuBLAS stream with the step graphs), every request is
+        greedy and completes its prompt in this chunk. Elsewhere the chunk runs on the stream of
+        everything else, as `prefill`."""
         tokens, prefixes, done = [], [], []
         slots = self.kv.alloc_many(chunk_lens)
         last_index = 0
@@ -84,22 +112,74 @@ class Worker:
                 done.append((req, last_index - 1))
         # built on the host: a prefill graph uploads it in one copy, an eager forward moves it
         fb = ForwardBatch.build(tokens, prefixes, slots, logits_indices=torch.tensor([i for _, i in done], dtype=torch.long))
-        out = self.runner.forward(fb)
-        for req, new, n in zip(reqs, slots, chunk_lens):
+        for req, new, n in zip(reqs, slots, chunk_lens):  # the forward reads none of these: fb holds them
             req.append_kv(new)
             req.num_prefilled += n
-        results = {}
-        if done:
-            first = sample(out.logits, [r.sampling for r, _ in done], [r.generator for r, _ in done])
+        side, deferred = None, False
+        if beside and self.overlap_prefill is not False and len(done) == len(reqs) and all(
+                r.sampling.greedy for r in reqs):
+            g = self.runner.graphs
+            if g is not None and g.replays_prefill(fb):
+                if self._prefill_stream is None:
+                    self._prefill_stream = torch.cuda.Stream(self.runner.device)
+                side = self._prefill_stream
+            deferred = side is None and self.overlap_prefill == "deferred"  # CPU tests: tokens a step late
+        if side is None:
+            return PromptChunk(reqs, done=[r for r, _ in done], results=self._first_tokens(done, fb), deferred=deferred)
+        # the side stream starts after everything queued so far (the tree slots of a finished
+        # request's step in flight may be among this chunk's slots); later steps run beside it
+        side.wait_stream(torch.cuda.current_stream())
+        n = len(done)
+        with torch.cuda.stream(side):
+            out = self.runner.forward(fb)
+            host = torch.empty(2 * n, dtype=torch.float64, pin_memory=True)
+            host[:n].copy_(out.logits.argmax(-1), non_blocking=True)
+            if self.prompt_entropy:
+                host[n:].copy_(entropy_from_logits(out.logits), non_blocking=True)
             hidden = out.hidden.clone()  # a prefill graph's output is a static buffer the next forward rewrites
-            for j, (req, _) in enumerate(done):
-                req.last_hidden = hidden[j]
-                results[req.rid] = [int(first[j])]
-            self.after_prefill([r for r, _ in done], out.logits)
-        return results
+            event = torch.cuda.Event()
+            event.record()
+        return PromptChunk(reqs, done=[r for r, _ in done], hidden=hidden, host=host, event=event)
 
-    def after_prefill(self, reqs: list[Request], logits: torch.Tensor) -> None:
-        """Hook for spec workers (seed the entropy estimate from the prompt's last logits)."""
+    def finish_prefill(self, chunk: PromptChunk, block: bool = False) -> dict[str, list[int]] | None:
+        """The first tokens of a launched chunk's finished prompts, or None while it still runs
+        (block=False). A deferred chunk (CPU tests) is done on its second call."""
+        if chunk.results is not None:
+            if chunk.deferred and not block:
+                chunk.deferred = False
+                return None
+            return chunk.results
+        if not block and not chunk.event.query():
+            return None
+        chunk.event.synchronize()
+        main = torch.cuda.current_stream()
+        main.wait_event(chunk.event)
+        chunk.hidden.record_stream(main)  # made on the side stream, used on this one from now on
+        n = len(chunk.done)
+        first = chunk.host[:n].long().tolist()
+        for j, req in enumerate(chunk.done):
+            req.last_hidden = chunk.hidden[j]
+        if self.prompt_entropy:
+            self.seed_estimates(chunk.done, chunk.host[n:].float())
+        chunk.results = {r.rid: [t] for r, t in zip(chunk.done, first)}
+        return chunk.results
+
+    def _first_tokens(self, done, fb: ForwardBatch) -> dict[str, list[int]]:
+        out = self.runner.forward(fb)
+        if not done:
+            return {}
+        reqs = [r for r, _ in done]
+        first = sample(out.logits, [r.sampling for r in reqs], [r.generator for r in reqs])
+        hidden = out.hidden.clone()  # a prefill graph's output is a static buffer the next forward rewrites
+        for j, req in enumerate(reqs):
+            req.last_hidden = hidden[j]
+        if self.prompt_entropy:
+            self.seed_estimates(reqs, entropy_from_logits(out.logits).cpu())
+        return {r.rid: [int(t)] for r, t in zip(reqs, first.tolist())}
+
+    def seed_estimates(self, reqs: list[Request], entropy: torch.Tensor) -> None:
+        """Hook for spec workers (prompt_entropy = True): each finished prompt's last next-token
+        entropy, [len(reqs)] on the host, seeds its estimate."""
 
     def decode(self, reqs: list[Request]) -> dict[str, list[int]]:
         """One autoregressive step: each request's pending token in, one new token out."""

@@ -154,6 +154,7 @@ class CudaGraphRunner:
         self.prefill_graphs: dict[tuple[int, int], CapturedForward] = {}
         self.prefill_replays = 0
         self.workspace = None  # FlashInfer's float workspace, allocated at capture
+        self.prefill_workspace = None  # the prefill graphs' own (they may run beside the others)
         # keyed by (requests, tokens, tree): decode (2, 2) and the one-request verify (2, 2) differ
         self.graphs: dict[tuple[int, int, bool], CapturedForward] = {}
         self.capture_seconds = 0.0
@@ -188,15 +189,22 @@ class CudaGraphRunner:
             self.out_slots[:tokens].zero_()
             graph = self._capture_one(lambda a=attn, n=tokens: self._forward(a, n), pool)
             self.graphs[(batch, tokens, tree)] = CapturedForward(attn, graph)
+        # prompt chunks may run on a side stream beside decode and verify graphs (Worker.launch_prefill),
+        # so their graphs share nothing with those: their own pool, FlashInfer float workspace, and
+        # capture stream (cuBLAS keys its workspace by stream)
+        prefill_pool = torch.cuda.graph_pool_handle()
+        prefill_stream = torch.cuda.Stream()
+        if self.prefill_shapes:
+            self.prefill_workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=r.device)
         for batch, tokens in sorted(self.prefill_shapes, key=lambda s: -s[1]):
             # real requests' prefixes (up to the context each) and every new token, a dummy's keys included
-            attn = GraphAttention(r.kv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.workspace,
+            attn = GraphAttention(r.kv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.prefill_workspace,
                                   self.prefill_inputs[2, :tokens], batch, tokens, (batch - 1) * ctx + tokens,
                                   tree=False, causal=True)
             attn.plan(self._dummy(batch, tokens, False, causal=True))
             self.prefill_inputs[:, :tokens].zero_()
             self.prefill_graphs[(batch, tokens)] = CapturedForward(attn, self._capture_one(
-                lambda a=attn, b=batch, n=tokens: self._forward_prefill(a, b, n), pool))
+                lambda a=attn, b=batch, n=tokens: self._forward_prefill(a, b, n), prefill_pool, prefill_stream))
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - t0
         self.memory_bytes = free0 - torch.cuda.mem_get_info()[0]
@@ -205,15 +213,15 @@ class CudaGraphRunner:
                  len(self.prefill_graphs), self.capture_seconds, self.memory_bytes / 2**20)
 
     @staticmethod
-    def _capture_one(run, pool) -> torch.cuda.CUDAGraph:
-        side = torch.cuda.Stream()
+    def _capture_one(run, pool, stream: torch.cuda.Stream | None = None) -> torch.cuda.CUDAGraph:
+        side = stream or torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside capture: cuBLAS handles, lazy inits
             for _ in range(2):
                 run()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
             run()
         return graph
 
@@ -243,18 +251,31 @@ class CudaGraphRunner:
         fits = [(tokens, batch) for batch, tokens in self.prefill_shapes if batch > b and tokens >= n + batch - b]
         return None if not fits else min(fits)[::-1]
 
-    def _forward_prefill_graph(self, fb: ForwardBatch):
-        """Replay the prefill graph that fits a prompt-chunk batch (built on the host) and return
-        (hidden, logits) of its logits_indices rows; None = run eagerly."""
+    def _prefill_entry(self, fb: ForwardBatch):
+        """(graph entry, its shape, fb padded to it) for a prompt-chunk batch built on the host,
+        or None: it runs eagerly."""
         rows = fb.logits_indices
         shape = self._pick_prefill(fb) if fb.custom_mask is None else None
         entry = self.prefill_graphs.get(shape) if shape else None
-        if entry is None or fb.input_ids.device.type != "cpu" or rows.device.type != "cpu":
+        if entry is None or rows is None or fb.input_ids.device.type != "cpu" or rows.device.type != "cpu":
             return None
-        attn, (batch, N) = entry.attn, shape
-        fbp = pad_batch(fb, batch, N, causal=True)
-        if not attn.fits(fbp):
+        fbp = pad_batch(fb, *shape, causal=True)
+        return (entry, shape, fbp) if entry.attn.fits(fbp) else None
+
+    def replays_prefill(self, fb: ForwardBatch) -> bool:
+        """Whether this prompt chunk replays a prefill graph (what a chunk on a side stream needs:
+        prefill graphs have their own memory pool, FlashInfer workspace and cuBLAS capture stream,
+        so they may run beside the decode and verify graphs)."""
+        return self._prefill_entry(fb) is not None
+
+    def _forward_prefill_graph(self, fb: ForwardBatch):
+        """Replay the prefill graph that fits a prompt-chunk batch (built on the host) and return
+        (hidden, logits) of its logits_indices rows; None = run eagerly."""
+        picked = self._prefill_entry(fb)
+        if picked is None:
             return None
+        entry, (batch, N), fbp = picked
+        rows, attn = fb.logits_indices, entry.attn
         attn.plan(fbp)
         if self._prefill_copied is not None:  # the pinned twin's last upload must have been read
             self._prefill_copied.synchronize()

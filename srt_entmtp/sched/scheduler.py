@@ -1,8 +1,12 @@
 """Continuous batching: admit, chunk prefills, decode the running set, retire finished requests.
 
-One `step()` is one forward pass: a prefill batch if any admitted request still has prompt
-tokens (up to `chunk_tokens` of them, split across requests), otherwise one decode step for
-every running request. Admission is bounded by --max-running-requests and by KV slots: each
+One `step()` is a prefill batch if any admitted request still has prompt tokens (up to
+`chunk_tokens` of them, split across requests), otherwise one decode step for every running
+request. Where the worker can (CUDA, prefill graphs: `Worker.launch_prefill`), a chunk admitted
+while others decode runs beside their decode steps instead: the step launches it and decodes the
+others, and its requests join the batch once its first tokens are read (at most one such chunk
+at a time). That is `overlap_prefill = True` (`--overlap-prefill`); it is off by default, since on
+the H200 it ran level with chunks between steps, or slower (docs/gpu.md). Admission is bounded by --max-running-requests and by KV slots: each
 request reserves its prompt, its max_new_tokens and one step's worth of draft tree, so a step
 never finds the cache full. A finished or aborted request frees its slots at once.
 """
@@ -44,6 +48,11 @@ class Scheduler:
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.stats = collections.Counter()
+        # a prompt chunk may run beside the decode steps (Worker.launch_prefill): its requests wait
+        # in the running set, still in PREFILL, until its first tokens are read; one at a time.
+        # Off by default: on the H200 it did not beat chunks between steps (docs/gpu.md)
+        self.overlap_prefill = False
+        self._chunk = None
 
     # ---- admission -------------------------------------------------------------------------
     def add(self, req: Request, bounded: bool = True) -> None:
@@ -89,8 +98,13 @@ class Scheduler:
                         req.status = Status.FINISHED
                         req.finish_reason = "abort"
                     else:
+                        chunk = self._chunk if self._chunk is not None and req in self._chunk.reqs else None
+                        if chunk is not None:
+                            self.worker.finish_prefill(chunk, block=True)  # its KV is written before it is freed
                         self._finish(req, "abort")
                         self.running.remove(req)
+                        if chunk is not None and all(r.finished for r in chunk.reqs):
+                            self._chunk = None  # nobody is left to take its first tokens
                     return req
         return None
 
@@ -99,11 +113,17 @@ class Scheduler:
 
     # ---- one step ----------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        rejected = self._admit()
+        outputs = self._admit()
+        if self._chunk is not None:  # a prompt chunk running beside the decode steps
+            decoding = any(r.status is Status.DECODE for r in self.running)
+            new = self.worker.finish_prefill(self._chunk, block=not decoding)
+            if new is not None:
+                outputs += self._prefilled(self._chunk.reqs, new)
+                self._chunk = None
         if not self.running:
-            return rejected
+            return outputs
         prefilling = [r for r in self.running if r.status is Status.PREFILL]
-        if prefilling:
+        if prefilling and self._chunk is None:
             budget, reqs, lens = self.chunk_tokens, [], []
             for r in prefilling:
                 if budget <= 0:
@@ -112,21 +132,35 @@ class Scheduler:
                 reqs.append(r)
                 lens.append(n)
                 budget -= n
-            new = self.worker.prefill(reqs, lens)
             self.stats["prefill_steps"] += 1
             self.stats["prefill_tokens"] += sum(lens)
-            for r in reqs:
-                if r.rid in new:
-                    r.status = Status.DECODE
-        else:
-            reqs = list(self.running)
+            if self.overlap_prefill and any(r.status is Status.DECODE for r in self.running):
+                chunk = self.worker.launch_prefill(reqs, lens, beside=True)
+                new = self.worker.finish_prefill(chunk)
+                if new is None:  # it runs beside: the decoding requests take this step's decode meanwhile
+                    self._chunk = chunk
+                    self.stats["prefills_beside"] += 1
+            else:
+                new = self.worker.prefill(reqs, lens)
+            if new is not None:
+                outputs += self._prefilled(reqs, new)
+                self.running = [r for r in self.running if not r.finished]
+                return outputs
+        reqs = [r for r in self.running if r.status is Status.DECODE]
+        if reqs:
             new = self.worker.decode(reqs)
             self.stats["decode_steps"] += 1
-        outputs = rejected
-        for r in reqs:
-            if r.rid in new:
-                outputs.append(self._append(r, new[r.rid]))
+            outputs += [self._append(r, new[r.rid]) for r in reqs if r.rid in new]
         self.running = [r for r in self.running if not r.finished]
+        return outputs
+
+    def _prefilled(self, reqs: list[Request], new: dict[str, list[int]]) -> list[StepOutput]:
+        """Requests whose prompt a chunk completed start decoding with its first token."""
+        outputs = []
+        for r in reqs:
+            if r.rid in new and not r.finished:  # (aborted while its chunk ran)
+                r.status = Status.DECODE
+                outputs.append(self._append(r, new[r.rid]))
         return outputs
 
     def _append(self, req: Request, ids: list[int]) -> StepOutput:

@@ -88,6 +88,7 @@ class SpecWorker(Worker):
                  confidence_threshold: float = 0.05, lookup_tokens: int | None = None, spec_step: str = "host",
                  max_batch: int = 64, tree_attention: str = "auto"):
         super().__init__(runner)
+        self.prompt_entropy = True  # the prompt's last entropy seeds each estimate (seed_estimates)
         self.algorithm = algorithm
         self.drafter = drafter
         # several libraries: one per calibrated batch size, picked each step by the running batch
@@ -190,11 +191,10 @@ class SpecWorker(Worker):
             self._free_slots.append(req.slot)
             req.slot = -1
 
-    def after_prefill(self, reqs: list[Request], logits: torch.Tensor) -> None:
+    def seed_estimates(self, reqs: list[Request], entropy: torch.Tensor) -> None:
         """The prompt's last next-token entropy seeds each estimate."""
         slots = torch.tensor([r.slot for r in reqs])
-        ent = entropy_from_logits(logits)
-        self.tracker.update(slots, ent, torch.arange(len(reqs) + 1))
+        self.tracker.update(slots, entropy, torch.arange(len(reqs) + 1))
 
     def tree_by_name(self, name: str) -> Tree:
         """A tree by entry name or Tree.name from any of the worker's libraries."""
