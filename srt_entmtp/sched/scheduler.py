@@ -6,9 +6,10 @@ request. Where the worker can (CUDA, prefill graphs: `Worker.launch_prefill`), a
 while others decode runs beside their decode steps instead: the step launches it and decodes the
 others, and its requests join the batch once its first tokens are read (at most one such chunk
 at a time). That is `overlap_prefill = True` (`--overlap-prefill`); it is off by default, since on
-the H200 it ran level with chunks between steps, or slower (docs/gpu.md). Admission is bounded by --max-running-requests and by KV slots: each
-request reserves its prompt, its max_new_tokens and one step's worth of draft tree, so a step
-never finds the cache full. A finished or aborted request frees its slots at once.
+the H200 it ran level with chunks between steps, or slower (docs/gpu.md).
+
+Admission is bounded by --max-running-requests and by KV slots: each request reserves its prompt,
+its max_new_tokens and one step's worth of draft tree, so a step never finds the cache full. A finished or aborted request frees its slots at once.
 """
 from __future__ import annotations
 
