@@ -82,7 +82,8 @@ class Engine:
                                             max_tree_nodes=0 if plain else max(self.worker.max_new_slots_per_step(),
                                                                                args.cuda_graph_min_tree_nodes),
                                             decode_attention=args.tree_attention,
-                                            prefill_tokens=args.chunked_prefill_size if args.prefill_cuda_graph else 0)
+                                            prefill_tokens=args.chunked_prefill_size if args.prefill_cuda_graph else 0,
+                                            prefill_beside=args.overlap_prefill)
             step = getattr(self.worker, "device_step", None)
             if step is not None and self.runner.graphs is not None:
                 step.capture(min(args.max_running_requests, args.cuda_graph_max_bs), self.runner.graphs.workspace)

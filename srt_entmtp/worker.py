@@ -64,9 +64,9 @@ class Worker:
         self._plain_inflight: _PlainStep | None = None  # the pipelined plain step in flight
         self._next_host = None  # two (pinned buffer for a step's next tokens, its event), used in turn
         self._host_turn = 0
-        # prompt chunks beside decode steps (launch_prefill(beside=True)): None = where they can,
-        # False = never (an A/B switch), "deferred" = CPU tests (tokens handed over a step late)
-        self.overlap_prefill: bool | str | None = None
+        # CPU tests of chunks beside decode steps (no side stream there): a chunk asked to run beside
+        # runs at once but hands its first tokens over a step late, through the same scheduler states
+        self.defer_chunks = False
         self._prefill_stream = None
         self.prompt_entropy = False  # whether seed_estimates wants each prompt's last entropy
 
@@ -97,7 +97,7 @@ class Worker:
         decoding): where it can, the chunk runs on a side stream and this returns at once, so the
         decode steps launched meanwhile run beside it instead of waiting behind it; its first
         tokens are read by `finish_prefill`. It can on CUDA when the chunk replays a prefill graph
-        (those share no memory, workspace or cuBLAS stream with the step graphs), every request is
+        captured apart from the step graphs (`CudaGraphRunner.can_prefill_beside`), every request is
         greedy and completes its prompt in this chunk. Elsewhere the chunk runs on the stream of
         everything else, as `prefill`."""
         tokens, prefixes, done = [], [], []
@@ -116,14 +116,13 @@ class Worker:
             req.append_kv(new)
             req.num_prefilled += n
         side, deferred = None, False
-        if beside and self.overlap_prefill is not False and len(done) == len(reqs) and all(
-                r.sampling.greedy for r in reqs):
+        if beside and len(done) == len(reqs) and all(r.sampling.greedy for r in reqs):
             g = self.runner.graphs
-            if g is not None and g.replays_prefill(fb):
+            if g is not None and g.can_prefill_beside(fb):
                 if self._prefill_stream is None:
                     self._prefill_stream = torch.cuda.Stream(self.runner.device)
                 side = self._prefill_stream
-            deferred = side is None and self.overlap_prefill == "deferred"  # CPU tests: tokens a step late
+            deferred = side is None and self.defer_chunks
         if side is None:
             return PromptChunk(reqs, done=[r for r, _ in done], results=self._first_tokens(done, fb), deferred=deferred)
         # the side stream starts after everything queued so far (the tree slots of a finished

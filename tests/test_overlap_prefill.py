@@ -2,7 +2,7 @@
 
 On CUDA a chunk admitted while other requests decode runs on a side stream and its requests join
 the batch once its first tokens are read. There is no second stream on the CPU, so these tests
-use the worker's "deferred" mode: the chunk runs at once but its tokens are handed over a step
+use the worker's `defer_chunks` mode: the chunk runs at once but its tokens are handed over a step
 later, which drives the scheduler through the same states (the others decode while the chunk's
 requests wait in PREFILL; they join later; an abort meets a chunk still pending). The GPU form is
 tested in tests/gpu/test_gpu.py."""
@@ -36,7 +36,7 @@ def test_deferred_chunks_beside_decode_steps_give_the_tokens_of_serial_chunks(ru
     assert serial.scheduler.stats["prefills_beside"] == 0
 
     eng = _engine(runner, algorithm)
-    eng.scheduler.overlap_prefill, eng.worker.overlap_prefill = True, "deferred"
+    eng.scheduler.overlap_prefill, eng.worker.defer_chunks = True, True
     waited = []  # per step: requests still in PREFILL while others decoded
     eng.step_listeners.append(lambda outs, dt: waited.append(sum(
         r.status is Status.PREFILL for r in eng.scheduler.running) if eng.scheduler._chunk is not None else 0))
@@ -51,7 +51,7 @@ def test_deferred_chunks_beside_decode_steps_give_the_tokens_of_serial_chunks(ru
 def test_abort_of_a_request_whose_chunk_is_pending(runner, prompts):
     _, ids = prompts
     eng = _engine(runner, "ENTMTP")
-    eng.scheduler.overlap_prefill, eng.worker.overlap_prefill = True, "deferred"
+    eng.scheduler.overlap_prefill, eng.worker.defer_chunks = True, True
     free0 = eng.runner.kv.num_free
     reqs = [eng.make_request(p, SamplingParams(max_new_tokens=4 + 6 * i, ignore_eos=True)) for i, p in enumerate(ids[:3])]
     for r in reqs:

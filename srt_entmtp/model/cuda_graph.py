@@ -110,8 +110,9 @@ class CudaGraphRunner:
     """Captures the runner's model for every bucket at start-up; `forward` replays or says None."""
 
     def __init__(self, runner, max_batch: int, max_tree_nodes: int = 0, decode: bool = True,
-                 decode_attention: str = "auto", prefill_tokens: int = 0):
+                 decode_attention: str = "auto", prefill_tokens: int = 0, prefill_beside: bool = False):
         self.runner = runner
+        self.prefill_beside = prefill_beside  # prompt-chunk graphs isolated from the others (capture)
         # decode graphs' attention: auto = the Triton tree kernel (one node a request) where Triton
         # imports, flashinfer = FlashInfer's decode wrapper
         from srt_entmtp.model.attention import tree_triton
@@ -154,7 +155,7 @@ class CudaGraphRunner:
         self.prefill_graphs: dict[tuple[int, int], CapturedForward] = {}
         self.prefill_replays = 0
         self.workspace = None  # FlashInfer's float workspace, allocated at capture
-        self.prefill_workspace = None  # the prefill graphs' own (they may run beside the others)
+        self.prefill_workspace = None  # the prefill graphs' (their own with prefill_beside)
         # keyed by (requests, tokens, tree): decode (2, 2) and the one-request verify (2, 2) differ
         self.graphs: dict[tuple[int, int, bool], CapturedForward] = {}
         self.capture_seconds = 0.0
@@ -189,12 +190,13 @@ class CudaGraphRunner:
             self.out_slots[:tokens].zero_()
             graph = self._capture_one(lambda a=attn, n=tokens: self._forward(a, n), pool)
             self.graphs[(batch, tokens, tree)] = CapturedForward(attn, graph)
-        # prompt chunks may run on a side stream beside decode and verify graphs (Worker.launch_prefill),
-        # so their graphs share nothing with those: their own pool, FlashInfer float workspace, and
-        # capture stream (cuBLAS keys its workspace by stream)
-        prefill_pool = torch.cuda.graph_pool_handle()
-        prefill_stream = torch.cuda.Stream()
-        if self.prefill_shapes:
+        # with prefill_beside, prompt chunks may run on a side stream beside decode and verify graphs
+        # (Worker.launch_prefill), so their graphs share nothing with those: their own pool, FlashInfer
+        # float workspace, and capture stream (cuBLAS keys its workspace by stream). Otherwise (the
+        # default) they share the others' and hold no more memory than before
+        prefill_pool, prefill_stream, self.prefill_workspace = pool, None, self.workspace
+        if self.prefill_beside and self.prefill_shapes:
+            prefill_pool, prefill_stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
             self.prefill_workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=r.device)
         for batch, tokens in sorted(self.prefill_shapes, key=lambda s: -s[1]):
             # real requests' prefixes (up to the context each) and every new token, a dummy's keys included
@@ -262,11 +264,11 @@ class CudaGraphRunner:
         fbp = pad_batch(fb, *shape, causal=True)
         return (entry, shape, fbp) if entry.attn.fits(fbp) else None
 
-    def replays_prefill(self, fb: ForwardBatch) -> bool:
-        """Whether this prompt chunk replays a prefill graph (what a chunk on a side stream needs:
-        prefill graphs have their own memory pool, FlashInfer workspace and cuBLAS capture stream,
-        so they may run beside the decode and verify graphs)."""
-        return self._prefill_entry(fb) is not None
+    def can_prefill_beside(self, fb: ForwardBatch) -> bool:
+        """Whether this prompt chunk may run on a side stream: it replays a prefill graph, and those
+        were captured apart from the step graphs (prefill_beside: their own memory pool, FlashInfer
+        workspace and cuBLAS capture stream)."""
+        return self.prefill_beside and self._prefill_entry(fb) is not None
 
     def _forward_prefill_graph(self, fb: ForwardBatch):
         """Replay the prefill graph that fits a prompt-chunk batch (built on the host) and return

@@ -84,19 +84,23 @@ class ModelRunner:
         return self.model_dir.name
 
     def capture_cuda_graphs(self, max_batch: int, max_tree_nodes: int = 0, decode: bool = True,
-                            decode_attention: str = "auto", prefill_tokens: int = 0) -> bool:
+                            decode_attention: str = "auto", prefill_tokens: int = 0,
+                            prefill_beside: bool = False) -> bool:
         """Capture decode graphs (if `decode`), tree-verify graphs for trees of up to
         max_tree_nodes nodes (if > 0), for batches up to max_batch, and prompt-chunk graphs for
         chunks of up to prefill_tokens tokens (if > 0). CUDA with FlashInfer only.
         decode_attention: auto = the decode graphs attend with the Triton tree kernel where
-        Triton imports; flashinfer = FlashInfer's decode wrapper."""
+        Triton imports; flashinfer = FlashInfer's decode wrapper. prefill_beside: prompt-chunk
+        graphs get their own pool, workspace and capture stream, so that a chunk may run on a side
+        stream beside the step graphs (Worker.launch_prefill; off: they share the others')."""
         if self.device.type != "cuda" or self.backend_name != "flashinfer":
             log.info("CUDA graphs are off: they need a CUDA device and the flashinfer backend (have %s, %s)",
                      self.device, self.backend_name)
             return False
         from srt_entmtp.model.cuda_graph import CudaGraphRunner
 
-        graphs = CudaGraphRunner(self, max_batch, max_tree_nodes, decode, decode_attention, prefill_tokens)
+        graphs = CudaGraphRunner(self, max_batch, max_tree_nodes, decode, decode_attention, prefill_tokens,
+                                 prefill_beside)
         graphs.capture()
         self.graphs = graphs
         return True
