@@ -384,6 +384,7 @@ def part_c(ns, dev):
         for drafter in ns.drafters:
             lib, static = library_for(ns, drafter, C)
             lib_b = library_for(ns, drafter, C, ns.library_dir_b)[0] if ns.library_dir_b else None
+            arm_b = "ENTMTP-heads-b" if ns.heads_b else "ENTMTP-library-b" if lib_b else None
             for cfg in (("STATIC", "ENTMTP") + (("ENTMTP+lookup",) if ns.lookup_tokens else ())
                         + (("ENTMTP-unpipelined",) if ns.pipeline_ab else ())
                         + (("ENTMTP-flashinfer-tree",) if ns.tree_attention_ab else ())
@@ -394,9 +395,11 @@ def part_c(ns, dev):
                         + (("ENTMTP-overlap-prefill",) if ns.overlap_prefill_ab else ())
                         + (tuple("ENTMTP" + v for v in STEP_KERNEL_AB) if ns.step_kernels_ab else ())
                         + (("ENTMTP-torch-accept",) if ns.accept_kernels_ab else ())
-                        + (("ENTMTP-library-b",) if lib_b else ())
+                        + ((arm_b,) if arm_b else ())
                         + tuple(f"STATIC-chain{k}" for k in ns.static_chains)):
-                kw = {"tree_library": lib_b if cfg == "ENTMTP-library-b" else lib} if lib else {}
+                kw = {"tree_library": lib_b if cfg == arm_b and lib_b else lib} if lib else {}
+                if cfg == "ENTMTP-heads-b":
+                    kw["draft_heads"] = ns.heads_b
                 kw["lookup_tokens"] = ns.lookup_tokens if cfg == "ENTMTP+lookup" else 0
                 kw["tree_attention"] = "flashinfer" if cfg == "ENTMTP-flashinfer-tree" else "auto"
                 kw["prefill_cuda_graph"] = cfg != "ENTMTP-eager-prefill"
@@ -445,6 +448,7 @@ def part_c(ns, dev):
             row = {"concurrency": C, "config": cfg, "drafter": drafter, **res, "graphs": graph_info(eng),
                    "requests": len(prompts)}
             if drafter is not None:
+                row |= {"tree_library": eng.args.tree_library, "draft_heads": eng.args.draft_heads}
                 gaps = divergence_gaps(base, prompts, ref_outs, outs)
                 row |= {"speedup": res["tokens_per_s"] / ref["tokens_per_s"],
                         "outputs_equal_none": sum(a == b for a, b in zip(outs, ref_outs)),
@@ -543,6 +547,9 @@ def main():
     ap.add_argument("--library-dir-b", default=None,
                     help="(c) also runs ENTMTP with <dir>/<drafter>_gpu_b<C>.json from this directory "
                          "(ENTMTP-library-b: two calibrations in one run; needs --library-dir)")
+    ap.add_argument("--heads-b", default=None,
+                    help="(c) also runs ENTMTP with the heads in this directory (ENTMTP-heads-b), with "
+                         "--library-dir-b's library when given, else --library-dir's: two sets of heads in one run")
     ap.add_argument("--lookup-tokens", type=int, default=0,
                     help="also run ENTMTP with a prompt-lookup branch of up to N tokens (part c)")
     ap.add_argument("--prompts-dir", default=None)

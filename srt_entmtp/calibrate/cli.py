@@ -33,11 +33,18 @@ def cmd_collect(ns) -> int:
     from srt_entmtp.calibrate.stats import collect, summary_rows
     from srt_entmtp.calibrate.trees import quantile_edges
     from srt_entmtp.spec.drafters import load_drafter
+    from srt_entmtp.spec.drafters.base import read_config
     from srt_entmtp.spec.library import TreeLibrary
     from srt_entmtp.spec.worker import default_heads_dir, default_library_path
 
     eng = _engine(ns)
-    drafters = {k: load_drafter(default_heads_dir(k), eng.runner) for k in ns.drafters}
+    heads = {k: default_heads_dir(k) for k in ns.drafters}
+    for d in ns.draft_heads or []:  # trained heads of one kind in place of the shipped ones
+        kind = read_config(d)["kind"]
+        if kind not in heads:
+            raise SystemExit(f"--draft-heads: {d} holds {kind} heads, but --drafters is {' '.join(ns.drafters)}")
+        heads[kind] = Path(d)
+    drafters = {k: load_drafter(path, eng.runner) for k, path in heads.items()}
     for d in drafters.values():  # rank what serving will propose (int8 heads on CPU by default)
         d.quantize_for_inference(getattr(ns, "draft_dtype", "auto"))
     est = TreeLibrary.load(ns.estimator_from or default_library_path("any", eng.runner.device)).policy.estimator
@@ -46,6 +53,8 @@ def cmd_collect(ns) -> int:
                     max_depth=ns.max_depth, temperature=ns.temperature, seed=ns.seed, est=est,
                     prompts_dir=Path(ns.prompts_dir) if ns.prompts_dir else None)
     for kind, st in stats.items():
+        st.meta["heads"] = str(heads[kind])
+        st.meta["draft_dtype"] = "int8" if drafters[kind].int8 else str(eng.runner.dtype).replace("torch.", "")
         path = out / f"{kind}_stats.json"
         st.save(path)
         edges = {f: quantile_edges(st.entropies(f), ns.buckets, 100) for f in st.families}
@@ -172,6 +181,9 @@ def add_parser(sub) -> None:
     p = csub.add_parser("collect", help="per-position acceptance ranks and entropy over calibration prompts")
     common(p)
     p.add_argument("--drafters", nargs="+", default=list(DRAFTER_KINDS), choices=DRAFTER_KINDS)
+    p.add_argument("--draft-heads", action="append", default=[], metavar="DIR",
+                   help="heads directory used for the kind its config.json names, instead of the shipped "
+                        "heads (repeatable, one per kind)")
     p.add_argument("--families", nargs="+", default=list(HEAD_FAMILIES), choices=HEAD_FAMILIES)
     p.add_argument("--prompts-per-family", type=int, default=48)
     p.add_argument("--max-new-tokens", type=int, default=128)

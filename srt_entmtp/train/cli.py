@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--train-seconds", type=float, default=0,
                        help="time budget per drafter: fewer steps if --steps would not fit (0 = none)")
         g.add_argument("--train-seed", type=int, default=0)
+        g.add_argument("--init-heads", type=Path, action="append", default=[], metavar="DIR",
+                       help="start the kind in DIR/config.json from these trained heads (their arch and draft "
+                            "vocabulary; the arch and --draft-vocab options are then ignored for it) instead "
+                            "of from scratch; they are evaluated first on the same held-out positions. Repeatable")
 
     s = sub.add_parser("gen-data", help="generate the base model's own answers (self-distillation)")
     common(s)
@@ -205,10 +209,30 @@ def run_gen(ns, engine, time_budget_s: float | None = None) -> dict:
     return meta
 
 
+def _init_heads(ns) -> dict[str, Path]:
+    """--init-heads directories by the kind their config.json names (one per kind, in --kind)."""
+    from srt_entmtp.spec.drafters.base import read_config
+
+    out: dict[str, Path] = {}
+    for d in getattr(ns, "init_heads", None) or []:
+        kind = read_config(d)["kind"]
+        if kind in out:
+            raise SystemExit(f"--init-heads: {out[kind]} and {d} are both {kind} heads; give one per kind")
+        if kind not in ns.kind:
+            raise SystemExit(f"--init-heads: {d} holds {kind} heads, but --kind is {','.join(ns.kind)}")
+        out[kind] = Path(d)
+    return out
+
+
 def _make_drafter(kind: str, runner, ns, records) -> object:
-    from srt_entmtp.spec.drafters import create_drafter
+    from srt_entmtp.spec.drafters import create_drafter, load_drafter
     from srt_entmtp.train.data import draft_vocabulary
 
+    init = _init_heads(ns).get(kind)
+    if init is not None:  # continue training: its own arch and draft vocabulary, weights as saved
+        drafter = load_drafter(init, runner)
+        drafter.training_summary = {"init_from": {"heads": str(init), "training": drafter.training_summary}}
+        return drafter.requires_grad_(True)
     nv = ns.draft_vocab.get(kind, 0)
     dv = None
     if nv:
@@ -243,6 +267,10 @@ def run_train(ns, runner, records, teacher, deadline: float | None = None) -> di
             share = (deadline - time.perf_counter()) / (len(ns.kind) - i) - 10.0
             budget = max(20.0, share) if budget is None else min(budget, max(20.0, share))
         drafter = _make_drafter(kind, runner, ns, records)
+        if "init_from" in drafter.training_summary and "eval" in teacher.starts:
+            ev = evaluate(drafter, teacher, "eval", max_positions=ns.eval_positions)
+            print(f"init heads {kind}, before training:\n" + format_eval(ev), flush=True)
+            evals[f"{kind}_init"] = ev
         depth = drafter.trained_depth if kind == "mtp" else drafter.max_depth
         cfg = TrainConfig(steps=ns.steps, batch_positions=ns.batch_positions, depth=depth, lr=ns.lr,
                           weight_decay=ns.weight_decay, warmup=min(ns.warmup, max(1, ns.steps // 10)), clip=ns.clip,
@@ -272,7 +300,7 @@ def run_train(ns, runner, records, teacher, deadline: float | None = None) -> di
             evals[kind] = ev
         _merge_json(ns.out / "train_log.json", {kind: res})
         if evals:
-            _merge_json(ns.out / "eval.json", {kind: evals[kind]})
+            _merge_json(ns.out / "eval.json", {k: v for k, v in evals.items() if k in (kind, f"{kind}_init")})
         del drafter
         if runner.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -373,3 +373,26 @@ def test_acceptance_signals_script(tmp_path):
         assert q["edges"] == sorted(q["edges"]) and len(q["depth1_top1"]) == 4
         assert all(0 <= h <= 1 for h in q["depth1_top1"] if not math.isnan(h))  # NaN: an empty quartile
         assert all(h <= c <= 3 for h, c in zip(q["depth1_top1"], q["chain3_accepted"]) if not math.isnan(c))
+
+
+def test_collect_takes_other_heads_and_records_them(tmp_path, runner):
+    """`calibrate collect --draft-heads DIR` ranks with those heads and says so in the stats file;
+    heads of a kind not collected are refused."""
+    from srt_entmtp.cli import main
+    from srt_entmtp.spec.worker import default_heads_dir
+
+    if prompts_dir() is None:
+        pytest.skip("shared/data/prompts not found beside the repo (set ENTMTP_PROMPTS_DIR)")
+    heads = tmp_path / "my_mtp"
+    import shutil
+
+    shutil.copytree(default_heads_dir("mtp"), heads)
+    base = ["calibrate", "collect", "--model-path", str(runner.model_dir), "--device", "cpu", "--families", "math",
+            "--prompts-per-family", "1", "--max-new-tokens", "12", "--prompts-dir", str(prompts_dir()),
+            "--out-dir", str(tmp_path), "--draft-dtype", "model"]
+    assert main([*base, "--drafters", "mtp", "--draft-heads", str(heads)]) == 0
+    st = AcceptanceStats.load(tmp_path / "mtp_stats.json")
+    assert st.meta["heads"] == str(heads) and st.meta["draft_dtype"] == "float32"
+    assert len(st.families["math"].ranks) == 12
+    with pytest.raises(SystemExit, match="--drafters is medusa"):
+        main([*base, "--drafters", "medusa", "--draft-heads", str(heads)])

@@ -160,3 +160,37 @@ def test_best_validation_weights_are_kept(engine, teacher, monkeypatch):
     assert res["summary"]["best_step"] == 4 and res["summary"]["val_loss_final"] == 2.0
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.allclose(pa, pb, atol=1e-6), n
+
+
+def test_init_heads_continue_from_trained_heads(engine, records, tmp_path, capsys):
+    """`train --init-heads DIR` starts from those heads (their arch and draft vocabulary, not the
+    options'), evaluates them first on the same held-out positions, and records where it began."""
+    from srt_entmtp.train import cli
+    from srt_entmtp.train.data import save_records
+
+    first = tmp_path / "first"
+    save_records(first / "data" / "selfdistill.pt", records, {"base_model": engine.model_name})
+    common = ["--device", "cpu", "--kind", "mtp", "--batch-positions", "16", "--mtp-depth", "2",
+              "--teacher-tokens", "2048", "--quiet"]
+    assert cli.main(["train", "--out", str(first), "--steps", "6", "--draft-vocab", "2048",
+                     "--mtp-intermediate", "64", *common]) == 0
+    ev1 = json.loads((first / "eval.json").read_text())["mtp"]
+
+    again = tmp_path / "again"
+    assert cli.main(["train", "--out", str(again), "--data", str(first / "data" / "selfdistill.pt"), "--steps", "3",
+                     "--draft-vocab", "4096", "--mtp-intermediate", "32", "--init-heads", str(first / "mtp"),
+                     *common]) == 0
+    ev2 = json.loads((again / "eval.json").read_text())
+    # bf16 weights saved, loaded and evaluated the same way: the same numbers on the same positions
+    assert ev2["mtp_init"]["all"] == ev1["all"] and ev2["mtp_init"]["positions"] == ev1["positions"]
+    a, b = load_drafter(first / "mtp", engine.runner), load_drafter(again / "mtp", engine.runner)
+    assert b.arch() == a.arch() and b.draft_vocab_size == 2048 and torch.equal(a.draft_vocab, b.draft_vocab)
+    assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))  # it did train
+    cfg = json.loads((again / "mtp" / "config.json").read_text())
+    assert cfg["training"]["init_from"]["heads"] == str(first / "mtp") and cfg["training"]["steps"] == 3
+    assert "before training" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit, match="--kind is medusa"):
+        cli.main(["train", "--out", str(tmp_path / "bad"), "--data", str(first / "data" / "selfdistill.pt"),
+                  "--steps", "1", "--init-heads", str(first / "mtp"),
+                  *[x if x != "mtp" else "medusa" for x in common]])
