@@ -211,11 +211,14 @@ def run_gen(ns, engine, time_budget_s: float | None = None) -> dict:
 
 def _init_heads(ns) -> dict[str, Path]:
     """--init-heads directories by the kind their config.json names (one per kind, in --kind)."""
-    from srt_entmtp.spec.drafters.base import read_config
+    from srt_entmtp.spec.drafters.base import HeadsLoadError, read_config
 
     out: dict[str, Path] = {}
     for d in getattr(ns, "init_heads", None) or []:
-        kind = read_config(d)["kind"]
+        try:
+            kind = read_config(d)["kind"]
+        except HeadsLoadError as e:
+            raise SystemExit(f"--init-heads: {e}") from None
         if kind in out:
             raise SystemExit(f"--init-heads: {out[kind]} and {d} are both {kind} heads; give one per kind")
         if kind not in ns.kind:
@@ -333,6 +336,7 @@ def cmd_gen(ns) -> int:
 
 
 def cmd_train(ns) -> int:
+    _init_heads(ns)  # a bad --init-heads fails before the data is read
     records, _ = _load_data(ns)
     runner = _teacher_runner(ns, records)
     run_train(ns, runner, records, _teacher(ns, runner, records))
@@ -360,6 +364,7 @@ def cmd_eval(ns) -> int:
 
 
 def cmd_all(ns) -> int:
+    _init_heads(ns)
     t0 = time.perf_counter()
     engine = _engine(ns)
     print(f"model {engine.model_name} on {engine.runner.device} ({engine.runner.dtype}), "

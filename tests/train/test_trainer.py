@@ -194,3 +194,6 @@ def test_init_heads_continue_from_trained_heads(engine, records, tmp_path, capsy
         cli.main(["train", "--out", str(tmp_path / "bad"), "--data", str(first / "data" / "selfdistill.pt"),
                   "--steps", "1", "--init-heads", str(first / "mtp"),
                   *[x if x != "mtp" else "medusa" for x in common]])
+    with pytest.raises(SystemExit, match="--init-heads: .*config.json: not found"):  # before any data is read
+        cli.main(["train", "--out", str(tmp_path / "bad"), "--data", str(tmp_path / "none.pt"), "--init-heads",
+                  str(tmp_path / "no_heads"), *common])
