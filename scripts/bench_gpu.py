@@ -260,15 +260,27 @@ def part_b(ns, dev):
 # ---- (c) -------------------------------------------------------------------------------------------
 
 def library_for(ns, drafter, C, library_dir=None):
+    """(library argument, STATIC's tree paths) for concurrency C: <drafter>_gpu_b<C>.json alone, or
+    with --library-set every <drafter>_gpu_b<B>.json, comma-joined, as `entmtp serve` loads them
+    (each step then takes the one for its running batch; STATIC's tree is from the largest B <= C)."""
     library_dir = library_dir or ns.library_dir
     if not library_dir:
         return None, None
     p = Path(library_dir) / f"{drafter}_gpu_b{C}.json"
+    arg = str(p)
+    if getattr(ns, "library_set", False):
+        found = sorted((int(f.stem.rsplit("_b", 1)[1]), f) for f in Path(library_dir).glob(f"{drafter}_gpu_b*.json")
+                       if f.stem.rsplit("_b", 1)[1].isdigit())  # not the .report.json files
+        if not found:
+            raise SystemExit(f"--library-set: no {drafter}_gpu_b<B>.json in {library_dir}")
+        arg = ",".join(str(f) for _, f in found)
+        below = [f for b, f in found if b <= C]
+        p = below[-1] if below else found[0][1]
     rep = p.with_suffix(".report.json")
     static = None
     if rep.is_file():
         static = json.loads(rep.read_text())["families"]["general"]["static_best"]
-    return str(p), static
+    return arg, static
 
 
 def graph_info(eng) -> dict | None:
@@ -547,6 +559,10 @@ def main():
     ap.add_argument("--library-dir-b", default=None,
                     help="(c) also runs ENTMTP with <dir>/<drafter>_gpu_b<C>.json from this directory "
                          "(ENTMTP-library-b: two calibrations in one run; needs --library-dir)")
+    ap.add_argument("--library-set", action="store_true",
+                    help="(c) give every speculative engine all of the directory's <drafter>_gpu_b<B>.json at once, "
+                         "as `entmtp serve` loads them (each step takes the one for its running batch), instead of "
+                         "<drafter>_gpu_b<C>.json alone; applies to --library-dir and --library-dir-b")
     ap.add_argument("--heads-b", default=None,
                     help="(c) also runs ENTMTP with the heads in this directory (ENTMTP-heads-b), with "
                          "--library-dir-b's library when given, else --library-dir's: two sets of heads in one run")
