@@ -50,3 +50,30 @@ def test_bench_requests_interleave_families_with_the_real_prompts_and_tokenizer(
     reqs = _script().build_prompts(eng, 10, prompts_dir())  # 10 requests: 3 prompts a family, 12 in the pool
     assert reqs == interleaved_chat_prompts(eng.tokenize_chat, 3, prompts_dir())[:10]
     assert cycled([1, 2, 3], 7) == [1, 2, 3, 1, 2, 3, 1]
+
+
+def test_bench_library_set_loads_every_batch_library_as_serve_does(tmp_path):
+    """bench_gpu.py --library-set hands an engine every <drafter>_gpu_b<B>.json of the directory
+    (not the reports), smallest batch first, and takes STATIC's tree from the largest B <= C."""
+    import json
+    from types import SimpleNamespace
+
+    import pytest
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "scripts" / "bench_gpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for b in (64, 1, 8):
+        (tmp_path / f"mtp_gpu_b{b}.json").write_text("{}")
+        report = {"families": {"general": {"static_best": [[0]] * b if b < 64 else [[0]]}}}
+        (tmp_path / f"mtp_gpu_b{b}.report.json").write_text(json.dumps(report))
+    ns = SimpleNamespace(library_dir=str(tmp_path), library_set=True)
+    files = ",".join(str(tmp_path / f"mtp_gpu_b{b}.json") for b in (1, 8, 64))
+    assert mod.library_for(ns, "mtp", 4) == (files, [[0]])        # b1's report: 1 <= 4 < 8
+    assert mod.library_for(ns, "mtp", 8) == (files, [[0]] * 8)
+    assert mod.library_for(ns, "mtp", 32)[1] == [[0]] * 8
+    ns.library_set = False
+    assert mod.library_for(ns, "mtp", 8) == (str(tmp_path / "mtp_gpu_b8.json"), [[0]] * 8)
+    ns.library_set = True
+    with pytest.raises(SystemExit, match="no hydra_gpu_b"):
+        mod.library_for(ns, "hydra", 8)
