@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--warmup", type=int, default=100)
         g.add_argument("--weight-decay", type=float, default=0.01)
         g.add_argument("--clip", type=float, default=1.0)
+        g.add_argument("--feature-noise", type=float, default=0.0,
+                       help="Gaussian noise on the heads' input hidden states while training, relative to "
+                            "each row's RMS (0 = none; a regulariser)")
         g.add_argument("--draft-vocab", type=_draft_vocab_arg, default=dict(DEFAULT_DRAFT_VOCAB),
                        help="compressed draft vocabulary size: N for all kinds or kind=N,... (0 = full; "
                             f"default {DEFAULT_DRAFT_VOCAB})")
@@ -277,6 +280,7 @@ def run_train(ns, runner, records, teacher, deadline: float | None = None) -> di
         depth = drafter.trained_depth if kind == "mtp" else drafter.max_depth
         cfg = TrainConfig(steps=ns.steps, batch_positions=ns.batch_positions, depth=depth, lr=ns.lr,
                           weight_decay=ns.weight_decay, warmup=min(ns.warmup, max(1, ns.steps // 10)), clip=ns.clip,
+                          feature_noise=ns.feature_noise,
                           depth_decay=ns.mtp_depth_decay if kind == "mtp" else 1.0, seed=ns.train_seed,
                           ckpt_every=ns.ckpt_every)
         print(f"train {kind}: arch {drafter.arch()}, draft vocab {drafter.draft_vocab_size}, "

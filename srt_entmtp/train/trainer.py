@@ -161,9 +161,16 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
 
 
 def depth_losses(drafter: Drafter, data: TeacherData, t: torch.Tensor, depth: int,
-                 amp_dtype: torch.dtype | None) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Mean KL per depth over the valid rows, and the valid counts [D]."""
+                 amp_dtype: torch.dtype | None, noise: float = 0.0,
+                 generator: torch.Generator | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Mean KL per depth over the valid rows, and the valid counts [D]. With `noise`, the heads'
+    input hidden states get Gaussian noise of that size relative to each row's RMS (training
+    only: a regulariser in the spirit of EAGLE's feature noise; the teacher is untouched)."""
     h, path, tgt, valid = data.batch(t, depth)
+    if noise > 0:
+        rms = h.float().pow(2).mean(-1, keepdim=True).sqrt()
+        eps = torch.randn(h.shape, device=h.device, generator=generator)
+        h = (h.float() + noise * rms * eps).to(h.dtype)
     dev_type = h.device.type
     with torch.autocast(dev_type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
         student = drafter.path_logits(h if amp_dtype else h.float(), path)
@@ -197,6 +204,7 @@ class TrainConfig:
     val_every: int = 250                # held-out KL on the "val" split; the best weights are kept
     val_positions: int = 4096
     amp: bool = True                    # bf16 autocast on CUDA (never on CPU)
+    feature_noise: float = 0.0          # Gaussian noise on the heads' input hidden states, x each row's RMS
     extra: dict = field(default_factory=dict)
 
 
@@ -306,7 +314,7 @@ def train(drafter: Drafter, data: TeacherData, cfg: TrainConfig, ckpt_path: Path
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
     while step < end:
         idx = torch.randint(0, starts.numel(), (cfg.batch_positions,), device=dev, generator=gen)
-        losses, _ = depth_losses(drafter, data, starts[idx], depth, amp_dtype)
+        losses, _ = depth_losses(drafter, data, starts[idx], depth, amp_dtype, cfg.feature_noise, gen)
         per_depth = torch.stack(losses)
         loss = (per_depth * w).sum()
         opt.zero_grad(set_to_none=True)

@@ -68,6 +68,28 @@ def test_smoke_training_lowers_the_loss(engine, records, teacher, kind):
     assert not any(p.requires_grad for p in [engine.runner.model.lm_head, engine.runner.model.embed])
 
 
+def test_feature_noise_perturbs_the_heads_inputs_only_in_training(engine, teacher):
+    """--feature-noise: noisy inputs give other (seeded, repeatable) losses; the teacher's targets,
+    the validation loss and evaluation see clean inputs; training with it still learns."""
+    from srt_entmtp.train.trainer import depth_losses, val_loss
+
+    vocab = torch.arange(0, 49152, 16)
+    d = create_drafter("mtp", engine.runner, draft_vocab=vocab, intermediate_size=64, train_depth=2)
+    t = teacher.starts["train"][:32]
+    g = [torch.Generator().manual_seed(5) for _ in range(2)]
+    with torch.no_grad():
+        clean = torch.stack(depth_losses(d, teacher, t, 2, None)[0])
+        noisy = [torch.stack(depth_losses(d, teacher, t, 2, None, 0.5, g[i])[0]) for i in range(2)]
+        assert torch.equal(torch.stack(depth_losses(d, teacher, t, 2, None, 0.0, g[0])[0]), clean)
+    assert torch.equal(noisy[0], noisy[1]) and not torch.allclose(noisy[0], clean)
+    w = torch.tensor([0.5, 0.5])
+    before = val_loss(d, teacher, t, 2, w, None)
+    assert before == pytest.approx(float((clean * w).sum()), rel=1e-6)  # no noise in validation
+    train(d, teacher, TrainConfig(steps=30, batch_positions=32, depth=2, lr=3e-3, warmup=3, feature_noise=0.1),
+          progress=False)
+    assert val_loss(d, teacher, t, 2, w, None) < 0.9 * before
+
+
 def test_checkpoint_resume_matches_an_uninterrupted_run(engine, teacher, tmp_path):
     vocab = torch.arange(0, 49152, 16)
     cfg = TrainConfig(steps=8, batch_positions=16, depth=2, lr=3e-3, warmup=2, ckpt_every=3, log_every=1)
