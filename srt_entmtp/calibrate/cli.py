@@ -33,17 +33,16 @@ def cmd_collect(ns) -> int:
     from srt_entmtp.calibrate.stats import collect, summary_rows
     from srt_entmtp.calibrate.trees import quantile_edges
     from srt_entmtp.spec.drafters import load_drafter
-    from srt_entmtp.spec.drafters.base import read_config
+    from srt_entmtp.spec.drafters.base import HeadsLoadError, heads_dirs_by_kind
     from srt_entmtp.spec.library import TreeLibrary
     from srt_entmtp.spec.worker import default_heads_dir, default_library_path
 
+    try:  # trained heads of a kind in place of the shipped ones
+        own = heads_dirs_by_kind(ns.draft_heads, ns.drafters, "--draft-heads", "--drafters")
+    except HeadsLoadError as e:
+        raise SystemExit(str(e)) from None
+    heads = {k: own.get(k, default_heads_dir(k)) for k in ns.drafters}
     eng = _engine(ns)
-    heads = {k: default_heads_dir(k) for k in ns.drafters}
-    for d in ns.draft_heads or []:  # trained heads of one kind in place of the shipped ones
-        kind = read_config(d)["kind"]
-        if kind not in heads:
-            raise SystemExit(f"--draft-heads: {d} holds {kind} heads, but --drafters is {' '.join(ns.drafters)}")
-        heads[kind] = Path(d)
     drafters = {k: load_drafter(path, eng.runner) for k, path in heads.items()}
     for d in drafters.values():  # rank what serving will propose (int8 heads on CPU by default)
         d.quantize_for_inference(getattr(ns, "draft_dtype", "auto"))

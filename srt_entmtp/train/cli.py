@@ -213,21 +213,16 @@ def run_gen(ns, engine, time_budget_s: float | None = None) -> dict:
 
 
 def _init_heads(ns) -> dict[str, Path]:
-    """--init-heads directories by the kind their config.json names (one per kind, in --kind)."""
-    from srt_entmtp.spec.drafters.base import HeadsLoadError, read_config
+    """--init-heads directories by kind, read once per command (a bad one fails before the data
+    is read) and kept on ns for the drafters made later."""
+    from srt_entmtp.spec.drafters.base import HeadsLoadError, heads_dirs_by_kind
 
-    out: dict[str, Path] = {}
-    for d in getattr(ns, "init_heads", None) or []:
+    if not hasattr(ns, "init_by_kind"):
         try:
-            kind = read_config(d)["kind"]
+            ns.init_by_kind = heads_dirs_by_kind(getattr(ns, "init_heads", None), ns.kind, "--init-heads", "--kind")
         except HeadsLoadError as e:
-            raise SystemExit(f"--init-heads: {e}") from None
-        if kind in out:
-            raise SystemExit(f"--init-heads: {out[kind]} and {d} are both {kind} heads; give one per kind")
-        if kind not in ns.kind:
-            raise SystemExit(f"--init-heads: {d} holds {kind} heads, but --kind is {','.join(ns.kind)}")
-        out[kind] = Path(d)
-    return out
+            raise SystemExit(str(e)) from None
+    return ns.init_by_kind
 
 
 def _make_drafter(kind: str, runner, ns, records) -> object:
@@ -273,7 +268,7 @@ def run_train(ns, runner, records, teacher, deadline: float | None = None) -> di
             share = (deadline - time.perf_counter()) / (len(ns.kind) - i) - 10.0
             budget = max(20.0, share) if budget is None else min(budget, max(20.0, share))
         drafter = _make_drafter(kind, runner, ns, records)
-        if "init_from" in drafter.training_summary and "eval" in teacher.starts:
+        if kind in _init_heads(ns) and "eval" in teacher.starts:
             ev = evaluate(drafter, teacher, "eval", max_positions=ns.eval_positions)
             print(f"init heads {kind}, before training:\n" + format_eval(ev), flush=True)
             evals[f"{kind}_init"] = ev
@@ -340,7 +335,7 @@ def cmd_gen(ns) -> int:
 
 
 def cmd_train(ns) -> int:
-    _init_heads(ns)  # a bad --init-heads fails before the data is read
+    _init_heads(ns)
     records, _ = _load_data(ns)
     runner = _teacher_runner(ns, records)
     run_train(ns, runner, records, _teacher(ns, runner, records))

@@ -168,9 +168,9 @@ def depth_losses(drafter: Drafter, data: TeacherData, t: torch.Tensor, depth: in
     only: a regulariser in the spirit of EAGLE's feature noise; the teacher is untouched)."""
     h, path, tgt, valid = data.batch(t, depth)
     if noise > 0:
-        rms = h.float().pow(2).mean(-1, keepdim=True).sqrt()
+        hf = h.float()
         eps = torch.randn(h.shape, device=h.device, generator=generator)
-        h = (h.float() + noise * rms * eps).to(h.dtype)
+        h = (hf + noise * hf.pow(2).mean(-1, keepdim=True).sqrt() * eps).to(h.dtype)
     dev_type = h.device.type
     with torch.autocast(dev_type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
         student = drafter.path_logits(h if amp_dtype else h.float(), path)

@@ -502,6 +502,23 @@ class Drafter(nn.Module):
         return _build(cls, path, cfg, base, base_name)
 
 
+def heads_dirs_by_kind(dirs, kinds, option: str, kinds_option: str) -> dict[str, Path]:
+    """Heads directories named on a command line (`option`), keyed by the kind each config.json
+    names; each must be one of `kinds` (given by `kinds_option`), at most one per kind."""
+    out: dict[str, Path] = {}
+    for d in dirs or []:
+        try:
+            kind = read_config(d)["kind"]
+        except HeadsLoadError as e:
+            raise HeadsLoadError(f"{option}: {e}") from None
+        if kind in out:
+            raise HeadsLoadError(f"{option}: {out[kind]} and {d} are both {kind} heads; give one per kind")
+        if kind not in kinds:
+            raise HeadsLoadError(f"{option}: {d} holds {kind} heads, but {kinds_option} is {' '.join(kinds)}")
+        out[kind] = Path(d)
+    return out
+
+
 def read_config(path: str | Path) -> dict:
     f = Path(path) / CONFIG_FILE
     if not f.is_file():
