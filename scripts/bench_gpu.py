@@ -302,8 +302,11 @@ def throughput(eng, prompts, n_tokens, specs=None):
     """Offline run of `prompts`; also the wall time spent in prefill forwards (each ends reading
     its first tokens back, so host time is their time) and how many there were. A prefill queued
     behind a pipelined step still in flight also waits for that step, which then counts here:
-    prefill_s is an upper bound, and decode_tokens_per_s leaves that step's time out."""
+    prefill_s is an upper bound, and decode_tokens_per_s leaves that step's time out. Chunks whose
+    requests join ahead (Scheduler.join_ahead) are not read on their own, so they are counted
+    (prefills_joined) but not timed: their forward runs between decode steps with no host wait."""
     w = eng.worker
+    joined0 = eng.scheduler.stats["prefills_joined"]
     pre = {"s": 0.0, "n": 0}
 
     def timed_prefill(*a, **k):
@@ -329,6 +332,7 @@ def throughput(eng, prompts, n_tokens, specs=None):
     acc = sum(r.accepted_tokens + r.verify_ct for r in reqs) / steps if steps else 1.0
     return {"tokens": toks, "seconds": dt, "tokens_per_s": toks / dt, "accept_per_step": acc,
             "prefill_s": pre["s"], "prefill_forwards": pre["n"],
+            "prefills_joined": eng.scheduler.stats["prefills_joined"] - joined0,
             "decode_tokens_per_s": (toks - len(reqs)) / max(dt - pre["s"], 1e-9),
             "outputs": [r.output_ids for r in reqs]}
 
@@ -405,6 +409,7 @@ def part_c(ns, dev):
                         + (("ENTMTP-not-launched-ahead",) if ns.launch_ahead_ab else ())
                         + (("ENTMTP-eager-prefill",) if ns.prefill_graph_ab else ())
                         + (("ENTMTP-overlap-prefill",) if ns.overlap_prefill_ab else ())
+                        + (("ENTMTP-no-join-ahead",) if ns.join_ahead_ab else ())
                         + (tuple("ENTMTP" + v for v in STEP_KERNEL_AB) if ns.step_kernels_ab else ())
                         + (("ENTMTP-torch-accept",) if ns.accept_kernels_ab else ())
                         + ((arm_b,) if arm_b else ())
@@ -416,6 +421,7 @@ def part_c(ns, dev):
                 kw["tree_attention"] = "flashinfer" if cfg == "ENTMTP-flashinfer-tree" else "auto"
                 kw["prefill_cuda_graph"] = cfg != "ENTMTP-eager-prefill"
                 kw["overlap_prefill"] = cfg == "ENTMTP-overlap-prefill"
+                kw["join_ahead"] = cfg != "ENTMTP-no-join-ahead"
                 fused_draft.ENABLED = cfg != "ENTMTP-unfused-draft"  # read as the graphs are captured
                 values = {**STEP_KERNEL_AB, **ACCEPT_AB}.get(cfg[len("ENTMTP"):], {})
                 try:
@@ -539,6 +545,9 @@ def main():
     ap.add_argument("--step-kernels-ab", action="store_true",
                     help="(c) also runs NONE without PDL, and ENTMTP without PDL, with the last key split merging "
                          "the attention, and with RoPE in its own kernel (one switch each)")
+    ap.add_argument("--join-ahead-ab", action="store_true",
+                    help="(c) also runs ENTMTP with join ahead off: a new request's first token is read before it "
+                         "decodes, and a batch that changed waits for its step in flight (EngineArgs.join_ahead)")
     ap.add_argument("--overlap-prefill-ab", action="store_true",
                     help="(c): also NONE and ENTMTP with prompt chunks beside the decode steps (--overlap-prefill), "
                          "against chunks between them (the default)")

@@ -105,6 +105,8 @@ def main():
     ap.add_argument("--library-dir", default=None, help="<drafter>_gpu_b<C>.json per concurrency (default: shipped)")
     ap.add_argument("--prompts-dir", default=None)
     ap.add_argument("--kv-slots", type=int, default=131072)
+    ap.add_argument("--join-ahead-ab", action="store_true",
+                    help="also ENTMTP with join ahead off (EngineArgs.join_ahead: first tokens read before decoding)")
     ap.add_argument("--out", default="profile_gpu_run.json")
     ns = ap.parse_args()
     waves = ns.waves * len(ns.concurrency) if len(ns.waves) == 1 else ns.waves
@@ -115,8 +117,10 @@ def main():
         common = {"device": ns.device, "max_running_requests": C, "context_length": 2048, "kv_slots": ns.kv_slots}
         engines = {"NONE": Engine(EngineArgs(speculative_algorithm="NONE", **common))}
         lib = str(Path(ns.library_dir) / f"{ns.drafter}_gpu_b{C}.json") if ns.library_dir else None
-        engines["ENTMTP"] = Engine(EngineArgs(speculative_algorithm="ENTMTP", drafter=ns.drafter, lookup_tokens=0,
-                                              **({"tree_library": lib} if lib else {}), **common))
+        for name in ("ENTMTP",) + (("ENTMTP-no-join-ahead",) if ns.join_ahead_ab else ()):
+            engines[name] = Engine(EngineArgs(speculative_algorithm="ENTMTP", drafter=ns.drafter, lookup_tokens=0,
+                                              join_ahead=name == "ENTMTP", **({"tree_library": lib} if lib else {}),
+                                              **common))
         prompts = build_prompts(engines["NONE"], max(C * w, ns.min_prompts), ns.prompts_dir)
         for eng in engines.values():  # warm-up: kernels compiled, caches allocated
             timed_run(eng, prompts[:1], 8, C)

@@ -57,6 +57,7 @@ class EngineArgs:
     spec_step: str = "auto"              # greedy speculative steps: device (fixed-shape, graphs), host; auto = device on CUDA
     tree_attention: str = "auto"         # the graphs' attention: auto = Triton's tree kernel where it runs (decode steps as one-node trees), flashinfer
     pipeline: bool = True                # launch the next greedy step of an unchanged batch before the tokens go back
+    join_ahead: bool = True              # a new greedy request decodes before its first token is read (device spec steps)
     extra: dict = field(default_factory=dict)
 
 
@@ -97,6 +98,10 @@ class Engine:
                                    max_waiting=args.max_waiting_requests, chunk_tokens=args.chunked_prefill_size,
                                    eos_ids=self.eos_ids, detokenizer=self.detok)
         self.scheduler.overlap_prefill = args.overlap_prefill
+        if not args.join_ahead:  # both halves: chunks read before their requests decode, changed batches wait
+            self.scheduler.join_ahead = False
+            if hasattr(self.worker, "launch_changed"):
+                self.worker.launch_changed = False
         self._inbox: queue.Queue = queue.Queue()
         self._callbacks: dict[str, Callable[[StepOutput], None]] = {}
         self._thread: threading.Thread | None = None

@@ -7,6 +7,7 @@ back, per request, the list of new tokens; the scheduler applies stop rules.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,8 +36,9 @@ class PromptChunk:
     results: dict[str, list[int]] | None = None  # first tokens, once known
     hidden: torch.Tensor | None = None       # [len(done), H] last hidden states (side stream)
     host: torch.Tensor | None = None         # pinned: first tokens, then prompt entropies
-    event: torch.cuda.Event | None = None    # recorded on the side stream after both copies
+    event: torch.cuda.Event | None = None    # recorded after both copies (None: the CPU, done at once)
     deferred: bool = False                   # done, but reported one call late (CPU tests)
+    joins: bool = False                      # its requests decode before its first tokens are read
 
 
 @dataclass
@@ -92,14 +94,26 @@ class Worker:
         request whose prompt is now complete."""
         return self.finish_prefill(self.launch_prefill(reqs, chunk_lens), block=True)
 
-    def launch_prefill(self, reqs: list[Request], chunk_lens: list[int], beside: bool = False) -> PromptChunk:
+    def can_join(self, reqs: list[Request], chunk_lens: list[int]) -> bool:
+        """Whether this chunk's requests may join the decode batch before their first tokens are
+        read (`launch_prefill(join=True)`). Plain steps take their input tokens from the host: no."""
+        return False
+
+    def launch_prefill(self, reqs: list[Request], chunk_lens: list[int], beside: bool = False,
+                       join: bool = False) -> PromptChunk:
         """Start a prompt-chunk forward. beside=True (the scheduler asks when other requests are
         decoding): where it can, the chunk runs on a side stream and this returns at once, so the
         decode steps launched meanwhile run beside it instead of waiting behind it; its first
         tokens are read by `finish_prefill`. It can on CUDA when the chunk replays a prefill graph
         captured apart from the step graphs (`CudaGraphRunner.can_prefill_beside`), every request is
         greedy and completes its prompt in this chunk. Elsewhere the chunk runs on the stream of
-        everything else, as `prefill`."""
+        everything else, as `prefill`.
+
+        join=True (only where `can_join` said yes): the chunk runs on the stream of everything else
+        and this returns without reading it; each request's first token (the argmax) and hidden
+        state go to the decode step's pools on the device (`pool_prompts`), and the request is
+        `joining`: the scheduler decodes it with the others at once, and reads its first token
+        (`finish_prefill`) before any token of its own steps."""
         tokens, prefixes, done = [], [], []
         slots = self.kv.alloc_many(chunk_lens)
         last_index = 0
@@ -115,6 +129,8 @@ class Worker:
         for req, new, n in zip(reqs, slots, chunk_lens):  # the forward reads none of these: fb holds them
             req.append_kv(new)
             req.num_prefilled += n
+        if join:
+            return self._launch_unread(reqs, [r for r, _ in done], fb, None, join=True)
         side, deferred = None, False
         if beside and len(done) == len(reqs) and all(r.sampling.greedy for r in reqs):
             g = self.runner.graphs
@@ -128,17 +144,34 @@ class Worker:
         # the side stream starts after everything queued so far (the tree slots of a finished
         # request's step in flight may be among this chunk's slots); later steps run beside it
         side.wait_stream(torch.cuda.current_stream())
-        n = len(done)
-        with torch.cuda.stream(side):
+        return self._launch_unread(reqs, [r for r, _ in done], fb, side)
+
+    def _launch_unread(self, reqs: list[Request], done: list[Request], fb: ForwardBatch, side, join: bool = False
+                       ) -> PromptChunk:
+        """The chunk's forward on `side` (None: the current stream), its first tokens (greedy) and
+        prompt entropies queued to the host behind an event, nothing read."""
+        n, cuda = len(done), self.runner.device.type == "cuda"
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             out = self.runner.forward(fb)
-            host = torch.empty(2 * n, dtype=torch.float64, pin_memory=True)
-            host[:n].copy_(out.logits.argmax(-1), non_blocking=True)
+            first = out.logits.argmax(-1)
+            hidden = out.hidden.clone()  # a prefill graph's output is a static buffer the next forward rewrites
+            if join:
+                self.pool_prompts(done, hidden, first)
+            host = torch.empty(2 * n, dtype=torch.float64, pin_memory=cuda)
+            host[:n].copy_(first, non_blocking=True)
             if self.prompt_entropy:
                 host[n:].copy_(entropy_from_logits(out.logits), non_blocking=True)
-            hidden = out.hidden.clone()  # a prefill graph's output is a static buffer the next forward rewrites
-            event = torch.cuda.Event()
-            event.record()
-        return PromptChunk(reqs, done=[r for r, _ in done], hidden=hidden, host=host, event=event)
+            event = torch.cuda.Event() if cuda else None
+            if event is not None:
+                event.record()
+        if join:
+            for j, req in enumerate(done):
+                req.last_hidden, req.joining = hidden[j], True
+        return PromptChunk(reqs, done=done, hidden=hidden, host=host, event=event, joins=join)
+
+    def pool_prompts(self, reqs: list[Request], hidden: torch.Tensor, first: torch.Tensor) -> None:
+        """Hook for workers that can_join: put each finished prompt's hidden state and first token
+        (device tensors) where its first decode step reads them."""
 
     def finish_prefill(self, chunk: PromptChunk, block: bool = False) -> dict[str, list[int]] | None:
         """The first tokens of a launched chunk's finished prompts, or None while it still runs
@@ -148,16 +181,22 @@ class Worker:
                 chunk.deferred = False
                 return None
             return chunk.results
-        if not block and not chunk.event.query():
+        ev = chunk.event
+        if ev is not None and not block and not ev.query():
             return None
-        chunk.event.synchronize()
-        main = torch.cuda.current_stream()
-        main.wait_event(chunk.event)
-        chunk.hidden.record_stream(main)  # made on the side stream, used on this one from now on
+        if ev is not None:
+            ev.synchronize()
+        if ev is not None and not chunk.joins:
+            main = torch.cuda.current_stream()
+            main.wait_event(ev)
+            chunk.hidden.record_stream(main)  # made on the side stream, used on this one from now on
         n = len(chunk.done)
         first = chunk.host[:n].long().tolist()
         for j, req in enumerate(chunk.done):
-            req.last_hidden = chunk.hidden[j]
+            if chunk.joins:  # its hidden state was set at launch; its steps since may have moved it on
+                req.joining = False
+            else:
+                req.last_hidden = chunk.hidden[j]
         if self.prompt_entropy:
             self.seed_estimates(chunk.done, chunk.host[n:].float())
         chunk.results = {r.rid: [t] for r, t in zip(chunk.done, first)}

@@ -88,6 +88,9 @@ class Request:
         self.task: str = self.spec.task or "general"
         self.last_hidden: torch.Tensor | None = None  # hidden state that produced the pending token
         self.slot: int = -1                            # row in the worker's per-request state tensors
+        # its prompt ran, but its first token is still on the device (Worker.launch_prefill(join=True)):
+        # it decodes from the device step's pools (root token, hidden state) until the token is read
+        self.joining = False
         self.verify_ct = 0
         self.accepted_tokens = 0                       # drafted tokens accepted, summed over steps
         self.tree_counts: dict[str, int] = {}

@@ -8,6 +8,14 @@ others, and its requests join the batch once its first tokens are read (at most 
 at a time). That is `overlap_prefill = True` (`--overlap-prefill`); it is off by default, since on
 the H200 it ran level with chunks between steps, or slower (docs/gpu.md).
 
+Where the worker can (`Worker.can_join`: the device speculative step, greedy prompts that complete
+in the chunk), a chunk's requests *join ahead* instead (`join_ahead`, on by default): the chunk is
+launched without reading its first tokens, and its requests decode with the others in the same
+step, their first step queued behind the chunk on the device, launched after the step in flight
+(spec/worker.py). Their first tokens are read on the next step, or as soon as a step of theirs
+comes back, and always go out before any token of those steps. So an admission costs the chunk's
+forward on the device and no round trip through the host.
+
 Admission is bounded by --max-running-requests and by KV slots: each request reserves its prompt,
 its max_new_tokens and one step's worth of draft tree, so a step never finds the cache full. A finished or aborted request frees its slots at once.
 """
@@ -53,6 +61,8 @@ class Scheduler:
         # in the running set, still in PREFILL, until its first tokens are read; one at a time.
         # Off by default: on the H200 it did not beat chunks between steps (docs/gpu.md)
         self.overlap_prefill = False
+        # a chunk's requests may join the decode batch before their first tokens are read (Worker.can_join)
+        self.join_ahead = True
         self._chunk = None
 
     # ---- admission -------------------------------------------------------------------------
@@ -115,9 +125,9 @@ class Scheduler:
     # ---- one step ----------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         outputs = self._admit()
-        if self._chunk is not None:  # a prompt chunk running beside the decode steps
+        if self._chunk is not None:  # a prompt chunk running beside the decode steps, or one whose requests joined
             decoding = any(r.status is Status.DECODE for r in self.running)
-            new = self.worker.finish_prefill(self._chunk, block=not decoding)
+            new = self.worker.finish_prefill(self._chunk, block=self._chunk.joins or not decoding)
             if new is not None:
                 outputs += self._prefilled(self._chunk.reqs, new)
                 self._chunk = None
@@ -141,17 +151,25 @@ class Scheduler:
                 if new is None:  # it runs beside: the decoding requests take this step's decode meanwhile
                     self._chunk = chunk
                     self.stats["prefills_beside"] += 1
+            elif self.join_ahead and self.worker.can_join(reqs, lens):
+                self._chunk, new = self.worker.launch_prefill(reqs, lens, join=True), None
+                self.stats["prefills_joined"] += 1  # its requests decode in this step already
             else:
                 new = self.worker.prefill(reqs, lens)
             if new is not None:
                 outputs += self._prefilled(reqs, new)
                 self.running = [r for r in self.running if not r.finished]
                 return outputs
-        reqs = [r for r in self.running if r.status is Status.DECODE]
+        reqs = [r for r in self.running if r.status is Status.DECODE or r.joining]
         if reqs:
             new = self.worker.decode(reqs)
             self.stats["decode_steps"] += 1
-            outputs += [self._append(r, new[r.rid]) for r in reqs if r.rid in new]
+            chunk = self._chunk
+            if chunk is not None and chunk.joins and any(r.rid in new for r in chunk.done):
+                # a step of joining requests came back already: their first tokens go out before it
+                outputs += self._prefilled(chunk.reqs, self.worker.finish_prefill(chunk, block=True))
+                self._chunk = None
+            outputs += [self._append(r, new[r.rid]) for r in reqs if r.rid in new and not r.finished]
         self.running = [r for r in self.running if not r.finished]
         return outputs
 

@@ -297,26 +297,31 @@ class DeviceSpecStep:
         self.graphs[(li, B)] = (attn, gd, gv)
 
     # ---- one step -----------------------------------------------------------------------------
+    def _draft_bucket(self, li: int, n: int) -> int:
+        """The batch size n requests of layout li draft and verify at: their graph's bucket, or n
+        where they run eagerly (capturing a graph first for a layout added after start-up)."""
+        B = 1 if self.shapes[li].lone else self.bucket(n)
+        if (li, B) not in self.graphs and self._graph_ctx is not None and B <= self._graph_ctx[2]:
+            self._capture_one(li, B)  # a layout added after start-up (calibration)
+        return B if (li, B) in self.graphs or self.pad_eager else n
+
     @torch.inference_mode()
     def launch_draft(self, li: int, reqs, trees: list[Tree], pooled: bool = False) -> DraftedStep:
         """Start drafting: each request's tree from its hidden state and root (its pending
         token; a hidden state computed elsewhere, by prefill or a plain step, enters the pool).
         pooled=True: every request's last step is the device step in flight or just collected,
         whose verify graph writes both pools (hidden state, bonus token) before this graph runs
-        (one stream): the roots come from there, since the host does not know them yet."""
+        (one stream): the roots come from there, since the host does not know them yet. A
+        `joining` request's prompt chunk wrote both pools (Worker.pool_prompts): pooled too."""
         sh = self.shapes[li]
         n = len(reqs)
-        B = 1 if sh.lone else self.bucket(n)
-        if (li, B) not in self.graphs and self._graph_ctx is not None and B <= self._graph_ctx[2]:
-            self._capture_one(li, B)  # a layout added after start-up (calibration)
-        if (li, B) not in self.graphs and not self.pad_eager:
-            B = n  # eager: no padding needed
+        B = self._draft_bucket(li, n)
         if pooled:
             roots = [-1] * n
         else:
-            roots = [r.pending_token for r in reqs]
+            roots = [-1 if r.joining else r.pending_token for r in reqs]
             for r in reqs:
-                if r.last_hidden is not self._pool_rows[r.slot]:
+                if not r.joining and r.last_hidden is not self._pool_rows[r.slot]:
                     self.hidden[r.slot].copy_(r.last_hidden)
         self._fill_draft(sh, [r.slot for r in reqs], roots, [sh.table.rows[t] for t in trees], B)
         entry = self.graphs.get((li, B))
@@ -326,40 +331,55 @@ class DeviceSpecStep:
             self._draft_body(sh, B)
         return DraftedStep(li, B, reqs)
 
-    def can_launch_after(self, d: DraftedStep, after: InFlightStep) -> bool:
-        """Whether drafted step d may verify before `after` (the same requests' step still in
-        flight) is read: d replays a graph whose attention hides `after`'s rejected tree tail
-        (Triton's tree kernel), and with all of `after`'s tree counted every request stays within
-        the context and the keys fit the attention's buffer."""
-        entry = self.graphs.get((d.li, d.B))
-        if entry is None or not isinstance(entry[0], tree_triton.TreeAttention) or len(after.reqs) != len(d.reqs):
+    def can_launch_after(self, li: int, reqs, after: InFlightStep) -> bool:
+        """Whether these requests' step in layout li may verify before `after` (a step still in
+        flight, holding some or all of them) is read: it replays a graph whose attention hides
+        `after`'s rejected tree tail (Triton's tree kernel), and with all of `after`'s tree counted
+        every request stays within the context and the keys fit the attention's buffer."""
+        B = 1 if self.shapes[li].lone else self.bucket(len(reqs))
+        entry = self.graphs.get((li, B))
+        if entry is None or not isinstance(entry[0], tree_triton.TreeAttention):
             return False
-        S, S0, n = self.shapes[d.li].layout.num_slots, after.shape.layout.num_slots, len(d.reqs)
-        prefix = [r.num_kv for r in d.reqs]
+        S, S0, n = self.shapes[li].layout.num_slots, after.shape.layout.num_slots, len(reqs)
+        prefix = [r.num_kv for r in reqs]
         if max(prefix) + S0 + S > self.runner.context_length:
             return False
-        return sum(prefix) + n * (S0 + S) + (d.B - n) * (1 + S) <= entry[0].kv_capacity
+        return sum(prefix) + n * (S0 + S) + (B - n) * (1 + S) <= entry[0].kv_capacity
 
     @torch.inference_mode()
     def launch_verify(self, d: DraftedStep, after: InFlightStep | None = None) -> InFlightStep:
         """Take the trees' KV slots, plan attention and start verifying a drafted step; the
         result lands in pinned host memory (`collect` waits for it).
 
-        after: the same requests' step still in flight (not read; `can_launch_after` said yes).
-        Each request's keys are then its prefix, all of that step's tree slots, then its own; the
-        verify graph takes the prefix length from the device (`kept`, which that step writes)
-        and hides that step's rejected slots, so the GPU never waits for the host between steps."""
+        after: a step still in flight (not read; `can_launch_after` said yes), of the same requests
+        or of a batch that changed since (requests finished, or joined with their prompt chunk
+        queued on the device). Each request that ran in it has for keys its prefix, all of that
+        step's tree slots, then its own; the verify graph takes its prefix length from the device
+        (`kept`, which that step writes) and hides that step's rejected slots, so the GPU never
+        waits for the host between steps. A request that did not run in it has its prefix, then
+        its own tree."""
         sh, B, reqs = self.shapes[d.li], d.B, d.reqs
         S, n = sh.layout.num_slots, len(reqs)
         slots = self.kv.alloc(n * S)
         prefix = [r.num_kv for r in reqs]
-        S0 = 0 if after is None else after.shape.layout.num_slots
-        ahead = [S0] * n
-        self._fill_verify(sh, prefix, ahead, slots, B)
-        # per request: prefix, (the unread step's tree,) its own tree; numpy views, one concatenate
         own = slots.numpy().reshape(n, S)
-        parts = ([x for r, s in zip(reqs, own) for x in (r.kv_array, s)] if after is None else
-                 [x for r, p, s in zip(reqs, after.slots.numpy().reshape(n, S0), own) for x in (r.kv_array, p, s)])
+        # per request: prefix, (the unread step's tree,) its own tree; numpy views, one concatenate
+        if after is None:
+            ahead = [0] * n
+            parts = [x for r, s in zip(reqs, own) for x in (r.kv_array, s)]
+        else:
+            S0, m = after.shape.layout.num_slots, len(after.reqs)
+            prev = after.slots.numpy().reshape(m, S0)
+            if m == n and all(x is y for x, y in zip(after.reqs, reqs)):
+                ahead = [S0] * n
+                parts = [x for r, p, s in zip(reqs, prev, own) for x in (r.kv_array, p, s)]
+            else:
+                row = {id(r): i for i, r in enumerate(after.reqs)}
+                at = [row.get(id(r)) for r in reqs]
+                ahead = [0 if i is None else S0 for i in at]
+                parts = [x for r, i, s in zip(reqs, at, own)
+                         for x in ((r.kv_array, s) if i is None else (r.kv_array, prev[i], s))]
+        self._fill_verify(sh, prefix, ahead, slots, B)
         parts.append(np.zeros((B - n) * (1 + S), dtype=np.int64))
         kv_idx = torch.from_numpy(np.concatenate(parts))
         entry = self.graphs.get((d.li, B))

@@ -134,6 +134,7 @@ class SpecWorker(Worker):
         self._inflight = None  # the device step launched and not yet collected (see _decode_device)
         self._drafted_ahead = None  # the drafts of the next step of the batch in flight (DraftedStep)
         self.draft_ahead = True     # False: draft each step only once the one before is collected (an A/B switch)
+        self.launch_changed = True  # False: a batch that changed waits for its step in flight to be read (A/B)
         if spec_step == "device":
             trees = [t for lib in self.libraries for t in lib.all_trees()] + ([static_tree] if static_tree else [])
             self.device_step = DeviceSpecStep(runner, drafter, trees, capacity, max_batch, tree_attention)
@@ -191,6 +192,23 @@ class SpecWorker(Worker):
             self._free_slots.append(req.slot)
             req.slot = -1
 
+    def can_join(self, reqs: list[Request], chunk_lens: list[int]) -> bool:
+        """Device steps draft from pools on the device, so a greedy request whose prompt completes
+        in this chunk may decode before its first token is read; not with prompt-lookup chains
+        (drafted on the host from the tokens) or `policy: confidence` (pruned on the host)."""
+        return self.device_step is not None and not self.lookup_tokens and all(
+            r.sampling.greedy and r.spec.policy != "confidence" and r.num_prefilled + n == len(r.prompt_ids)
+            for r, n in zip(reqs, chunk_lens))
+
+    def pool_prompts(self, reqs: list[Request], hidden: torch.Tensor, first: torch.Tensor) -> None:
+        """A joining request's first draft starts from its prompt's hidden state and first token."""
+        ds = self.device_step
+        rows = torch.tensor([r.slot for r in reqs])
+        if ds.dev.type == "cuda":  # no sync: pinned, queued behind the chunk
+            rows = rows.pin_memory().to(ds.dev, non_blocking=True)
+        ds.hidden.index_copy_(0, rows, hidden.to(ds.hidden.dtype))
+        ds.roots.index_copy_(0, rows, first)
+
     def seed_estimates(self, reqs: list[Request], entropy: torch.Tensor) -> None:
         """The prompt's last next-token entropy seeds each estimate."""
         slots = torch.tensor([r.slot for r in reqs])
@@ -234,12 +252,15 @@ class SpecWorker(Worker):
             return self._collect_device(reqs)
         if self._plain_inflight is not None:  # a pipelined plain step of a batch that never drafts
             return self._record_never_drafting(self._plain_inflight.reqs, self._plain_collect(reqs))
+        joining = any(r.joining for r in reqs)
         ahead = self._take_chosen_ahead(reqs)
         if ahead is not None:  # chosen while this batch's last device step ran
             slots, entropy, trees = ahead
         else:
             self._fold_deferred()
             never = self._never_draft(reqs)
+            if never is not None and joining:
+                return self._without_joining(reqs)
             if never is not None:  # no estimate, no policy: nothing would read them; a plain step
                 return self._record_never_drafting(reqs, self.plain_decode(reqs))
             slots = torch.tensor([r.slot for r in reqs])
@@ -252,6 +273,8 @@ class SpecWorker(Worker):
             li = self._device_layout(trees)
             if li is not None:
                 return self._decode_device(li, reqs, trees, slots, entropy)
+        if joining:
+            return self._without_joining(reqs)
         self._fold_deferred()  # every other path reads or updates the estimates now
         if all(t.num_nodes == 1 for t in trees) and not (chains and any(chains)) and not any(
                 r.generator is not None and not r.sampling.greedy for r in reqs):
@@ -311,6 +334,12 @@ class SpecWorker(Worker):
                          lookup=len(chains[i]) if chains else 0)
             results[r.rid] = emitted[i]
         return results
+
+    def _without_joining(self, reqs: list[Request]) -> dict[str, list[int]]:
+        """This step cannot start from the device's pools (no request drafts, or another path):
+        joining requests sit it out, and take the next one once their first tokens are read."""
+        rest = [r for r in reqs if not r.joining]
+        return self.decode(rest) if rest else {}
 
     def _decode_device(self, li: int, reqs: list[Request], trees: list[Tree], slots: torch.Tensor,
                        entropy: torch.Tensor) -> dict[str, list[int]]:
@@ -387,15 +416,19 @@ class SpecWorker(Worker):
         """Launch the next step of an unchanged batch before step f is read, from the drafts
         launched behind it: its prefix lengths come from the device (DeviceSpecStep.launch_verify
         after=...), so the GPU runs it straight after f while the host reads f. The estimates its
-        successor's trees are chosen from then lag two steps. Returns the new in-flight step, or
+        successor's trees are chosen from then lag two steps. A batch that changed since f goes
+        the same way where it can (`_launch_changed_after`). Returns the new in-flight step, or
         None (then f is read first and the batch relaunched as before, `_relaunch`)."""
+        if self.launch_ahead is False or self.pipeline is False:
+            return None
+        if not same_batch(f["reqs"], reqs):
+            return self._launch_changed_after(f, reqs)
         drafted = self._drafted_ahead
-        if (self.launch_ahead is False or self.pipeline is False or drafted is None
-                or not same_batch(f["reqs"], reqs) or not same_batch(drafted.reqs, reqs)):
+        if drafted is None or not same_batch(drafted.reqs, reqs):
             return None
         ds = self.device_step
         if self.kv.num_free < len(reqs) * ds.shapes[drafted.li].layout.num_slots \
-                or not ds.can_launch_after(drafted, f["step"]):
+                or not ds.can_launch_after(drafted.li, reqs, f["step"]):
             return None
         ahead = self._take_chosen_ahead(reqs)
         if ahead is None:
@@ -403,6 +436,32 @@ class SpecWorker(Worker):
         self._drafted_ahead = None
         slots, entropy, trees = ahead
         self._launch_device(drafted.li, reqs, trees, slots, entropy, drafted, after=f["step"])
+        nxt, self._inflight = self._inflight, None
+        return nxt
+
+    def _launch_changed_after(self, f: dict, reqs: list[Request]):
+        """The next step of a batch that changed since step f, launched before f is read: requests
+        finished (their part of f is wasted), and joining ones came in, their prompt chunks queued
+        behind f. Every request must draft from the pools: each either ran in f, whose verify
+        writes its root, hidden state and kept count, or is joining, whose chunk wrote them. The
+        drafts launched behind f were for f's batch; these are drafted again (the same pools)."""
+        if self.launch_changed is False or not self.device_step.graphs:  # (eager steps never launch after)
+            return None
+        in_f = {id(r) for r in f["reqs"]}
+        if not reqs or not all(r.joining or id(r) in in_f for r in reqs):
+            return None
+        self._fold_deferred()
+        slots = torch.tensor([r.slot for r in reqs])
+        entropy = self.tracker.value(slots)
+        trees = self._trees(reqs, slots, entropy)
+        li = self._device_layout(trees)
+        ds = self.device_step
+        if li is None or self.kv.num_free < len(reqs) * ds.shapes[li].layout.num_slots \
+                or not ds.can_launch_after(li, reqs, f["step"]):
+            return None
+        self._drafted_ahead = None
+        self._launch_device(li, reqs, trees, slots, entropy, ds.launch_draft(li, reqs, trees, pooled=True),
+                            after=f["step"])
         nxt, self._inflight = self._inflight, None
         return nxt
 
