@@ -57,10 +57,22 @@ def timed_run(eng: Engine, prompts, n_tokens: int, concurrency: int) -> dict:
         trace.append((kind, len(batch), now - prev["t"], sum(len(o.new_ids) for o in outs)))
         prev["t"], prev["prefills"] = now, prefills
 
+    # host time of launching chunks that join ahead: short unless something in it waits for the GPU
+    joined, w = [], eng.worker
+
+    def timed_launch(*a, **k):
+        t = time.perf_counter()
+        try:
+            return launch(*a, **k)
+        finally:
+            if k.get("join"):
+                joined.append(time.perf_counter() - t)
+
     sync = torch.cuda.synchronize if eng.runner.device.type == "cuda" else (lambda: None)
     sync()
     prev["prefills"] = sched.stats["prefill_steps"]
     eng.step_listeners.append(listener)
+    launch, w.launch_prefill = w.launch_prefill, timed_launch
     try:
         t0 = prev["t"] = time.perf_counter()
         reqs = eng.generate([p for _, p in prompts], SamplingParams(max_new_tokens=n_tokens, ignore_eos=True),
@@ -69,7 +81,11 @@ def timed_run(eng: Engine, prompts, n_tokens: int, concurrency: int) -> dict:
         wall = time.perf_counter() - t0
     finally:
         eng.step_listeners.remove(listener)
-    return summarize(trace, wall, sum(len(r.output_ids) for r in reqs))
+        del w.launch_prefill  # the bound method again
+    out = summarize(trace, wall, sum(len(r.output_ids) for r in reqs))
+    out["joined_chunks"] = len(joined)
+    out["join_launch_ms"] = 1e3 * sum(joined) / len(joined) if joined else None
+    return out
 
 
 def summarize(trace, wall: float, tokens: int) -> dict:
@@ -142,7 +158,9 @@ def main():
     for r in rows:
         print(f"\nC={r['concurrency']} {r['config']}, {r['requests']} requests: {r['tokens_per_s']:,.0f} tok/s "
               f"(runs {min(r['tokens_per_s_runs']):,.0f}-{max(r['tokens_per_s_runs']):,.0f}); at the full-batch "
-              f"steady rate {r['steady_full_tokens_per_s'] or 0:,.0f}")
+              f"steady rate {r['steady_full_tokens_per_s'] or 0:,.0f}"
+              + (f"; {r['joined_chunks']} chunks joined ahead, {r['join_launch_ms']:.3f} ms host each"
+                 if r.get("joined_chunks") else ""))
         print(f"  {'class':18s} {'steps':>6s} {'share':>6s} {'ms/step':>8s} {'tok/step':>9s} {'batch':>6s}")
         for c, v in r["classes"].items():
             print(f"  {c:18s} {v['steps']:6d} {v['share']:6.1%} {v['ms_per_step']:8.3f} {v['tokens_per_step']:9.2f} "
