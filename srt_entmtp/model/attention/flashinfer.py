@@ -132,7 +132,9 @@ class GraphAttention(AttentionBackend):
         self.mask_indptr = self.meta[batch + 1: 2 * (batch + 1)]
         self.kv_indices = self.meta[2 * (batch + 1):]
         self.last_page = torch.ones(batch, **i32)
-        self.qo_indptr = torch.zeros(batch + 1, **i32)
+        # a causal prefill has no mask: its query indptr takes the mask offsets' place, so one copy
+        # stages it with the rest
+        self.qo_indptr = self.mask_indptr if causal else torch.zeros(batch + 1, **i32)
         self._fixed_nodes = None  # tokens per request of plan_fixed_trees (the first plan fixes it)
         self.replan: FastReplan | None = None
         kw = {"backend": "fa2"} if "backend" in inspect.signature(
@@ -162,14 +164,19 @@ class GraphAttention(AttentionBackend):
             return False
         return not self.tree or sum(q * k for q, k in zip(fb.q_lens, fb.kv_lens)) <= self.mask_bits
 
-    def _stage(self, kv_lens: np.ndarray, kv_indices: torch.Tensor, mask_rows: int = 0) -> torch.Tensor:
-        """Write kv_indptr (and, for trees of `mask_rows` rows each, the mask's byte offsets) and
-        kv_indices into the pinned twin and send them up in one copy; returns the host kv_indptr."""
+    def _stage(self, kv_lens: np.ndarray, kv_indices: torch.Tensor, mask_rows: int = 0,
+               q_lens: list[int] | None = None) -> torch.Tensor:
+        """Write kv_indptr (and, for trees of `mask_rows` rows each, the mask's byte offsets; for a
+        causal prefill, its query indptr) and kv_indices into the pinned twin and send them up in
+        one copy; returns the host kv_indptr."""
         B, h = self.batch, self._meta_np
         h[0] = 0
         np.cumsum(kv_lens, out=h[1: B + 1])
         if mask_rows:
             mask_byte_offsets(kv_lens, mask_rows, h[B + 1: 2 * B + 2])
+        if q_lens is not None:
+            h[B + 1] = 0
+            np.cumsum(q_lens, out=h[B + 2: 2 * B + 2])
         n = kv_indices.numel()
         top = 2 * (B + 1) + n
         if kv_indices.device.type == "cpu":
@@ -184,13 +191,22 @@ class GraphAttention(AttentionBackend):
         """Rewrite the buffers for `fb`, which is padded to exactly this shape (see cuda_graph.py).
         The token-side inputs (ids, positions, out slots) are the graph runner's to fill."""
         dtype = self.kv.k.dtype
-        if self.causal:  # FlashInfer copies the host indptrs and indices into the graph's buffers
-            self.wrapper.plan(_host_indptr(fb.q_lens), _host_indptr(fb.kv_lens), fb.kv_indices.to(torch.int32),
+        kv_lens = np.asarray(fb.kv_lens, dtype=np.int32)
+        if self.causal:
+            # staged in one pinned copy; FlashInfer's own plan would copy the indices from pageable
+            # memory, which waits for the stream (so a prompt chunk waited for the step in flight)
+            kv_indptr = self._stage(kv_lens, fb.kv_indices, q_lens=fb.q_lens)
+            qo = self.meta_host[self.batch + 1: 2 * (self.batch + 1)]
+            if self.replan is not None and self.replan.ok:
+                self.replan(kv_indptr, kv_lens, qo)
+                return
+            self.wrapper.plan(qo.clone(), kv_indptr.clone(), fb.kv_indices.to(torch.int32),
                               torch.ones(self.batch, dtype=torch.int32), self.num_heads, self.num_kv_heads,
                               page_size=1, causal=True, q_data_type=dtype, kv_data_type=dtype, sm_scale=self.scale,
                               **{self._head_kw: self.head_dim})
+            if self.replan is None:
+                self.replan = FastReplan(self, qo.clone(), kv_indptr, kv_lens)
             return
-        kv_lens = np.asarray(fb.kv_lens, dtype=np.int32)
         if not self.tree:
             kv_indptr = self._stage(kv_lens, fb.kv_indices)
             if self.replan is not None and self.replan.ok:
@@ -267,13 +283,14 @@ class FastReplan:
         except (AttributeError, TypeError, RuntimeError) as e:  # another FlashInfer version's internals
             log.warning("FlashInfer fast re-plan unavailable (%s: %s): using wrapper.plan", type(e).__name__, e)
 
-    def __call__(self, kv_indptr: torch.Tensor, kv_lens: np.ndarray) -> None:
+    def __call__(self, kv_indptr: torch.Tensor, kv_lens: np.ndarray, qo_indptr: torch.Tensor | None = None) -> None:
+        """qo_indptr: the host query indptr where it changes between plans (causal prompt chunks)."""
         a, w = self.attn, self.w
-        rows = w._max_total_num_rows if a.tree else a.batch
+        rows = w._max_total_num_rows if a.tree or a.causal else a.batch
         w._plan_info = w._cached_module.plan(
             w._float_workspace_buffer, w._int_workspace_buffer, w._pin_memory_int_workspace_buffer,
-            self.qo, kv_indptr, torch.from_numpy(kv_lens), rows, a.batch, a.num_heads, a.num_kv_heads, 1, True,
-            a.head_dim, a.head_dim, False)
+            self.qo if qo_indptr is None else qo_indptr, kv_indptr, torch.from_numpy(kv_lens), rows, a.batch,
+            a.num_heads, a.num_kv_heads, 1, True, a.head_dim, a.head_dim, a.causal)
 
 
 def _store_and_attend(attn: AttentionBackend, wrapper, layer: int, q: torch.Tensor, k: torch.Tensor,
