@@ -15,6 +15,7 @@ import pytest
 from srt_entmtp.engine import Engine, EngineArgs
 from srt_entmtp.sched.request import SamplingParams, SpecOptions
 from tests.conftest import load_prompts
+from tests.device_step_helpers import install_graph_stand_ins, record_changed_launches
 from tests.test_spec_worker import PRIOR_LIBRARY
 
 
@@ -145,28 +146,8 @@ def test_changed_batches_launch_after_the_step_in_flight_graph_replay_mocked(run
     rows, ids = prompts
     monkeypatch.setattr(tree_triton, "MAX_SPLITS", 2)  # the interpreter runs every program in turn
     eng = _engine(runner)
-    step = eng.worker.device_step
-    cfg = eng.runner.config
-
-    class EagerReplay:  # a CUDA graph's stand-in: replay = run what it would have captured, now
-        def __init__(self, fn):
-            self.replay = fn
-
-    for li, sh in enumerate(step.shapes):
-        S = sh.layout.num_slots
-        for B in ([1] if sh.lone else [1, 2]):
-            attn = tree_triton.TreeAttention(eng.runner.kv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                             sh.out_slots[:B * S], B, S, B * (2048 + S))
-            step.graphs[(li, B)] = (attn, EagerReplay(lambda sh=sh, B=B: step._draft_body(sh, B)),
-                                    EagerReplay(lambda sh=sh, B=B, attn=attn: step._verify_body(sh, B, attn)))
-    changed = []  # per verify launched after an unread step of other requests: joining ones in it?
-    launch = step.launch_verify
-
-    def spy(d, after=None):
-        if after is not None and [id(r) for r in after.reqs] != [id(r) for r in d.reqs]:
-            changed.append(any(r.joining for r in d.reqs))
-        return launch(d, after=after)
-    step.launch_verify = spy
+    install_graph_stand_ins(eng, [1, 2])
+    changed = record_changed_launches(eng.worker.device_step)
     n = 3
     sps = [SamplingParams(max_new_tokens=k, ignore_eos=True) for k in (3, 7, 4)]
     free0 = eng.runner.kv.num_free

@@ -16,6 +16,7 @@ from srt_entmtp.engine import Engine, EngineArgs
 from srt_entmtp.sched.request import SamplingParams, SpecOptions
 from srt_entmtp.spec.worker import ROOT_ONLY, default_heads_dir
 from tests.conftest import load_prompts
+from tests.device_step_helpers import install_graph_stand_ins
 
 N_TOKENS = 24
 PRIOR_LIBRARY = default_heads_dir("medusa").parents[1] / "spec" / "libraries" / "default.json"
@@ -113,19 +114,7 @@ def test_device_step_with_triton_tree_attention_equals_plain_decoding_graph_repl
     monkeypatch.setattr(tree_triton, "MAX_SPLITS", 2)
     eng = _spec_engine(runner, "ENTMTP", "mtp", tree_library=str(PRIOR_LIBRARY), spec_step="device", lookup_tokens=0)
     step = eng.worker.device_step
-    cfg = eng.runner.config
-
-    class EagerReplay:  # a CUDA graph's stand-in: replay = run what it would have captured, now
-        def __init__(self, fn):
-            self.replay = fn
-
-    for li, sh in enumerate(step.shapes):
-        S = sh.layout.num_slots
-        for B in ([1] if sh.lone else [1, 2, 4]):
-            attn = tree_triton.TreeAttention(eng.runner.kv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                             sh.out_slots[:B * S], B, S, B * (2048 + S))
-            step.graphs[(li, B)] = (attn, EagerReplay(lambda sh=sh, B=B: step._draft_body(sh, B)),
-                                    EagerReplay(lambda sh=sh, B=B, attn=attn: step._verify_body(sh, B, attn)))
+    install_graph_stand_ins(eng, [1, 2, 4])
     afters = []  # per verify launched: was the step before it still unread?
     launch = step.launch_verify
     step.launch_verify = lambda d, after=None: afters.append(after is not None) or launch(d, after=after)

@@ -27,6 +27,7 @@ from srt_entmtp.engine import Engine, EngineArgs
 from srt_entmtp.model.forward_batch import ForwardBatch
 from srt_entmtp.sched.request import SamplingParams, SpecOptions
 from tests.conftest import load_prompts
+from tests.device_step_helpers import record_changed_launches
 
 pytestmark = [
     pytest.mark.gpu,
@@ -610,15 +611,7 @@ def test_requests_joining_ahead_give_the_tokens_of_requests_read_first(prompt_id
     ref = first.generate(ids, sps, specs)
     assert first.scheduler.stats["prefills_joined"] == 0
     eng = _engine("ENTMTP", "mtp", **kw)
-    step = eng.worker.device_step
-    changed = []  # verifies launched after an unread step of other requests: with joining ones?
-    launch = step.launch_verify
-
-    def spy(d, after=None):
-        if after is not None and [id(r) for r in after.reqs] != [id(r) for r in d.reqs]:
-            changed.append(any(r.joining for r in d.reqs))
-        return launch(d, after=after)
-    step.launch_verify = spy
+    changed = record_changed_launches(eng.worker.device_step)
     free0 = eng.runner.kv.num_free
     out = eng.generate(ids, sps, specs)
     assert eng.scheduler.stats["prefills_joined"] >= len(ids) - 4, dict(eng.scheduler.stats)
