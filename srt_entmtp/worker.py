@@ -182,14 +182,14 @@ class Worker:
                 return None
             return chunk.results
         ev = chunk.event
-        if ev is not None and not block and not ev.query():
-            return None
-        if ev is not None:
+        if ev is not None:  # (None: the CPU, where the chunk is done)
+            if not block and not ev.query():
+                return None
             ev.synchronize()
-        if ev is not None and not chunk.joins:
-            main = torch.cuda.current_stream()
-            main.wait_event(ev)
-            chunk.hidden.record_stream(main)  # made on the side stream, used on this one from now on
+            if not chunk.joins:  # made on the side stream, used on this one from now on
+                main = torch.cuda.current_stream()
+                main.wait_event(ev)
+                chunk.hidden.record_stream(main)
         n = len(chunk.done)
         first = chunk.host[:n].long().tolist()
         for j, req in enumerate(chunk.done):
