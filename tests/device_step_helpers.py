@@ -9,16 +9,17 @@ class EagerReplay:
         self.replay = fn
 
 
-def install_graph_stand_ins(eng, buckets: list[int], context: int = 2048) -> None:
-    """Give every (layout, bucket) of the engine's device step a Triton TreeAttention and
+def install_graph_stand_ins(eng, context: int = 2048) -> None:
+    """Give every (layout, batch bucket) of the engine's device step a Triton TreeAttention and
     stand-ins for its draft and verify graphs (no CUDA here), so steps are planned and fed as in
     a graph replay, and may be launched after an unread step as with real graphs."""
     from srt_entmtp.model.attention import tree_triton
+    from srt_entmtp.spec.device_step import batch_buckets
 
     step, cfg = eng.worker.device_step, eng.runner.config
     for li, sh in enumerate(step.shapes):
         S = sh.layout.num_slots
-        for B in ([1] if sh.lone else buckets):
+        for B in ([1] if sh.lone else batch_buckets(step.max_batch)):
             attn = tree_triton.TreeAttention(eng.runner.kv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                                              sh.out_slots[:B * S], B, S, B * (context + S))
             step.graphs[(li, B)] = (attn, EagerReplay(lambda sh=sh, B=B: step._draft_body(sh, B)),

@@ -16,7 +16,7 @@ from srt_entmtp.engine import Engine, EngineArgs
 from srt_entmtp.sched.request import SamplingParams, SpecOptions
 from srt_entmtp.spec.worker import ROOT_ONLY, default_heads_dir
 from tests.conftest import load_prompts
-from tests.device_step_helpers import install_graph_stand_ins
+from tests.device_step_helpers import install_graph_stand_ins, record_changed_launches
 
 N_TOKENS = 24
 PRIOR_LIBRARY = default_heads_dir("medusa").parents[1] / "spec" / "libraries" / "default.json"
@@ -104,30 +104,39 @@ def test_device_step_with_triton_tree_attention_equals_plain_decoding_graph_repl
     as in a graph replay: every (layout, bucket) gets a TreeAttention and a stand-in for its CUDA
     graph (no CUDA here) whose replay runs the step's body eagerly, so the kernel (Triton's
     interpreter) sees the staged indices, the gathered ancestor bits and the padding requests;
-    and, as with real graphs, steps launched before the step before them is read."""
+    and, as with real graphs, steps launched before the step before them is read, also when the
+    batch changed since: requests finished (at different lengths; a batch of three pads to the
+    bucket of four), and one joined ahead (Scheduler.join_ahead: four at a time, the fifth
+    admitted once the first is done, its prefix its prompt, among requests of the unread step)."""
     from srt_entmtp.model.attention import tree_triton
 
     rows, ids = prompts
-    n_tok = 10
     # two key splits, not eight: the interpreter runs every program one after another (8 splits made
     # this test 5 minutes); split and merge are still both taken (test_tree_triton.py covers 8)
     monkeypatch.setattr(tree_triton, "MAX_SPLITS", 2)
-    eng = _spec_engine(runner, "ENTMTP", "mtp", tree_library=str(PRIOR_LIBRARY), spec_step="device", lookup_tokens=0)
+    eng = _spec_engine(runner, "ENTMTP", "mtp", tree_library=str(PRIOR_LIBRARY), spec_step="device", lookup_tokens=0,
+                       max_running_requests=4)
     step = eng.worker.device_step
-    install_graph_stand_ins(eng, [1, 2, 4])
-    afters = []  # per verify launched: was the step before it still unread?
+    install_graph_stand_ins(eng)  # buckets 1, 2, 4
+    changed = record_changed_launches(step)  # (wraps launch_verify; the spy below wraps it again)
+    afters, sizes = [], []  # per verify launched: was the step before it still unread? its requests
     launch = step.launch_verify
-    step.launch_verify = lambda d, after=None: afters.append(after is not None) or launch(d, after=after)
-    sel = [0, 4, 8]  # three families
+    step.launch_verify = lambda d, after=None: (afters.append(after is not None), sizes.append(len(d.reqs)),
+                                                launch(d, after=after))[-1]
+    sel, n_tok = [0, 4, 8, 12, 2], [4, 12, 8, 12, 6]  # four families; staggered lengths
     free0 = eng.runner.kv.num_free
-    out = eng.generate([ids[i] for i in sel], SamplingParams(max_new_tokens=n_tok, ignore_eos=True),
+    out = eng.generate([ids[i] for i in sel], [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in n_tok],
                        [SpecOptions(task=rows[i]["task"]) for i in sel])
-    for i, o in zip(sel, out):
-        assert o.output_ids == reference[i][:n_tok], f"{rows[i]['task']} prompt diverged from plain decoding"
+    for i, n, o in zip(sel, n_tok, out):
+        assert o.output_ids == reference[i][:n], f"{rows[i]['task']} prompt diverged from plain decoding"
     assert step.replays > 0 and sum(o.accepted_tokens for o in out) > 0
     # with graphs (here their stand-ins), steps are launched before the one before them is read:
     # their prefix comes from the device and that step's rejected slots are hidden by the kernel
     assert sum(afters) >= 2, f"steps launched after an unread one: {sum(afters)} of {len(afters)}"
+    assert 3 in sizes, f"no batch of three (padded to the bucket of four): {sizes}"
+    # a changed batch holding a joining request (its prefix its prompt, its root and hidden state
+    # from the pools its chunk wrote) among requests that ran in the unread step
+    assert any(changed), f"no changed batch with a joining request launched after an unread step: {changed}"
     assert eng.runner.kv.num_free == free0, "KV slots leaked"
     assert all(attn.nsplit == 2 for attn, _, _ in step.graphs.values()), "the keys were not split in two"
 
