@@ -297,10 +297,14 @@ class DeviceSpecStep:
         self.graphs[(li, B)] = (attn, gd, gv)
 
     # ---- one step -----------------------------------------------------------------------------
+    def _graph_bucket(self, li: int, n: int) -> int:
+        """The graph bucket of n requests in layout li (a lone layout's graphs are for batch 1)."""
+        return 1 if self.shapes[li].lone else self.bucket(n)
+
     def _draft_bucket(self, li: int, n: int) -> int:
         """The batch size n requests of layout li draft and verify at: their graph's bucket, or n
         where they run eagerly (capturing a graph first for a layout added after start-up)."""
-        B = 1 if self.shapes[li].lone else self.bucket(n)
+        B = self._graph_bucket(li, n)
         if (li, B) not in self.graphs and self._graph_ctx is not None and B <= self._graph_ctx[2]:
             self._capture_one(li, B)  # a layout added after start-up (calibration)
         return B if (li, B) in self.graphs or self.pad_eager else n
@@ -336,7 +340,7 @@ class DeviceSpecStep:
         flight, holding some or all of them) is read: it replays a graph whose attention hides
         `after`'s rejected tree tail (Triton's tree kernel), and with all of `after`'s tree counted
         every request stays within the context and the keys fit the attention's buffer."""
-        B = 1 if self.shapes[li].lone else self.bucket(len(reqs))
+        B = self._graph_bucket(li, len(reqs))
         entry = self.graphs.get((li, B))
         if entry is None or not isinstance(entry[0], tree_triton.TreeAttention):
             return False
