@@ -303,7 +303,7 @@ def throughput(eng, prompts, n_tokens, specs=None):
     its first tokens back, so host time is their time) and how many there were. A prefill queued
     behind a pipelined step still in flight also waits for that step, which then counts here:
     prefill_s is an upper bound, and decode_tokens_per_s leaves that step's time out. Chunks whose
-    requests join ahead (Scheduler.join_ahead) are not read on their own, so they are counted
+    requests join ahead (Scheduler.join_ahead, off by default) are not read on their own, so they are counted
     (prefills_joined) but not timed: their forward runs between decode steps with no host wait."""
     w = eng.worker
     joined0 = eng.scheduler.stats["prefills_joined"]
@@ -409,7 +409,7 @@ def part_c(ns, dev):
                         + (("ENTMTP-not-launched-ahead",) if ns.launch_ahead_ab else ())
                         + (("ENTMTP-eager-prefill",) if ns.prefill_graph_ab else ())
                         + (("ENTMTP-overlap-prefill",) if ns.overlap_prefill_ab else ())
-                        + (("ENTMTP-no-join-ahead",) if ns.join_ahead_ab else ())
+                        + (("ENTMTP-join-ahead",) if ns.join_ahead_ab else ())
                         + (tuple("ENTMTP" + v for v in STEP_KERNEL_AB) if ns.step_kernels_ab else ())
                         + (("ENTMTP-torch-accept",) if ns.accept_kernels_ab else ())
                         + ((arm_b,) if arm_b else ())
@@ -421,7 +421,7 @@ def part_c(ns, dev):
                 kw["tree_attention"] = "flashinfer" if cfg == "ENTMTP-flashinfer-tree" else "auto"
                 kw["prefill_cuda_graph"] = cfg != "ENTMTP-eager-prefill"
                 kw["overlap_prefill"] = cfg == "ENTMTP-overlap-prefill"
-                kw["join_ahead"] = cfg != "ENTMTP-no-join-ahead"
+                kw["join_ahead"] = cfg == "ENTMTP-join-ahead"
                 fused_draft.ENABLED = cfg != "ENTMTP-unfused-draft"  # read as the graphs are captured
                 values = {**STEP_KERNEL_AB, **ACCEPT_AB}.get(cfg[len("ENTMTP"):], {})
                 try:
@@ -546,8 +546,9 @@ def main():
                     help="(c) also runs NONE without PDL, and ENTMTP without PDL, with the last key split merging "
                          "the attention, and with RoPE in its own kernel (one switch each)")
     ap.add_argument("--join-ahead-ab", action="store_true",
-                    help="(c) also runs ENTMTP with join ahead off: a new request's first token is read before it "
-                         "decodes, and a batch that changed waits for its step in flight (EngineArgs.join_ahead)")
+                    help="(c) also runs ENTMTP with join ahead on (experimental, off by default: wrong tokens seen "
+                         "on the H100): a new request decodes before its first token is read, and a batch that "
+                         "changed is launched behind its step in flight (EngineArgs.join_ahead)")
     ap.add_argument("--overlap-prefill-ab", action="store_true",
                     help="(c): also NONE and ENTMTP with prompt chunks beside the decode steps (--overlap-prefill), "
                          "against chunks between them (the default)")

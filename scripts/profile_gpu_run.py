@@ -122,7 +122,7 @@ def main():
     ap.add_argument("--prompts-dir", default=None)
     ap.add_argument("--kv-slots", type=int, default=131072)
     ap.add_argument("--join-ahead-ab", action="store_true",
-                    help="also ENTMTP with join ahead off (EngineArgs.join_ahead: first tokens read before decoding)")
+                    help="also ENTMTP with join ahead on (EngineArgs.join_ahead; experimental, off by default)")
     ap.add_argument("--out", default="profile_gpu_run.json")
     ns = ap.parse_args()
     waves = ns.waves * len(ns.concurrency) if len(ns.waves) == 1 else ns.waves
@@ -133,9 +133,9 @@ def main():
         common = {"device": ns.device, "max_running_requests": C, "context_length": 2048, "kv_slots": ns.kv_slots}
         engines = {"NONE": Engine(EngineArgs(speculative_algorithm="NONE", **common))}
         lib = str(Path(ns.library_dir) / f"{ns.drafter}_gpu_b{C}.json") if ns.library_dir else None
-        for name in ("ENTMTP",) + (("ENTMTP-no-join-ahead",) if ns.join_ahead_ab else ()):
+        for name in ("ENTMTP",) + (("ENTMTP-join-ahead",) if ns.join_ahead_ab else ()):
             engines[name] = Engine(EngineArgs(speculative_algorithm="ENTMTP", drafter=ns.drafter, lookup_tokens=0,
-                                              join_ahead=name == "ENTMTP", **({"tree_library": lib} if lib else {}),
+                                              join_ahead=name == "ENTMTP-join-ahead", **({"tree_library": lib} if lib else {}),
                                               **common))
         prompts = build_prompts(engines["NONE"], max(C * w, ns.min_prompts), ns.prompts_dir)
         for eng in engines.values():  # warm-up: kernels compiled, caches allocated

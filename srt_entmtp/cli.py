@@ -65,11 +65,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="do not pipeline greedy steps (by default the next device speculative step, and on CUDA "
                         "the next plain step, of an unchanged batch is launched before the scheduler sees the "
                         "last step's tokens)")
-    s.add_argument("--disable-join-ahead", action="store_true",
-                   help="read a new request's first token before it decodes (by default, with device speculative "
-                        "steps, a greedy request whose prompt completes joins the batch at once: its first step is "
-                        "queued behind its prompt chunk, and a batch that changed is launched before the step in "
-                        "flight is read)")
+    s.add_argument("--join-ahead", action="store_true",
+                   help="experimental, off by default: with device speculative steps, a greedy request whose prompt "
+                        "completes joins the batch at once (its first step queued behind its prompt chunk, before "
+                        "its first token is read), and a batch that changed is launched before the step in flight "
+                        "is read. On the H100 it gave wrong tokens in some runs (docs/gpu.md); not for serving")
 
 
 def engine_args_from(ns: argparse.Namespace):
@@ -83,7 +83,7 @@ def engine_args_from(ns: argparse.Namespace):
                       static_tree=ns.static_tree, draft_dtype=ns.draft_dtype, lookup_tokens=ns.lookup_tokens,
                       spec_step=ns.spec_step, tree_attention=ns.tree_attention, pipeline=not ns.disable_pipeline, cuda_graph=not ns.disable_cuda_graph,
                       cuda_graph_max_bs=ns.cuda_graph_max_bs, prefill_cuda_graph=not ns.disable_prefill_cuda_graph,
-                      overlap_prefill=ns.overlap_prefill, join_ahead=not ns.disable_join_ahead)
+                      overlap_prefill=ns.overlap_prefill, join_ahead=ns.join_ahead)
 
 
 def cmd_prepare(ns) -> int:

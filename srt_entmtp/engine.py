@@ -57,7 +57,8 @@ class EngineArgs:
     spec_step: str = "auto"              # greedy speculative steps: device (fixed-shape, graphs), host; auto = device on CUDA
     tree_attention: str = "auto"         # the graphs' attention: auto = Triton's tree kernel where it runs (decode steps as one-node trees), flashinfer
     pipeline: bool = True                # launch the next greedy step of an unchanged batch before the tokens go back
-    join_ahead: bool = True              # a new greedy request decodes before its first token is read (device spec steps)
+    join_ahead: bool = False             # a new greedy request decodes before its first token is read (device spec
+                                         # steps); off: wrong tokens seen on the H100 with it on (docs/gpu.md)
     extra: dict = field(default_factory=dict)
 
 
@@ -98,10 +99,11 @@ class Engine:
                                    max_waiting=args.max_waiting_requests, chunk_tokens=args.chunked_prefill_size,
                                    eos_ids=self.eos_ids, detokenizer=self.detok)
         self.scheduler.overlap_prefill = args.overlap_prefill
-        if not args.join_ahead:  # both halves: chunks read before their requests decode, changed batches wait
-            self.scheduler.join_ahead = False
-            if hasattr(self.worker, "launch_changed"):
-                self.worker.launch_changed = False
+        # both halves on or off together: chunks unread before their requests decode, and changed
+        # batches launched behind the step in flight
+        self.scheduler.join_ahead = args.join_ahead
+        if hasattr(self.worker, "launch_changed"):
+            self.worker.launch_changed = args.join_ahead
         self._inbox: queue.Queue = queue.Queue()
         self._callbacks: dict[str, Callable[[StepOutput], None]] = {}
         self._thread: threading.Thread | None = None

@@ -106,7 +106,7 @@ def test_device_step_with_triton_tree_attention_equals_plain_decoding_graph_repl
     interpreter) sees the staged indices, the gathered ancestor bits and the padding requests;
     and, as with real graphs, steps launched before the step before them is read, also when the
     batch changed since: requests finished (at different lengths; a batch of three pads to the
-    bucket of four), and one joined ahead (Scheduler.join_ahead: four at a time, the fifth
+    bucket of four), and one joined ahead (join_ahead on, off by default: four at a time, the fifth
     admitted once the first is done, its prefix its prompt, among requests of the unread step)."""
     from srt_entmtp.model.attention import tree_triton
 
@@ -115,7 +115,7 @@ def test_device_step_with_triton_tree_attention_equals_plain_decoding_graph_repl
     # this test 5 minutes); split and merge are still both taken (test_tree_triton.py covers 8)
     monkeypatch.setattr(tree_triton, "MAX_SPLITS", 2)
     eng = _spec_engine(runner, "ENTMTP", "mtp", tree_library=str(PRIOR_LIBRARY), spec_step="device", lookup_tokens=0,
-                       max_running_requests=4)
+                       max_running_requests=4, join_ahead=True)
     step = eng.worker.device_step
     install_graph_stand_ins(eng)  # buckets 1, 2, 4
     changed = record_changed_launches(step)  # (wraps launch_verify; the spy below wraps it again)

@@ -9,7 +9,7 @@ at a time). That is `overlap_prefill = True` (`--overlap-prefill`); it is off by
 the H200 it ran level with chunks between steps, or slower (docs/gpu.md).
 
 Where the worker can (`Worker.can_join`: the device speculative step, greedy prompts that complete
-in the chunk), a chunk's requests *join ahead* instead (`join_ahead`, on by default): the chunk is
+in the chunk), a chunk's requests *join ahead* instead (`join_ahead`, off by default: wrong tokens were seen with it on the H100, docs/gpu.md; `--join-ahead` turns it on): the chunk is
 launched without reading its first tokens, and its requests decode with the others in the same
 step, their first step queued behind the chunk on the device, launched after the step in flight
 (spec/worker.py). Their first tokens are read on the next step, or as soon as a step of theirs
@@ -61,8 +61,9 @@ class Scheduler:
         # in the running set, still in PREFILL, until its first tokens are read; one at a time.
         # Off by default: on the H200 it did not beat chunks between steps (docs/gpu.md)
         self.overlap_prefill = False
-        # a chunk's requests may join the decode batch before their first tokens are read (Worker.can_join)
-        self.join_ahead = True
+        # a chunk's requests may join the decode batch before their first tokens are read (Worker.can_join).
+        # Off by default (EngineArgs.join_ahead): wrong tokens were seen with it on the H100 (docs/gpu.md)
+        self.join_ahead = False
         self._chunk = None
 
     # ---- admission -------------------------------------------------------------------------

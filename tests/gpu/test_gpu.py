@@ -7,9 +7,10 @@ CI has no GPU: every test here is skipped there, saying why.
     the eager forward on the same batch;
   * ENTMTP equals NONE token for token at temperature 0 with mixed trees in one batch, on the GPU:
     exactly in float32 (SDPA backend), and in bfloat16 with FlashInfer, with and without CUDA
-    graphs, up to near-ties (a greedy choice between two tokens whose logits differ by less than
-    bf16 can resolve is not a bug of speculation; the test checks that every divergence starts
-    at such a near-tie);
+    graphs, up to near-ties (a greedy choice between two tokens whose logits differ by no more
+    than bf16 rounding moves them is not a bug of speculation; the test checks that every
+    divergence starts at such a near-tie, measuring that rounding at the position itself by
+    recomputing it in other query shapes);
   * re-planning a graph's FlashInfer wrapper without its Python plan leaves the same plan;
   * the Triton kernels of model/fused.py round like the torch forms they replace, and the fused
     forward picks the same next tokens as the torch forward over real prompts.
@@ -237,38 +238,77 @@ def test_entmtp_equals_none_float32_on_gpu(prompt_ids, drafter, lookup, step):
         assert eng.worker.device_step.steps > 0
 
 
-def _first_divergence_is_near_tie(engine, prompt, ref_ids, out_ids, margin):
-    """At the first differing position, the reference's top-2 logits are within `margin` bf16 steps."""
-    i = next((j for j, (a, b) in enumerate(zip(ref_ids, out_ids)) if a != b), None)
-    if i is None:
-        return True, 0.0
-    seq = list(prompt) + list(ref_ids[:i])
-    slots = engine.runner.kv.alloc(len(seq))
+# how the near-tie check recomputes a position: the last m tokens as one chunk over the rest
+# (1: a decode step; 25: a batch-1 verify's rows), and the answer so far fed k tokens a forward
+# after its prompt, as steps that accept k tokens write its KV (1: NONE's own decode steps)
+TIE_LAST_CHUNKS = (1, 2, 5, 13, 25, 32)
+TIE_STEPS = (1, 2, 3, 4, 5)
+
+
+def _logit_differences_across_shapes(engine, prompt, answer, a, b):
+    """logit[a] - logit[b] after prompt + answer, from bf16 forwards of the same tokens that differ
+    only in how the tokens are grouped into forwards: all at once; the last m over the rest in
+    the KV cache (TIE_LAST_CHUNKS); the prompt, then the answer k tokens a forward (TIE_STEPS).
+    What rounding alone moves that difference by, the KV written in steps of other sizes included.
+    Returns the differences (the one forward's first) and that forward's logit[a]."""
+    seq = list(prompt) + list(answer)
+    groupings = [[len(seq)]]
+    groupings += [[len(seq) - m, m] for m in TIE_LAST_CHUNKS if m < len(seq)]
+    groupings += [[len(prompt)] + [min(k, len(answer) - j) for j in range(0, len(answer), k)] for k in TIE_STEPS
+                  if len(answer) > 1]
+    kv, tokens, diffs, top = engine.runner.kv, torch.tensor(seq), [], None
+    slots = kv.alloc(len(seq))
     try:
-        out = engine.runner.forward(ForwardBatch.build([torch.tensor(seq)], [torch.empty(0, dtype=torch.long)],
-                                                       [slots], logits_indices=torch.tensor([len(seq) - 1]),
-                                                       device="cuda"))
+        for sizes in groupings:
+            start = 0
+            for size in sizes:  # one forward per group, over the KV the groups before wrote
+                end = start + size
+                out = engine.runner.forward(ForwardBatch.build([tokens[start:end]], [slots[:start]], [slots[start:end]],
+                                                               logits_indices=torch.tensor([size - 1]), device="cuda"))
+                start = end
+            logits = out.logits[0].float()
+            diffs.append(float(logits[a] - logits[b]))
+            top = float(logits[a]) if top is None else top
     finally:
-        engine.runner.kv.free(slots)
-    top = out.logits[0].float().topk(2).values
-    gap = float(top[0] - top[1])
-    # `margin` bf16 steps at the logit's magnitude (a bf16 step is 2^-7 of the leading power of two)
-    ulp = 2.0 ** (math.floor(math.log2(abs(float(top[0])) + 1e-30)) - 7)
-    return gap <= margin * ulp, gap
+        kv.free(slots)
+    return diffs, top
+
+
+def _first_divergence_is_near_tie(engine, prompt, ref_ids, out_ids, margin=2):
+    """At the first differing position, the reference's token a and the other run's token b are a
+    rounding tie: logit[a] - logit[b] from a forward of the whole sequence is at most what rounding
+    alone moves it by (the spread of that difference over the groupings of
+    _logit_differences_across_shapes), or at most `margin` bf16 steps of logit[a]. A bug of
+    speculation (a token the verifier's logits do not pick) leaves a gap well above both.
+    Returns (ok, gap, spread)."""
+    i = next((j for j, (x, y) in enumerate(zip(ref_ids, out_ids)) if x != y), None)
+    if i is None:
+        return True, 0.0, 0.0
+    diffs, top = _logit_differences_across_shapes(engine, prompt, ref_ids[:i], ref_ids[i], out_ids[i])
+    gap, spread = diffs[0], max(diffs) - min(diffs)
+    ulp = 2.0 ** (math.floor(math.log2(abs(top) + 1e-30)) - 7)  # a bf16 step at the logit's magnitude
+    return gap <= max(spread, margin * ulp), gap, spread
+
+
+# join ahead (off by default) gave wrong tokens, 4-20 logits below NONE's, in 2 of 5 runs of these
+# 12 prompts on the H100 (2026-12-07), late in the runs, as requests finish; never with it off
+JOIN_AHEAD_BUG = pytest.mark.xfail(strict=False, reason="join ahead: wrong tokens seen on the H100 (docs/gpu.md)")
 
 
 @needs_flashinfer
-@pytest.mark.parametrize("drafter, graphs, lookup", [("medusa", True, 0), ("medusa", False, 0), ("mtp", True, 0),
-                                                     ("mtp", False, 0), ("mtp", True, 8)],
-                         ids=["medusa-cuda-graphs", "medusa-eager", "mtp-cuda-graphs", "mtp-eager",
-                              "mtp+lookup-cuda-graphs"])
-def test_entmtp_matches_none_bf16_flashinfer_up_to_near_ties(prompt_ids, drafter, graphs, lookup):
+@pytest.mark.parametrize("drafter, graphs, lookup, join_ahead", [
+    ("medusa", True, 0, False), ("medusa", False, 0, False), ("mtp", True, 0, False), ("mtp", False, 0, False),
+    ("mtp", True, 8, False), pytest.param("mtp", True, 0, True, marks=JOIN_AHEAD_BUG)],
+    ids=["medusa-cuda-graphs", "medusa-eager", "mtp-cuda-graphs", "mtp-eager", "mtp+lookup-cuda-graphs",
+         "mtp-cuda-graphs-join-ahead"])
+def test_entmtp_matches_none_bf16_flashinfer_up_to_near_ties(prompt_ids, drafter, graphs, lookup, join_ahead):
     rows, ids = prompt_ids
     sp = SamplingParams(max_new_tokens=N_TOKENS, ignore_eos=True)
     none = _engine(attention_backend="flashinfer", cuda_graph=graphs)
     assert none.runner.backend_name == "flashinfer"
     ref = none.generate(ids, sp)
-    eng = _engine("ENTMTP", drafter, attention_backend="flashinfer", cuda_graph=graphs, lookup_tokens=lookup)
+    eng = _engine("ENTMTP", drafter, attention_backend="flashinfer", cuda_graph=graphs, lookup_tokens=lookup,
+                  join_ahead=join_ahead)
     if graphs:
         assert none.runner.graphs.replays > 0
     else:
@@ -278,8 +318,8 @@ def test_entmtp_matches_none_bf16_flashinfer_up_to_near_ties(prompt_ids, drafter
     out = eng.generate(ids, sp, [SpecOptions(task=r["task"]) for r in rows])
     identical = 0
     for p, r, o, row in zip(ids, ref, out, rows):
-        ok, gap = _first_divergence_is_near_tie(none, p, r.output_ids, o.output_ids, margin=2)
-        assert ok, f"{drafter}: {row['task']} {row['id']} diverged where the top-2 logit gap is {gap:.3f}"
+        ok, gap, spread = _first_divergence_is_near_tie(none, p, r.output_ids, o.output_ids)
+        assert ok, f"{drafter}: {row['task']} {row['id']} diverged at a logit gap of {gap:.3f} (rounding: {spread:.3f})"
         identical += o.output_ids == r.output_ids
     # bf16 batches of different shapes round differently; every divergence must start at a near-tie (above)
     assert identical >= len(rows) // 2, f"only {identical}/{len(rows)} outputs identical"
@@ -587,8 +627,8 @@ def test_prompt_chunks_beside_decode_steps_give_the_tokens_of_serial_chunks(prom
     identical = 0
     for p, r, o, row in zip(ids, ref, out, rows):
         assert len(o.output_ids) == len(r.output_ids)
-        ok, gap = _first_divergence_is_near_tie(serial, p, r.output_ids, o.output_ids, margin=2)
-        assert ok, f"{algorithm}: {row['task']} {row['id']} diverged where the top-2 logit gap is {gap:.3f}"
+        ok, gap, spread = _first_divergence_is_near_tie(serial, p, r.output_ids, o.output_ids)
+        assert ok, f"{algorithm}: {row['task']} {row['id']} diverged at a logit gap of {gap:.3f} (rounding: {spread:.3f})"
         identical += o.output_ids == r.output_ids
     assert identical >= len(rows) // 2, f"only {identical}/{len(rows)} outputs identical"
 
@@ -610,7 +650,7 @@ def test_requests_joining_ahead_give_the_tokens_of_requests_read_first(prompt_id
     first = _engine("ENTMTP", "mtp", join_ahead=False, **kw)
     ref = first.generate(ids, sps, specs)
     assert first.scheduler.stats["prefills_joined"] == 0
-    eng = _engine("ENTMTP", "mtp", **kw)
+    eng = _engine("ENTMTP", "mtp", join_ahead=True, **kw)
     changed = record_changed_launches(eng.worker.device_step)
     free0 = eng.runner.kv.num_free
     out = eng.generate(ids, sps, specs)
@@ -621,7 +661,7 @@ def test_requests_joining_ahead_give_the_tokens_of_requests_read_first(prompt_id
     for p, rn, r, o, row in zip(ids, ref_none, ref, out, rows):
         assert len(o.output_ids) == len(r.output_ids)
         for base, want in ((first, r), (none, rn)):
-            ok, gap = _first_divergence_is_near_tie(base, p, want.output_ids, o.output_ids, margin=2)
-            assert ok, f"{row['task']} {row['id']} diverged where the top-2 logit gap is {gap:.3f}"
+            ok, gap, spread = _first_divergence_is_near_tie(base, p, want.output_ids, o.output_ids)
+            assert ok, f"{row['task']} {row['id']} diverged at a logit gap of {gap:.3f} (rounding: {spread:.3f})"
         identical += o.output_ids == r.output_ids
     assert identical >= len(rows) // 2, f"only {identical}/{len(rows)} outputs identical"
