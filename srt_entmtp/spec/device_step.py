@@ -34,6 +34,7 @@ import torch
 from srt_entmtp.model.attention import tree_triton
 from srt_entmtp.model.attention.tree_mask import pack_tree_mask
 from srt_entmtp.model.forward_batch import ForwardBatch, _indptr
+from srt_entmtp.model.staging import StagingRing
 from srt_entmtp.spec.tree import Tree
 from srt_entmtp.spec.tree_layout import LayoutTable, TreeLayout
 from srt_entmtp.spec.verify_kernels import accept, verify_inputs
@@ -113,18 +114,17 @@ class _Shape:
         pin = device.type == "cuda"
         # the draft graph's inputs: req_slot, root (-1: take the request's root from the pool), tree row.
         # Three pinned host copies in turn: with steps launched after unread ones the host stages a
-        # step's drafts while the copies of the two drafts before may still wait on the stream
+        # step's drafts while the copies of the two drafts before may still wait on the stream (a
+        # batch that changed adds a launch, so each copy is also fenced: model/staging.py)
         self.draft_in = torch.zeros(3 * Bm, **long)
-        self.draft_host = [torch.zeros(3 * Bm, dtype=torch.long, pin_memory=True) for _ in range(3)] if pin else None
-        self._draft_turn = 0
+        self.draft_host = StagingRing(self.draft_in, 3) if pin else None
         self.req_slot, self.root, self.row = self.draft_in.view(3, Bm).unbind(0)
         self.tokens = torch.zeros(Bm, S, **long)  # the draft graph's output, the verify graph's input
         # the verify graph's inputs: prefix len, the slots of the step before when this one was
         # launched before that one was read (0: it was read), then out slots. Two pinned twins
         # in turn, like the drafts' (a step may be staged while the one before is still queued)
         self.verify_in = torch.zeros(2 * Bm + Bm * S, **long)
-        self.verify_host = [torch.zeros_like(self.verify_in, device="cpu").pin_memory() for _ in range(2)] if pin else None
-        self._verify_turn = 0
+        self.verify_host = StagingRing(self.verify_in, 2) if pin else None
         self.prefix, self.ahead, self.out_slots = self.verify_in[:Bm], self.verify_in[Bm:2 * Bm], self.verify_in[2 * Bm:]
         self.input_ids = torch.zeros(Bm * S, **long)
         self.positions = torch.zeros(Bm * S, **long)
@@ -424,33 +424,33 @@ class DeviceSpecStep:
     def _fill_draft(self, sh: _Shape, req_slots, roots, rows, B: int) -> None:
         """The draft graph's inputs (padded to B requests), one host-to-device copy."""
         n, Bm = len(req_slots), sh.req_slot.numel()
-        if sh.draft_host is not None:
-            host = sh.draft_host[sh._draft_turn]
-            sh._draft_turn = (sh._draft_turn + 1) % len(sh.draft_host)
-        else:
-            host = torch.empty_like(sh.draft_in, device="cpu")
+        ring = sh.draft_host
+        host = ring.take() if ring is not None else torch.empty_like(sh.draft_in, device="cpu")
         # padding requests: the pool's spare hidden row, root token 0, a root-only tree (written
         # through numpy: a torch op per field costs more than the copy)
         h = host.numpy().reshape(3, Bm)
         h[0, :n], h[1, :n], h[2, :n] = req_slots, roots, rows
         h[0, n:B], h[1, n:B], h[2, n:B] = sh.capacity, 0, sh.root_row
-        sh.draft_in.copy_(host, non_blocking=True)  # whole (1.5 KB at batch 64): one contiguous copy
+        if ring is not None:  # whole (1.5 KB at batch 64): one contiguous copy
+            ring.send()
+        else:
+            sh.draft_in.copy_(host)
 
     def _fill_verify(self, sh: _Shape, prefix, ahead, out_slots: torch.Tensor, B: int) -> None:
         """The verify graph's inputs (padded to B requests), one host-to-device copy."""
         n, Bm, S = len(prefix), sh.prefix.numel(), sh.layout.num_slots
-        if sh.verify_host is not None:
-            host = sh.verify_host[sh._verify_turn]
-            sh._verify_turn ^= 1
-        else:
-            host = torch.empty_like(sh.verify_in, device="cpu")
+        ring = sh.verify_host
+        host = ring.take() if ring is not None else torch.empty_like(sh.verify_in, device="cpu")
         h = host.numpy()
         h[:n], h[n:B] = prefix, 1  # padding: slot 0 is their one prefix key
         h[Bm: Bm + n], h[Bm + n: Bm + B] = ahead, 0
         o = h[2 * Bm: 2 * Bm + B * S]
         o[: n * S] = out_slots.numpy()
         o[n * S:] = 0
-        sh.verify_in.copy_(host, non_blocking=True)  # whole: one contiguous copy (rows past B are unused)
+        if ring is not None:  # whole: one contiguous copy (rows past B are unused)
+            ring.send()
+        else:
+            sh.verify_in.copy_(host)
 
     def _eager_batch(self, sh: _Shape, B: int, prefix: list[int], kv_idx: torch.Tensor) -> ForwardBatch:
         """The same forward as a ForwardBatch, for backends planned eagerly (SDPA, CPU)."""

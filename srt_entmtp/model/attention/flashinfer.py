@@ -31,6 +31,7 @@ import torch
 from srt_entmtp.model.attention.base import AttentionBackend
 from srt_entmtp.model.attention.tree_mask import mask_byte_offsets
 from srt_entmtp.model.forward_batch import ForwardBatch
+from srt_entmtp.model.staging import CopyFence
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,9 @@ class GraphAttention(AttentionBackend):
         # [kv_indptr (B+1) | mask byte indptr (B+1) | kv_indices (capacity)], and its host twin
         self.meta = torch.zeros(2 * (batch + 1) + kv_capacity, **i32)
         self.meta_host = torch.zeros(self.meta.numel(), dtype=torch.int32, pin_memory=dev.type == "cuda")
+        # one twin, and FlashInfer's pinned plan buffer: a plan waits for the last plan's uploads
+        # (a prompt chunk joining ahead is planned with the chunk before it still unread)
+        self._uploaded = CopyFence(dev.type == "cuda")
         self._meta_np = self.meta_host.numpy()
         self.kv_indptr = self.meta[: batch + 1]
         self.mask_indptr = self.meta[batch + 1: 2 * (batch + 1)]
@@ -190,6 +194,11 @@ class GraphAttention(AttentionBackend):
     def plan(self, fb: ForwardBatch) -> None:
         """Rewrite the buffers for `fb`, which is padded to exactly this shape (see cuda_graph.py).
         The token-side inputs (ids, positions, out slots) are the graph runner's to fill."""
+        self._uploaded.wait()
+        self._plan(fb)
+        self._uploaded.mark()
+
+    def _plan(self, fb: ForwardBatch) -> None:
         dtype = self.kv.k.dtype
         kv_lens = np.asarray(fb.kv_lens, dtype=np.int32)
         if self.causal:
@@ -231,6 +240,11 @@ class GraphAttention(AttentionBackend):
         plus those nodes. kv_indices (host) holds per request its prefix slots then its tree
         slots. The packed mask is not given here: the step's graph builds it in `self.mask`
         (tree_mask.py) at the byte offsets written here."""
+        self._uploaded.wait()
+        self._plan_fixed_trees(nodes, prefix_lens, kv_indices)
+        self._uploaded.mark()
+
+    def _plan_fixed_trees(self, nodes: int, prefix_lens: list[int], kv_indices: torch.Tensor) -> None:
         kv_lens = np.asarray(prefix_lens, dtype=np.int32) + nodes
         kv_indptr = self._stage(kv_lens, kv_indices, mask_rows=nodes)
         if self._fixed_nodes is not None and self._fixed_nodes != nodes:

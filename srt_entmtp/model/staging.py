@@ -1,0 +1,51 @@
+"""Pinned host buffers whose uploads are queued without a sync, fenced by events.
+
+A step's inputs go up from pinned host memory with non-blocking copies, so the host may write
+the buffer again only once the copy that read it has run on the device. Where steps are
+launched ahead of the ones before them being read, counting turns does not bound that: a copy
+is fenced by an event recorded after it, and the host waits on the event (almost always
+already passed) before rewriting the buffer. Without CUDA, copies are synchronous and there is
+nothing to fence.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class CopyFence:
+    """The copies that last read one pinned buffer: mark() after queueing them, wait() before
+    writing the buffer again."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._event = None
+
+    def wait(self) -> None:
+        if self._event is not None:
+            self._event.synchronize()
+
+    def mark(self) -> None:
+        if self.enabled:
+            self._event = self._event or torch.cuda.Event()
+            self._event.record()
+
+
+class StagingRing:
+    """Pinned host twins of one device buffer, written and sent up in turn, each fenced."""
+
+    def __init__(self, dev_buf: torch.Tensor, n: int):
+        self.dev_buf = dev_buf
+        self.bufs = [torch.zeros_like(dev_buf, device="cpu").pin_memory() for _ in range(n)]
+        self.fences = [CopyFence(True) for _ in range(n)]
+        self.turn = 0
+
+    def take(self) -> torch.Tensor:
+        """The next twin, free to write (waits, rarely, for the copy that last read it)."""
+        self.fences[self.turn].wait()
+        return self.bufs[self.turn]
+
+    def send(self) -> None:
+        """Queue the copy of the twin just written to the device buffer, and fence it."""
+        self.dev_buf.copy_(self.bufs[self.turn], non_blocking=True)
+        self.fences[self.turn].mark()
+        self.turn = (self.turn + 1) % len(self.bufs)
