@@ -9,7 +9,8 @@ at a time). That is `overlap_prefill = True` (`--overlap-prefill`); it is off by
 the H200 it ran level with chunks between steps, or slower (docs/gpu.md).
 
 Where the worker can (`Worker.can_join`: the device speculative step, greedy prompts that complete
-in the chunk), a chunk's requests *join ahead* instead (`join_ahead`, off by default: wrong tokens were seen with it on the H100, docs/gpu.md; `--join-ahead` turns it on): the chunk is
+in the chunk), a chunk's requests may *join ahead* instead (`join_ahead`; `--join-ahead`, off by
+default: wrong tokens were seen with it on the H100, docs/gpu.md): the chunk is
 launched without reading its first tokens, and its requests decode with the others in the same
 step, their first step queued behind the chunk on the device, launched after the step in flight
 (spec/worker.py). Their first tokens are read on the next step, or as soon as a step of theirs
