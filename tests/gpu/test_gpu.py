@@ -263,8 +263,9 @@ def _logit_differences_across_shapes(engine, prompt, answer, a, b):
             start = 0
             for size in sizes:  # one forward per group, over the KV the groups before wrote
                 end = start + size
-                out = engine.runner.forward(ForwardBatch.build([tokens[start:end]], [slots[:start]], [slots[start:end]],
-                                                               logits_indices=torch.tensor([size - 1]), device="cuda"))
+                fb = ForwardBatch.build([tokens[start:end]], [slots[:start]], [slots[start:end]],
+                                        logits_indices=torch.tensor([size - 1]), device=engine.runner.device)
+                out = engine.runner.forward(fb)
                 start = end
             logits = out.logits[0].float()
             diffs.append(float(logits[a] - logits[b]))
