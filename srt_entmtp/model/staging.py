@@ -14,7 +14,7 @@ import torch
 
 class CopyFence:
     """The copies that last read one pinned buffer: mark() after queueing them, wait() before
-    writing the buffer again."""
+    writing the buffer again; or `with fence:` around the writes and the copies."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
@@ -29,14 +29,25 @@ class CopyFence:
             self._event = self._event or torch.cuda.Event()
             self._event.record()
 
+    def __enter__(self) -> None:
+        self.wait()
+
+    def __exit__(self, *exc) -> None:
+        self.mark()
+
 
 class StagingRing:
-    """Pinned host twins of one device buffer, written and sent up in turn, each fenced."""
+    """Host twins of one device buffer, written and sent up in turn: pinned and each fenced for a
+    CUDA buffer, plain (the copy is synchronous) for a CPU one. pinned: whether to pin and fence
+    (default: whether dev_buf is on CUDA)."""
 
-    def __init__(self, dev_buf: torch.Tensor, n: int):
+    def __init__(self, dev_buf: torch.Tensor, n: int, pinned: bool | None = None):
         self.dev_buf = dev_buf
-        self.bufs = [torch.zeros_like(dev_buf, device="cpu").pin_memory() for _ in range(n)]
-        self.fences = [CopyFence(True) for _ in range(n)]
+        self.pinned = dev_buf.is_cuda if pinned is None else pinned
+        self.bufs = [torch.zeros_like(dev_buf, device="cpu") for _ in range(n)]
+        if self.pinned:
+            self.bufs = [b.pin_memory() for b in self.bufs]
+        self.fences = [CopyFence(self.pinned) for _ in range(n)]
         self.turn = 0
 
     def take(self) -> torch.Tensor:
@@ -46,6 +57,6 @@ class StagingRing:
 
     def send(self) -> None:
         """Queue the copy of the twin just written to the device buffer, and fence it."""
-        self.dev_buf.copy_(self.bufs[self.turn], non_blocking=True)
+        self.dev_buf.copy_(self.bufs[self.turn], non_blocking=self.pinned)
         self.fences[self.turn].mark()
         self.turn = (self.turn + 1) % len(self.bufs)

@@ -117,14 +117,14 @@ class _Shape:
         # step's drafts while the copies of the two drafts before may still wait on the stream (a
         # batch that changed adds a launch, so each copy is also fenced: model/staging.py)
         self.draft_in = torch.zeros(3 * Bm, **long)
-        self.draft_host = StagingRing(self.draft_in, 3) if pin else None
+        self.draft_host = StagingRing(self.draft_in, 3)
         self.req_slot, self.root, self.row = self.draft_in.view(3, Bm).unbind(0)
         self.tokens = torch.zeros(Bm, S, **long)  # the draft graph's output, the verify graph's input
         # the verify graph's inputs: prefix len, the slots of the step before when this one was
         # launched before that one was read (0: it was read), then out slots. Two pinned twins
         # in turn, like the drafts' (a step may be staged while the one before is still queued)
         self.verify_in = torch.zeros(2 * Bm + Bm * S, **long)
-        self.verify_host = StagingRing(self.verify_in, 2) if pin else None
+        self.verify_host = StagingRing(self.verify_in, 2)
         self.prefix, self.ahead, self.out_slots = self.verify_in[:Bm], self.verify_in[Bm:2 * Bm], self.verify_in[2 * Bm:]
         self.input_ids = torch.zeros(Bm * S, **long)
         self.positions = torch.zeros(Bm * S, **long)
@@ -424,33 +424,25 @@ class DeviceSpecStep:
     def _fill_draft(self, sh: _Shape, req_slots, roots, rows, B: int) -> None:
         """The draft graph's inputs (padded to B requests), one host-to-device copy."""
         n, Bm = len(req_slots), sh.req_slot.numel()
-        ring = sh.draft_host
-        host = ring.take() if ring is not None else torch.empty_like(sh.draft_in, device="cpu")
+        host = sh.draft_host.take()
         # padding requests: the pool's spare hidden row, root token 0, a root-only tree (written
         # through numpy: a torch op per field costs more than the copy)
         h = host.numpy().reshape(3, Bm)
         h[0, :n], h[1, :n], h[2, :n] = req_slots, roots, rows
         h[0, n:B], h[1, n:B], h[2, n:B] = sh.capacity, 0, sh.root_row
-        if ring is not None:  # whole (1.5 KB at batch 64): one contiguous copy
-            ring.send()
-        else:
-            sh.draft_in.copy_(host)
+        sh.draft_host.send()  # whole (1.5 KB at batch 64): one contiguous copy
 
     def _fill_verify(self, sh: _Shape, prefix, ahead, out_slots: torch.Tensor, B: int) -> None:
         """The verify graph's inputs (padded to B requests), one host-to-device copy."""
         n, Bm, S = len(prefix), sh.prefix.numel(), sh.layout.num_slots
-        ring = sh.verify_host
-        host = ring.take() if ring is not None else torch.empty_like(sh.verify_in, device="cpu")
+        host = sh.verify_host.take()
         h = host.numpy()
         h[:n], h[n:B] = prefix, 1  # padding: slot 0 is their one prefix key
         h[Bm: Bm + n], h[Bm + n: Bm + B] = ahead, 0
         o = h[2 * Bm: 2 * Bm + B * S]
         o[: n * S] = out_slots.numpy()
         o[n * S:] = 0
-        if ring is not None:  # whole: one contiguous copy (rows past B are unused)
-            ring.send()
-        else:
-            sh.verify_in.copy_(host)
+        sh.verify_host.send()  # whole: one contiguous copy (rows past B are unused)
 
     def _eager_batch(self, sh: _Shape, B: int, prefix: list[int], kv_idx: torch.Tensor) -> ForwardBatch:
         """The same forward as a ForwardBatch, for backends planned eagerly (SDPA, CPU)."""

@@ -37,7 +37,7 @@ def test_staging_ring_rewrites_a_twin_only_after_its_copy_ran_mocked_cuda_events
     monkeypatch.setattr(torch.cuda, "Event", ev.Event)
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
     dev = torch.zeros(4, dtype=torch.long)
-    ring = staging.StagingRing(dev, 2)
+    ring = staging.StagingRing(dev, 2, pinned=True)  # as for a CUDA buffer
     for k in range(5):
         host = ring.take()
         host.fill_(k)
@@ -65,3 +65,6 @@ def test_copy_fence_waits_on_the_last_mark_and_is_off_without_cuda(monkeypatch):
     off.mark()
     off.wait()
     assert len(ev.log) == 5
+    with fence:  # around the writes and their copies: waits on entry, marks on exit
+        pass
+    assert ev.log[5:] == [("wait", 0), ("record", 0)]

@@ -194,9 +194,8 @@ class GraphAttention(AttentionBackend):
     def plan(self, fb: ForwardBatch) -> None:
         """Rewrite the buffers for `fb`, which is padded to exactly this shape (see cuda_graph.py).
         The token-side inputs (ids, positions, out slots) are the graph runner's to fill."""
-        self._uploaded.wait()
-        self._plan(fb)
-        self._uploaded.mark()
+        with self._uploaded:
+            self._plan(fb)
 
     def _plan(self, fb: ForwardBatch) -> None:
         dtype = self.kv.k.dtype
@@ -240,9 +239,8 @@ class GraphAttention(AttentionBackend):
         plus those nodes. kv_indices (host) holds per request its prefix slots then its tree
         slots. The packed mask is not given here: the step's graph builds it in `self.mask`
         (tree_mask.py) at the byte offsets written here."""
-        self._uploaded.wait()
-        self._plan_fixed_trees(nodes, prefix_lens, kv_indices)
-        self._uploaded.mark()
+        with self._uploaded:
+            self._plan_fixed_trees(nodes, prefix_lens, kv_indices)
 
     def _plan_fixed_trees(self, nodes: int, prefix_lens: list[int], kv_indices: torch.Tensor) -> None:
         kv_lens = np.asarray(prefix_lens, dtype=np.int32) + nodes
