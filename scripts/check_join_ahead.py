@@ -14,7 +14,9 @@ table (wrong outputs per run) and writes JSON with every divergence.
 
 Configurations: default (join ahead off), join-ahead (both halves on), join-chunks (chunks join
 unread, changed batches wait), launch-changed (changed batches launched behind the step in
-flight, chunks read first). On CPU it runs too (SDPA, eager), slowly: `--device cpu --prompts 2`.
+flight, chunks read first), join-ahead-synced (join ahead on, the host waiting for the device
+after every launch: no host write can then overtake a queued copy, so wrong tokens there are a
+bookkeeping bug, not a race). On CPU it runs too (SDPA, eager), slowly: `--device cpu --prompts 2`.
 """
 from __future__ import annotations
 
@@ -31,12 +33,32 @@ from srt_entmtp.sched.request import SamplingParams, SpecOptions
 from tests.conftest import load_prompts
 from tests.gpu.test_gpu import PRIOR_LIBRARY, _first_divergence_is_near_tie
 
-CONFIGS = {  # name: (EngineArgs.join_ahead, then the two halves set apart where they differ)
-    "default": (False, None, None),
-    "join-ahead": (True, None, None),
-    "join-chunks": (True, True, False),       # Scheduler.join_ahead, SpecWorker.launch_changed
-    "launch-changed": (True, False, True),
+CONFIGS = {  # name: (EngineArgs.join_ahead, then the two halves set apart where they differ, synced)
+    "default": (False, None, None, False),
+    "join-ahead": (True, None, None, False),
+    "join-chunks": (True, True, False, False),       # Scheduler.join_ahead, SpecWorker.launch_changed
+    "launch-changed": (True, False, True, False),
+    "join-ahead-synced": (True, None, None, True),
 }
+
+
+def synced(fn):
+    """fn, then wait for everything it queued on the device."""
+    import torch
+
+    def call(*a, **kw):
+        out = fn(*a, **kw)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return out
+    return call
+
+
+def sync_every_launch(eng: Engine) -> None:
+    """The host waits for the device after every draft, verify and prompt-chunk launch."""
+    ds = eng.worker.device_step
+    ds.launch_draft, ds.launch_verify = synced(ds.launch_draft), synced(ds.launch_verify)
+    eng.worker._launch_unread = synced(eng.worker._launch_unread)
 
 
 def engine(ns, algorithm: str, join: bool = False) -> Engine:
@@ -68,10 +90,12 @@ def main() -> int:
         import torch
         result["gpu"] = torch.cuda.get_device_name()
     for name in ns.configs:
-        join, chunks, changed = CONFIGS[name]
+        join, chunks, changed, sync = CONFIGS[name]
         eng = engine(ns, "ENTMTP", join)
         if chunks is not None:
             eng.scheduler.join_ahead, eng.worker.launch_changed = chunks, changed
+        if sync:
+            sync_every_launch(eng)
         for run in range(ns.runs):
             joined0 = eng.scheduler.stats["prefills_joined"]
             out = eng.generate(ids, sp, [SpecOptions(task=r["task"]) for r in rows])
