@@ -546,8 +546,8 @@ def main():
                     help="(c) also runs NONE without PDL, and ENTMTP without PDL, with the last key split merging "
                          "the attention, and with RoPE in its own kernel (one switch each)")
     ap.add_argument("--join-ahead-ab", action="store_true",
-                    help="(c) also runs ENTMTP with join ahead on (experimental, off by default: wrong tokens seen "
-                         "on the H100): a new request decodes before its first token is read, and a batch that "
+                    help="(c) also runs ENTMTP with join ahead on (experimental, off by default: wrong tokens on "
+                         "the H100 until fenced): a new request decodes before its first token is read, and a batch that "
                          "changed is launched behind its step in flight (EngineArgs.join_ahead)")
     ap.add_argument("--overlap-prefill-ab", action="store_true",
                     help="(c): also NONE and ENTMTP with prompt chunks beside the decode steps (--overlap-prefill), "

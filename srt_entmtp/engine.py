@@ -58,7 +58,7 @@ class EngineArgs:
     tree_attention: str = "auto"         # the graphs' attention: auto = Triton's tree kernel where it runs (decode steps as one-node trees), flashinfer
     pipeline: bool = True                # launch the next greedy step of an unchanged batch before the tokens go back
     join_ahead: bool = False             # a new greedy request decodes before its first token is read (device spec
-                                         # steps); off: wrong tokens seen on the H100 with it on (docs/gpu.md)
+                                         # steps); off: experimental (wrong tokens on the H100 until fenced, docs/gpu.md)
     extra: dict = field(default_factory=dict)
 
 

@@ -10,12 +10,12 @@ the H200 it ran level with chunks between steps, or slower (docs/gpu.md).
 
 Where the worker can (`Worker.can_join`: the device speculative step, greedy prompts that complete
 in the chunk), a chunk's requests may *join ahead* instead (`join_ahead`; `--join-ahead`, off by
-default: wrong tokens were seen with it on the H100, docs/gpu.md): the chunk is
-launched without reading its first tokens, and its requests decode with the others in the same
-step, their first step queued behind the chunk on the device, launched after the step in flight
-(spec/worker.py). Their first tokens are read on the next step, or as soon as a step of theirs
-comes back, and always go out before any token of those steps. So an admission costs the chunk's
-forward on the device and no round trip through the host.
+default: experimental, wrong tokens on the H100 until its uploads were fenced, docs/gpu.md): the
+chunk is launched without reading its first tokens, and its requests decode with the others in
+the same step, their first step queued behind the chunk on the device, launched after the step in
+flight (spec/worker.py). Their first tokens are read on the next step, or as soon as a step of
+theirs comes back, and always go out before any token of those steps. So an admission costs the
+chunk's forward on the device and no round trip through the host.
 
 Admission is bounded by --max-running-requests and by KV slots: each request reserves its prompt,
 its max_new_tokens and one step's worth of draft tree, so a step never finds the cache full. A finished or aborted request frees its slots at once.
@@ -63,7 +63,7 @@ class Scheduler:
         # Off by default: on the H200 it did not beat chunks between steps (docs/gpu.md)
         self.overlap_prefill = False
         # a chunk's requests may join the decode batch before their first tokens are read (Worker.can_join).
-        # Off by default (EngineArgs.join_ahead): wrong tokens were seen with it on the H100 (docs/gpu.md)
+        # Off by default (EngineArgs.join_ahead): experimental, wrong tokens on the H100 until fenced (docs/gpu.md)
         self.join_ahead = False
         self._chunk = None
 

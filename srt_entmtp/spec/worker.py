@@ -135,7 +135,7 @@ class SpecWorker(Worker):
         self._drafted_ahead = None  # the drafts of the next step of the batch in flight (DraftedStep)
         self.draft_ahead = True     # False: draft each step only once the one before is collected (an A/B switch)
         # True: a batch that changed is launched behind its step in flight (join ahead's second half;
-        # EngineArgs.join_ahead, off by default: wrong tokens seen on the H100 with it, docs/gpu.md)
+        # EngineArgs.join_ahead, off by default: experimental, wrong tokens on the H100 until fenced, docs/gpu.md)
         self.launch_changed = False
         if spec_step == "device":
             trees = [t for lib in self.libraries for t in lib.all_trees()] + ([static_tree] if static_tree else [])
