@@ -6,7 +6,7 @@ below NONE's choice, in 2 of 5 runs of the GPU test's 12 prompts and never with 
 For each configuration an engine is built once and run `--runs` times over the same prompts
 (all at once, 32 tokens, EOS ignored: the bf16 GPU test's requests); every output's first
 divergence from NONE of the same process is classified with the GPU tests' near-tie check
-(tests/gpu/test_gpu.py: NONE's logit gap between the two tokens against the spread rounding
+(tests/near_ties.py: NONE's logit gap between the two tokens against the spread rounding
 gives it at that position). A divergence is wrong when the gap exceeds that allowance. Prints a
 table (wrong outputs per run) and writes JSON with every divergence.
 
@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from srt_entmtp.engine import Engine, EngineArgs
 from srt_entmtp.sched.request import SamplingParams, SpecOptions
 from tests.conftest import load_prompts
-from tests.gpu.test_gpu import PRIOR_LIBRARY, _first_divergence_is_near_tie
+from tests.gpu.test_gpu import PRIOR_LIBRARY
+from tests.near_ties import first_divergence_is_near_tie
 
 CONFIGS = {  # name: (EngineArgs.join_ahead, then the two halves set apart where they differ, synced)
     "default": (False, None, None, False),
@@ -104,7 +105,7 @@ def main() -> int:
             for p, r, o, row in zip(ids, ref, out, rows):
                 i = next((j for j, (x, y) in enumerate(zip(r.output_ids, o.output_ids)) if x != y), None)
                 if i is not None:
-                    ok, gap, spread = _first_divergence_is_near_tie(none, p, r.output_ids, o.output_ids)
+                    ok, gap, spread = first_divergence_is_near_tie(none.runner, p, r.output_ids, o.output_ids)
                     divs.append({"prompt": row["id"], "position": i, "gap": gap, "spread": spread, "wrong": not ok})
             wrong = sum(d["wrong"] for d in divs)
             result["runs"].append({"config": name, "run": run, "wrong": wrong, "chunks_joined": joined,

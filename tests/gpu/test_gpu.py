@@ -18,7 +18,6 @@ CI has no GPU: every test here is skipped there, saying why.
 from __future__ import annotations
 
 import importlib.util
-import math
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,7 @@ from srt_entmtp.model.forward_batch import ForwardBatch
 from srt_entmtp.sched.request import SamplingParams, SpecOptions
 from tests.conftest import load_prompts
 from tests.device_step_helpers import record_changed_launches
+from tests.near_ties import first_divergence_is_near_tie
 
 pytestmark = [
     pytest.mark.gpu,
@@ -238,75 +238,6 @@ def test_entmtp_equals_none_float32_on_gpu(prompt_ids, drafter, lookup, step):
         assert eng.worker.device_step.steps > 0
 
 
-# how the near-tie check recomputes a position: the last m tokens as one chunk over the rest
-# (1: a decode step; 25: a batch-1 verify's rows), and the answer so far fed k tokens a forward
-# after its prompt, as steps that accept k tokens write its KV (1: NONE's own decode steps)
-TIE_LAST_CHUNKS = (1, 2, 5, 13, 25, 32)
-TIE_STEPS = (1, 2, 3, 4, 5)
-# (m, copies): the last m as `copies` sequences over the prefix in one forward; rows m*copies =
-# 40, 80, 78, 75: the mid-size and unfused forwards a batch of trees takes
-TIE_BATCHED = ((5, 8), (5, 16), (13, 6), (25, 3))
-
-
-def _logit_differences_across_shapes(engine, prompt, answer, a, b):
-    """logit[a] - logit[b] after prompt + answer, from bf16 forwards of the same tokens that differ
-    only in how the tokens are grouped into forwards: all at once; the last m over the rest in
-    the KV cache (TIE_LAST_CHUNKS); the prompt, then the answer k tokens a forward (TIE_STEPS);
-    the rest, then the last m as `copies` sequences over it in one forward (TIE_BATCHED; copy 0's
-    logits): one sequence is at most 32 rows, the fused few-token forward, while a verify batch of
-    many trees takes the mid-size and unfused forwards, which round otherwise.
-    What rounding alone moves that difference by, the KV written in steps of other sizes included.
-    Returns the differences (the one forward's first) and that forward's logit[a]."""
-    seq = list(prompt) + list(answer)
-    groupings = [[len(seq)]]
-    groupings += [[len(seq) - m, m] for m in TIE_LAST_CHUNKS if m < len(seq)]
-    groupings += [[len(prompt)] + [min(k, len(answer) - j) for j in range(0, len(answer), k)] for k in TIE_STEPS
-                  if len(answer) > 1]
-    batched = [(m, copies) for m, copies in TIE_BATCHED if m < len(seq)]
-    kv, tokens, diffs, top, dev = engine.runner.kv, torch.tensor(seq), [], None, engine.runner.device
-    # one pop: the sequence's slots, and the copies' new slots (reused by each batched grouping)
-    slots, extra = kv.alloc_many([len(seq), max((m * copies for m, copies in batched), default=0)])
-    try:
-        for sizes in groupings:
-            start = 0
-            for size in sizes:  # one forward per group, over the KV the groups before wrote
-                end = start + size
-                fb = ForwardBatch.build([tokens[start:end]], [slots[:start]], [slots[start:end]],
-                                        logits_indices=torch.tensor([size - 1]), device=dev)
-                out = engine.runner.forward(fb)
-                start = end
-            logits = out.logits[0].float()
-            diffs.append(float(logits[a] - logits[b]))
-            top = float(logits[a]) if top is None else top
-        for m, copies in batched:  # the rest once, then the copies (they only read its KV) in one forward
-            start = len(seq) - m
-            engine.runner.forward(ForwardBatch.build([tokens[:start]], [slots[:0]], [slots[:start]],
-                                                     logits_indices=torch.tensor([start - 1]), device=dev))
-            fb = ForwardBatch.build([tokens[start:]] * copies, [slots[:start]] * copies,
-                                    list(extra[:m * copies].split(m)), logits_indices=torch.tensor([m - 1]),
-                                    device=dev)
-            logits = engine.runner.forward(fb).logits[0].float()  # rows go copy by copy: copy 0's last
-            diffs.append(float(logits[a] - logits[b]))
-    finally:
-        kv.free(slots)
-        kv.free(extra)
-    return diffs, top
-
-
-def _first_divergence_is_near_tie(engine, prompt, ref_ids, out_ids, margin=2):
-    """At the first differing position, the reference's token a and the other run's token b are a
-    rounding tie: logit[a] - logit[b] from a forward of the whole sequence is at most what rounding
-    alone moves it by (the spread of that difference over the groupings of
-    _logit_differences_across_shapes), or at most `margin` bf16 steps of logit[a]. A bug of
-    speculation (a token the verifier's logits do not pick) leaves a gap well above both.
-    Returns (ok, gap, spread)."""
-    i = next((j for j, (x, y) in enumerate(zip(ref_ids, out_ids)) if x != y), None)
-    if i is None:
-        return True, 0.0, 0.0
-    diffs, top = _logit_differences_across_shapes(engine, prompt, ref_ids[:i], ref_ids[i], out_ids[i])
-    gap, spread = diffs[0], max(diffs) - min(diffs)
-    ulp = 2.0 ** (math.floor(math.log2(abs(top) + 1e-30)) - 7)  # a bf16 step at the logit's magnitude
-    return gap <= max(spread, margin * ulp), gap, spread
 
 
 # join ahead (off by default) gave wrong tokens, 4-20 logits below NONE's, in 2 of 5 runs on the H100
@@ -340,7 +271,7 @@ def test_entmtp_matches_none_bf16_flashinfer_up_to_near_ties(prompt_ids, drafter
     out = eng.generate(ids, sp, [SpecOptions(task=r["task"]) for r in rows])
     identical = 0
     for p, r, o, row in zip(ids, ref, out, rows):
-        ok, gap, spread = _first_divergence_is_near_tie(none, p, r.output_ids, o.output_ids)
+        ok, gap, spread = first_divergence_is_near_tie(none.runner, p, r.output_ids, o.output_ids)
         assert ok, f"{drafter}: {row['task']} {row['id']} diverged at a logit gap of {gap:.3f} (rounding: {spread:.3f})"
         identical += o.output_ids == r.output_ids
     # bf16 batches of different shapes round differently; every divergence must start at a near-tie (above)
@@ -649,7 +580,7 @@ def test_prompt_chunks_beside_decode_steps_give_the_tokens_of_serial_chunks(prom
     identical = 0
     for p, r, o, row in zip(ids, ref, out, rows):
         assert len(o.output_ids) == len(r.output_ids)
-        ok, gap, spread = _first_divergence_is_near_tie(serial, p, r.output_ids, o.output_ids)
+        ok, gap, spread = first_divergence_is_near_tie(serial.runner, p, r.output_ids, o.output_ids)
         assert ok, f"{algorithm}: {row['task']} {row['id']} diverged at a logit gap of {gap:.3f} (rounding: {spread:.3f})"
         identical += o.output_ids == r.output_ids
     assert identical >= len(rows) // 2, f"only {identical}/{len(rows)} outputs identical"
@@ -683,7 +614,7 @@ def test_requests_joining_ahead_give_the_tokens_of_requests_read_first(prompt_id
     for p, rn, r, o, row in zip(ids, ref_none, ref, out, rows):
         assert len(o.output_ids) == len(r.output_ids)
         for base, want in ((first, r), (none, rn)):
-            ok, gap, spread = _first_divergence_is_near_tie(base, p, want.output_ids, o.output_ids)
+            ok, gap, spread = first_divergence_is_near_tie(base.runner, p, want.output_ids, o.output_ids)
             assert ok, f"{row['task']} {row['id']} diverged at a logit gap of {gap:.3f} (rounding: {spread:.3f})"
         identical += o.output_ids == r.output_ids
     assert identical >= len(rows) // 2, f"only {identical}/{len(rows)} outputs identical"
