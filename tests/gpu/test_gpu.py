@@ -238,8 +238,6 @@ def test_entmtp_equals_none_float32_on_gpu(prompt_ids, drafter, lookup, step):
         assert eng.worker.device_step.steps > 0
 
 
-
-
 # join ahead (off by default) gave wrong tokens, 4-20 logits below NONE's, in 2 of 5 runs on the H100
 # (2026-12-07); none in 17 runs since its staging was fenced (model/staging.py). But in every run of
 # these prompts wp_02732 diverges at position 27 at a gap of 3 bf16 steps (0.188) where the
