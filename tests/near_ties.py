@@ -57,7 +57,7 @@ def logit_differences_across_shapes(runner, prompt, answer, a, b):
         for m, copies in batched:  # the rest once, then the copies (they only read its KV) in one forward
             start = len(seq) - m
             runner.forward(ForwardBatch.build([tokens[:start]], [slots[:0]], [slots[:start]],
-                                                     logits_indices=torch.tensor([start - 1]), device=dev))
+                                              logits_indices=torch.tensor([start - 1]), device=dev))
             fb = ForwardBatch.build([tokens[start:]] * copies, [slots[:start]] * copies,
                                     list(extra[:m * copies].split(m)), logits_indices=torch.tensor([m - 1]),
                                     device=dev)

@@ -2,7 +2,7 @@
 
 Its groupings recompute one position's logits from the same tokens split into forwards in other
 ways. In float32 they must all agree with transformers' forward of the whole sequence: a grouping
-that read the wrong KV or the wrong copy's row would show there as a spread, and on the GPU it
+that read the wrong KV or the wrong row would show there as a spread, and on the GPU it
 would widen what the check forgives. And the check must tell a tie from a token the logits do not
 pick.
 """
