@@ -22,6 +22,9 @@ MAX_ROWS rows (`usable`); tests run the kernels in Triton's interpreter on CPU.
 from __future__ import annotations
 
 import functools
+import json
+import os
+from pathlib import Path
 
 import torch
 
@@ -29,13 +32,46 @@ from srt_entmtp.model import fused, pdl, small_linear
 
 ENABLED = True  # False: the torch form for every drafter (read when a graph is captured)
 MAX_ROWS = 32   # rows of a level drafted this way (measured up to here: scripts/bench_draft.py)
+# Tile configs of a level's kernels (small_linear's 4- or 5-tuples; None: small_linear's own, tuned
+# for the base model's layer shapes, not the MTP block's): "proj" norm2_linear, "gate_up"
+# norm_gate_silu, "down" linear_residual, "topk" norm_linear_topk; and pick_kernel's warps.
+# `bench_draft.py --kernels` times the alternatives and writes ENTMTP_DRAFT_CONFIGS's file; read
+# when a graph is captured.
+CONFIGS: dict[str, tuple | None] = {"proj": None, "gate_up": None, "down": None, "topk": None}
+PICK_WARPS = 4
+
+
+def _load_overrides() -> None:
+    """ENTMTP_DRAFT_CONFIGS=<json>: {"proj" | "gate_up" | "down" | "topk": [4 or 5 ints] or null,
+    "pick_warps": int} (tuning on another GPU)."""
+    global PICK_WARPS
+    path = os.environ.get("ENTMTP_DRAFT_CONFIGS")
+    if not path:
+        return
+    d = json.loads(Path(path).read_text())
+    unknown = set(d) - set(CONFIGS) - {"pick_warps"}
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)} (have {sorted(CONFIGS)} and pick_warps)")
+    for op in CONFIGS:
+        if d.get(op) is not None:
+            CONFIGS[op] = tuple(int(v) for v in d[op])
+    PICK_WARPS = int(d.get("pick_warps", PICK_WARPS))
+
+
+_load_overrides()
+
+
+def topk_tile() -> int:
+    """Columns of a top-k tile: each tile keeps at most this many candidates."""
+    c = CONFIGS["topk"] or small_linear.CONFIGS["topk"]
+    return c[1] if len(c) == 5 else c[0]
 
 
 def usable(drafter, x: torch.Tensor, k: int) -> bool:
     """Whether `drafter` may draft a level of x's rows asking k candidates with these kernels."""
     w = drafter.out_weight
     return (ENABLED and drafter.fused_logits and drafter.fused_levels and fused.enabled(x) and x.dim() == 2
-            and x.shape[0] <= min(MAX_ROWS, small_linear.SMALL_M) and k <= small_linear.CONFIGS["topk"][0]
+            and x.shape[0] <= min(MAX_ROWS, small_linear.SMALL_M) and k <= topk_tile()
             and w.dtype == x.dtype and w.is_contiguous() and _kernel() is not None
             and small_linear._kernel() is not None)
 
@@ -75,7 +111,7 @@ def _kernel():
 
 
 def pick(top_v: torch.Tensor, top_i: torch.Tensor, parent: torch.Tensor, rank: torch.Tensor, w: int, k: int,
-         vocab: torch.Tensor | None) -> torch.Tensor:
+         vocab: torch.Tensor | None, warps: int | None = None) -> torch.Tensor:
     """Tokens [B, c] of c child slots per request: child (b, j) takes the rank[b, j]-th best
     (0 = best) candidate of row b * w + parent[b, j] of (top_v, top_i) [B * w, C], through
     `vocab` (draft index -> token id) when given. parent and rank may be column slices of wider
@@ -89,7 +125,8 @@ def pick(top_v: torch.Tensor, top_i: torch.Tensor, parent: torch.Tensor, rank: t
         use_pdl = pdl.on(top_v)
         kern[(B, c)](top_v, top_i, parent, rank, vocab if vocab is not None else top_i, out, C, w, k,
                      top_v.stride(0), parent.stride(0), out.stride(0), HAS_VOCAB=vocab is not None,
-                     BLOCK_C=triton.next_power_of_2(C), PDL=use_pdl, num_warps=4, **pdl.launch_kw(use_pdl))
+                     BLOCK_C=triton.next_power_of_2(C), PDL=use_pdl, num_warps=warps or PICK_WARPS,
+                     **pdl.launch_kw(use_pdl))
     return out
 
 
@@ -98,5 +135,6 @@ def draft_level(drafter, prev: torch.Tensor, tokens: torch.Tensor, d: int, k: in
     """Level d of a sequential drafter over B * w parent rows: prev [B*w, H] their states,
     tokens [B*w] their tokens; returns (their new states [B*w, H], the child slots' tokens [B, c])."""
     s = drafter.fused_step(d, prev, tokens)
-    top_v, top_i = small_linear.norm_linear_topk(s, drafter.logits_norm(d), drafter.out_weight, drafter.eps, k)
+    top_v, top_i = small_linear.norm_linear_topk(s, drafter.logits_norm(d), drafter.out_weight, drafter.eps, k,
+                                                 config=CONFIGS["topk"])
     return s, pick(top_v, top_i, parent, rank, w, k, drafter.draft_vocab)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from srt_entmtp.model import small_linear
+from srt_entmtp.spec.drafters import fused_draft
 from srt_entmtp.spec.drafters.base import UNBOUNDED_DEPTH, Drafter, init_normal_, rms
 
 
@@ -72,6 +73,8 @@ class MTPDrafter(Drafter):
         """step() in three kernels (model/small_linear.py), for the few rows of a GPU draft level."""
         if not (small_linear.usable(state) and self.embed.dtype == state.dtype == self.proj.dtype):
             return super().fused_step(d, state, tokens)
-        u = small_linear.norm2_linear(state, self.norm_state, self.embed, tokens, self.norm_emb, self.proj, self.eps)
-        act = small_linear.norm_gate_silu(u, self.norm_mlp, self.gate_up, self.eps)
-        return small_linear.linear_residual(act, self.down, u)
+        cfg = fused_draft.CONFIGS
+        u = small_linear.norm2_linear(state, self.norm_state, self.embed, tokens, self.norm_emb, self.proj, self.eps,
+                                      config=cfg["proj"])
+        act = small_linear.norm_gate_silu(u, self.norm_mlp, self.gate_up, self.eps, config=cfg["gate_up"])
+        return small_linear.linear_residual(act, self.down, u, config=cfg["down"])
