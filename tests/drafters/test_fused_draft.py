@@ -69,8 +69,8 @@ def test_pick_takes_each_childs_rank_th_candidate_of_its_parent_row():
     vocab = torch.randperm(1000, generator=g).to(DEV)
     parent, rank = parent_full[:, 2:2 + c], rank_full[:, 2:2 + c]
     order = top_v.argsort(dim=1, descending=True)
-    for voc in (None, vocab):
-        got = pick(top_v, top_i, parent, rank, w, k, voc)
+    for voc, warps in ((None, None), (vocab, None), (vocab, 1)):  # warps: the kernel's, then one warp a program
+        got = pick(top_v, top_i, parent, rank, w, k, voc, warps)
         rows = torch.arange(B, device=DEV).view(B, 1) * w + parent
         want = top_i.long().gather(1, order)[rows, rank]
         assert torch.equal(got, want if voc is None else vocab[want])
@@ -111,3 +111,21 @@ def test_fused_levels_draft_the_tokens_of_the_torch_form(runner, monkeypatch, ki
     for t, r in zip(trees, rows.tolist()):
         real = table.slot_of_node[r]
         assert got[trees.index(t), real].tolist() == ref[trees.index(t), real].tolist(), t.name
+
+
+def test_draft_configs_file_sets_the_level_kernels_configs_and_names_a_bad_key(tmp_path, monkeypatch):
+    """ENTMTP_DRAFT_CONFIGS (what bench_draft.py --kernels writes) sets fused_draft.CONFIGS and
+    PICK_WARPS; a key that is not a kernel of the level is refused with the file's name."""
+    from srt_entmtp.spec.drafters import fused_draft
+
+    monkeypatch.setattr(fused_draft, "CONFIGS", dict.fromkeys(fused_draft.CONFIGS))
+    monkeypatch.setattr(fused_draft, "PICK_WARPS", 4)
+    f = tmp_path / "draft.json"
+    f.write_text('{"proj": null, "down": [32, 128, 2, 3], "topk": [64, 64, 4, 2], "pick_warps": 1}')
+    monkeypatch.setenv("ENTMTP_DRAFT_CONFIGS", str(f))
+    fused_draft._load_overrides()
+    assert fused_draft.CONFIGS == {"proj": None, "gate_up": None, "down": (32, 128, 2, 3), "topk": (64, 64, 4, 2)}
+    assert fused_draft.PICK_WARPS == 1 and fused_draft.topk_tile() == 64
+    f.write_text('{"top_k": [64, 64, 4, 2]}')
+    with pytest.raises(ValueError, match=r"draft\.json: unknown keys \['top_k'\]"):
+        fused_draft._load_overrides()
