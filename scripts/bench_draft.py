@@ -4,10 +4,12 @@ captured as a CUDA graph with the fused draft levels (spec/drafters/fused_draft.
 torch's ops, at the batch sizes each library is for. This is the part of a speculative step
 that drafting costs; the verify forward and acceptance are not in it.
 
+Variants: torch's ops; "norm2", the fused levels with the MTP block's input projection as
+norm2_linear (both normed halves, fused_draft.TOKEN_TABLE off); "fused", the shipped fused levels.
 --kernels also times each kernel of an MTP draft level alone (four calls a graph, as four
 levels of a draft make, with the head's real weights) over a grid of tile configs, at the rows a
 level has at batch 1 and 8, and then the layouts' draft graphs again with the best config of
-each kernel (fused_draft.CONFIGS, PICK_WARPS): what a retune for this GPU would give.
+each kernel ("tuned": fused_draft.CONFIGS, PICK_WARPS): what a retune for this GPU would give.
 
     python scripts/bench_draft.py [--drafter mtp] [--batch-sizes 1 8] [--kernels [--configs-out c.json]]
                                   [--out draft.json]
@@ -62,7 +64,11 @@ def level_inputs(d, M):
 
 def op_fn(d, op, x, cfg):
     eps = d.eps
-    if op == "proj":
+    if op == "proj":  # the shipped form: the state's half, plus the token's row of MTPDrafter.token_table
+        table = d.token_table()
+        return lambda: [small_linear.norm_linear_add_rows(x["state"], d.norm_state, d.proj_state, eps, table,
+                                                          x["tokens"], config=cfg) for _ in range(CALLS)]
+    if op == "proj_norm2":  # both normed halves side by side (TOKEN_TABLE off)
         return lambda: [small_linear.norm2_linear(x["state"], d.norm_state, d.embed, x["tokens"], d.norm_emb, d.proj,
                                                   eps, config=cfg) for _ in range(CALLS)]
     if op == "gate_up":
@@ -79,19 +85,22 @@ def kernel_sweep(d):
     returns (rows of results, the best config per op by the sum over LEVEL_ROWS)."""
     out, best = [], {}
     inputs = {M: level_inputs(d, M) for M in LEVEL_ROWS}
-    for op, grid in GRIDS.items():
+    for op, grid in (("proj_norm2", []), *GRIDS.items()):
         totals = {}
-        for cfg in [None, *grid]:
+        shipped = SHIPPED["configs"].get(op)
+        for cfg in [shipped, *(c for c in grid if c != shipped)]:
             try:
                 us = {M: graph_us(op_fn(d, op, inputs[M], cfg), reps=100, calls=CALLS) for M in LEVEL_ROWS}
             except Exception as e:  # noqa: BLE001  (a config Triton cannot build: shared memory, registers)
                 print(f"  {op} {cfg}: {type(e).__name__}", flush=True)
                 continue
-            out.append({"op": op, "config": list(cfg) if cfg else "default", "us": us})
+            out.append({"op": op, "config": list(cfg) if cfg else "default", "shipped": op in GRIDS and cfg == shipped,
+                        "us": us})
             totals[cfg] = sum(us.values())
-            print(f"  {op:8s} {cfg or 'default'!s:22s} " + " ".join(f"{M}:{us[M]:6.2f}" for M in LEVEL_ROWS),
+            print(f"  {op:10s} {cfg or 'default'!s:22s} " + " ".join(f"{M}:{us[M]:6.2f}" for M in LEVEL_ROWS),
                   flush=True)
-        best[op] = min(totals, key=totals.get)
+        if op in GRIDS:  # proj_norm2 is the form TOKEN_TABLE replaced: timed, not tuned
+            best[op] = min(totals, key=totals.get)
     # pick, on the default top-k's candidates
     totals = {}
     for warps in PICK_WARPS:
@@ -104,17 +113,25 @@ def kernel_sweep(d):
             def picks(tv=tv, ti=ti, parent=parent, rank=rank, w=w, warps=warps):
                 return [fused_draft.pick(tv, ti, parent, rank, w, K, d.draft_vocab, warps) for _ in range(CALLS)]
             us[M] = graph_us(picks, reps=100, calls=CALLS)
-        out.append({"op": "pick", "config": warps, "us": us})
+        out.append({"op": "pick", "config": warps, "shipped": warps == SHIPPED["pick_warps"], "us": us})
         totals[warps] = sum(us.values())
-        print(f"  pick     warps {warps:<16d} " + " ".join(f"{M}:{us[M]:6.2f}" for M in LEVEL_ROWS), flush=True)
+        print(f"  pick       warps {warps:<16d} " + " ".join(f"{M}:{us[M]:6.2f}" for M in LEVEL_ROWS), flush=True)
     best["pick_warps"] = min(totals, key=totals.get)
     return out, best
 
 
-def set_configs(best: dict | None) -> None:
+SHIPPED = {"configs": dict(fused_draft.CONFIGS), "pick_warps": fused_draft.PICK_WARPS,
+           "token_table": fused_draft.TOKEN_TABLE}
+
+
+def set_variant(variant: str, best: dict | None) -> None:
+    """fused_draft's switches for a variant of the draft graph."""
+    fused_draft.ENABLED = variant != "torch"
+    fused_draft.TOKEN_TABLE = SHIPPED["token_table"] and variant != "norm2"
+    tuned = best if variant == "tuned" else {}
     for op in fused_draft.CONFIGS:
-        fused_draft.CONFIGS[op] = best.get(op) if best else None
-    fused_draft.PICK_WARPS = best.get("pick_warps", 4) if best else 4
+        fused_draft.CONFIGS[op] = tuned.get(op, SHIPPED["configs"][op])
+    fused_draft.PICK_WARPS = tuned.get("pick_warps", SHIPPED["pick_warps"])
 
 
 def main() -> int:
@@ -139,7 +156,7 @@ def main() -> int:
         if ns.configs_out:
             Path(ns.configs_out).write_text(json.dumps(
                 {op: (list(c) if isinstance(c, tuple) else c) for op, c in best.items()}, indent=1))
-    variants = ("fused", "torch") + (("tuned",) if best else ())
+    variants = ("fused", "norm2", "torch") + (("tuned",) if best else ())
     rows = []
     for B in ns.batch_sizes:
         lib = TreeLibrary.load(PACKAGE / "spec" / "libraries" / f"{ns.drafter}_gpu_b{B}.json")
@@ -154,36 +171,38 @@ def main() -> int:
             times = {}
             outs = {}
             for variant in variants:
-                fused_draft.ENABLED = variant != "torch"
-                set_configs(best if variant == "tuned" else None)
+                set_variant(variant, best)
                 times[variant] = graph_us(lambda a=args: d.propose_layout(*a), reps=200, calls=1)
                 outs[variant] = d.propose_layout(*args)
-            fused_draft.ENABLED = True
-            set_configs(None)
+            set_variant("fused", None)
             agree = {v: float((outs[v] == outs["torch"]).float().mean()) for v in variants if v != "torch"}
             rows.append({"batch": B, "layout": "x".join(map(str, lay.widths)), "ks": list(lay.ks),
                          **{f"{v}_us": times[v] for v in variants},
-                         "tokens_agree": agree["fused"], **({"tuned_tokens_agree": agree["tuned"]} if best else {})})
+                         **{f"{v}_tokens_agree": agree[v] for v in agree}})
     res = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(), "drafter": ns.drafter,
            "rows": rows}
+    res["shipped"] = {"configs": {op: list(c) if c else None for op, c in SHIPPED["configs"].items()},
+                      "pick_warps": SHIPPED["pick_warps"], "token_table": SHIPPED["token_table"]}
     if ns.kernels:
         res.update(kernel_rows=list(LEVEL_ROWS), calls_per_graph=CALLS, k=K, kernels=kernels,
                    best={op: (list(c) if isinstance(c, tuple) else c) for op, c in best.items()})
     Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
     Path(ns.out).write_text(json.dumps(res, indent=2))
     if ns.kernels:
-        print(f"\n{'kernel':>8} " + " ".join(f"{f'{M} rows':>9}" for M in LEVEL_ROWS) + "  (us a call; default, then best)")
-        for op in (*GRIDS, "pick"):
+        print(f"\n{'kernel':>10} " + " ".join(f"{f'{M} rows':>9}" for M in LEVEL_ROWS)
+              + "  (us a call; shipped, then best)")
+        for op in ("proj_norm2", *GRIDS, "pick"):
             key = "pick_warps" if op == "pick" else op
-            for want in ("default" if op != "pick" else 4, best[key]):
-                want = list(want) if isinstance(want, tuple) else "default" if want is None else want
-                r = next(r for r in kernels if r["op"] == op and r["config"] == want)
-                print(f"{op:>8} " + " ".join(f"{r['us'][M]:>9.2f}" for M in LEVEL_ROWS) + f"  {r['config']}")
-    print(f"\n{'batch':>5} {'layout':>16} {'torch us':>9} {'fused us':>9} {'saved':>7} {'agree':>6}"
-          + (f" {'tuned us':>9} {'agree':>6}" if best else ""))
+            want = best.get(key)
+            want = list(want) if isinstance(want, tuple) else "default" if want is None else want
+            for r in [r for r in kernels if r["op"] == op and (r["shipped"] or r["config"] == want)]:
+                print(f"{op:>10} " + " ".join(f"{r['us'][M]:>9.2f}" for M in LEVEL_ROWS) + f"  {r['config']}"
+                      + (" (shipped)" if r["shipped"] else ""))
+    print(f"\n{'batch':>5} {'layout':>16} {'torch us':>9} {'norm2 us':>9} {'fused us':>9} {'agree':>6}"
+          + (f" {'tuned us':>9} {'agree':>6}" if best else "") + "   (agree: drafted tokens equal to torch's)")
     for r in rows:
-        print(f"{r['batch']:>5} {r['layout']:>16} {r['torch_us']:>9.1f} {r['fused_us']:>9.1f} "
-              f"{r['torch_us'] - r['fused_us']:>7.1f} {r['tokens_agree']:>6.2f}"
+        print(f"{r['batch']:>5} {r['layout']:>16} {r['torch_us']:>9.1f} {r['norm2_us']:>9.1f} {r['fused_us']:>9.1f} "
+              f"{r['fused_tokens_agree']:>6.2f}"
               + (f" {r['tuned_us']:>9.1f} {r['tuned_tokens_agree']:>6.2f}" if best else ""))
     return 0
 

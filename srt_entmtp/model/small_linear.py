@@ -13,12 +13,14 @@ bandwidth-bound. Here each matmul takes its neighbours in:
 
 so a layer is four matmul kernels and attention: 5 kernels where the unfused forward has 9. On
 Hopper they launch with PDL and prefetch their weight rows to L2 while the kernel before runs
-(model/pdl.py). The MTP draft head (spec/drafters/fused_draft.py) uses two more forms:
+(model/pdl.py). The MTP draft head (spec/drafters/fused_draft.py) uses three more forms:
 
   * norm2_linear:     [RMSNorm(a) | RMSNorm(E[tokens])] @ W.T   (the concatenation and the
                       embedding lookup are the kernel's loads)
   * norm_linear_topk: the top k of each tile of RMSNorm(h) @ W.T   (projection onto the draft
                       vocabulary; the logits stay in registers)
+  * norm_linear_add_rows: RMSNorm(h) @ W.T + T[rows]   (the MTP block's input projection, its
+                      token half read from a per-token table: fused_draft.TOKEN_TABLE)
 
 A program owns BLOCK_N output columns of a 16-row tile and reads its whole K range; the RMS of
 each row is computed again by every program (K <= a few thousand floats, nothing next to its
@@ -135,7 +137,8 @@ def _kernel():
                             topv_ptr, topi_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr,
                             M, N, K, K1, sx, sx2, sr, so, stop, top_k, eps, q_cols, kv_cols,
                             NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            X2: tl.constexpr, X2_ROWS: tl.constexpr, TOPK: tl.constexpr, ROPE: tl.constexpr,
+                            X2: tl.constexpr, X2_ROWS: tl.constexpr, RES_ROWS: tl.constexpr, TOPK: tl.constexpr,
+                            ROPE: tl.constexpr,
                             HEAD_D: tl.constexpr, PDL: tl.constexpr, K_LINES: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -187,6 +190,11 @@ def _kernel():
             rstd = tl.rsqrt(ss / K1e + eps)
             if X2:
                 rstd2 = tl.rsqrt(ss2 / (K - K1) + eps)
+        res_rows = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if RES_ROWS:  # the residual's row r is res[rows2[r]] (a table row): its load overlaps the matmul
+            rr = tl.load(rows2_ptr + rm, mask=m_ok, other=0).to(tl.int64)
+            res_rows = tl.load(res_ptr + rr[:, None] * sr + rn[None, :], mask=m_ok[:, None] & n_ok[None, :],
+                               other=0.0).to(tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -236,6 +244,8 @@ def _kernel():
             tl.store(kc_ptr + slot[:, None] * kv_cols + (rn - q_cols)[None, :], y,
                      mask=omask & (qk & ~is_q)[None, :])
             tl.store(vc_ptr + slot[:, None] * kv_cols + (rn - q_cols - kv_cols)[None, :], y, mask=omask & ~qk[None, :])
+        elif RES_ROWS:  # added in float32 before the one rounding: the sum stands for one matmul's output
+            y = (acc + res_rows).to(dt)
         elif RESIDUAL:
             r = tl.load(res_ptr + rm[:, None] * sr + rn[None, :], mask=omask, other=0.0)
             y = (y.to(tl.float32) + r.to(tl.float32)).to(dt)
@@ -255,12 +265,15 @@ def _kernel():
 
 
 def _launch(op: str, x, w, n_out: int, *, bias=None, ln=None, eps=0.0, residual=None, silu=False, config=None,
-            x2=None, rows2=None, ln2=None, top_k: int = 0, rope=None):
+            x2=None, rows2=None, ln2=None, top_k: int = 0, rope=None, residual_rows=None):
     triton, kern = _kernel()
     M, K1 = x.shape
     K = K1 + (x2.shape[1] if x2 is not None else 0)
     assert x.stride(1) == 1 and w.is_contiguous() and w.shape[1] == K, "small_linear: row-major x and W"
     assert x2 is None or x2.stride(1) == 1
+    assert residual_rows is None or (residual is not None and rows2 is None and not silu and residual.stride(1) == 1)
+    if residual_rows is not None:
+        rows2 = residual_rows  # the kernel reads either index through rows2_ptr
     bm, (bn, bk, warps, stages) = tile(op, M, config)
     assert rope is None or bn % 2 == 0, "norm_qkv_rope: a tile holds whole column pairs"
     if top_k:  # candidates, not the product: [M, tiles * top_k] values (float32) and column ids
@@ -286,7 +299,8 @@ def _launch(op: str, x, w, n_out: int, *, bias=None, ln=None, eps=0.0, residual=
             M, n_out, K, K1, x.stride(0), x2.stride(0) if x2 is not None else 0, res.stride(0), o.stride(0),
             tv.stride(0), top_k, eps, r.q_cols, r.kv_cols,
             NORM=ln is not None, SILU=silu, RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-            X2=x2 is not None, X2_ROWS=rows2 is not None, TOPK=top_k > 0, ROPE=rope is not None,
+            X2=x2 is not None, X2_ROWS=x2 is not None and rows2 is not None, RES_ROWS=residual_rows is not None,
+            TOPK=top_k > 0, ROPE=rope is not None,
             HEAD_D=r.head_dim, PDL=use_pdl,
             K_LINES=triton.next_power_of_2(triton.cdiv(K, 64)) if use_pdl else 1,  # constexpr: one build per K only with PDL
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, **pdl.launch_kw(use_pdl))
@@ -328,6 +342,16 @@ def norm2_linear(a: torch.Tensor, ln_a: torch.Tensor, b_table: torch.Tensor, b_r
     itself, row for row): two normed inputs side by side, e.g. a draft head's state beside the
     embedding of its token, with the concatenation and the lookup done by the kernel's loads."""
     return _launch("norm_linear", a, w, w.shape[0], ln=ln_a, eps=eps, x2=b_table, rows2=b_rows, ln2=ln_b,
+                   config=config)
+
+
+def norm_linear_add_rows(h: torch.Tensor, ln_w: torch.Tensor, w: torch.Tensor, eps: float, table: torch.Tensor,
+                         rows: torch.Tensor, config=None) -> torch.Tensor:
+    """RMSNorm(h; ln_w) @ w.T + table[rows], summed in float32 and rounded once: the two halves of
+    a matmul over [RMSNorm(h) | b] where b's half was computed ahead per row of a table (a draft
+    head's token term, one row per vocabulary entry)."""
+    assert table.shape[1] == w.shape[0] and rows.shape[0] == h.shape[0]
+    return _launch("norm_linear", h, w, w.shape[0], ln=ln_w, eps=eps, residual=table, residual_rows=rows,
                    config=config)
 
 

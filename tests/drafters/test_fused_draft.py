@@ -32,6 +32,20 @@ def test_norm2_linear_is_both_norms_side_by_side_then_linear(M, gather):
     assert torch.allclose(got.float(), want.float(), atol=TOL, rtol=TOL), (got.float() - want.float()).abs().max()
 
 
+@pytest.mark.parametrize("M", [1, 7, 19])
+def test_norm_linear_add_rows_adds_each_rows_table_row_to_the_normed_matmul(M):
+    """RMSNorm(h) @ W.T + table[rows]: the MTP block's input projection with the token's half
+    read from a per-token table (fused_draft.TOKEN_TABLE); rows repeat and skip table rows."""
+    from srt_entmtp.model.small_linear import norm_linear_add_rows
+
+    g = torch.Generator().manual_seed(M)
+    h, ln, w, table = rand(M, 72, g=g), rand(72, g=g), rand(40, 72, g=g, scale=0.1), rand(50, 40, g=g)
+    rows = torch.randint(0, 50, (M,), generator=g).to(DEV)
+    want = F.linear(rms(h, ln, 1e-5), w).float() + table[rows].float()
+    got = norm_linear_add_rows(h, ln, w, 1e-5, table, rows, config=(16, 64, 4, 2))
+    assert torch.allclose(got.float(), want, atol=TOL, rtol=TOL), (got.float() - want).abs().max()
+
+
 @pytest.mark.parametrize("M, N, k", [(1, 300, 5), (9, 1000, 12), (20, 520, 1)])
 @pytest.mark.parametrize("norm", [True, False])
 def test_norm_linear_topk_candidates_hold_every_rows_top_k(M, N, k, norm):
@@ -114,18 +128,19 @@ def test_fused_levels_draft_the_tokens_of_the_torch_form(runner, monkeypatch, ki
 
 
 def test_draft_configs_file_sets_the_level_kernels_configs_and_names_a_bad_key(tmp_path, monkeypatch):
-    """ENTMTP_DRAFT_CONFIGS (what bench_draft.py --kernels writes) sets fused_draft.CONFIGS and
-    PICK_WARPS; a key that is not a kernel of the level is refused with the file's name."""
+    """ENTMTP_DRAFT_CONFIGS (what bench_draft.py --kernels writes) sets fused_draft.CONFIGS,
+    PICK_WARPS and TOKEN_TABLE; a key that is not a kernel of the level is refused with the file's name."""
     from srt_entmtp.spec.drafters import fused_draft
 
     monkeypatch.setattr(fused_draft, "CONFIGS", dict.fromkeys(fused_draft.CONFIGS))
     monkeypatch.setattr(fused_draft, "PICK_WARPS", 4)
+    monkeypatch.setattr(fused_draft, "TOKEN_TABLE", True)
     f = tmp_path / "draft.json"
-    f.write_text('{"proj": null, "down": [32, 128, 2, 3], "topk": [64, 64, 4, 2], "pick_warps": 1}')
+    f.write_text('{"proj": null, "down": [32, 128, 2, 3], "topk": [64, 64, 4, 2], "pick_warps": 1, "token_table": false}')
     monkeypatch.setenv("ENTMTP_DRAFT_CONFIGS", str(f))
     fused_draft._load_overrides()
     assert fused_draft.CONFIGS == {"proj": None, "gate_up": None, "down": (32, 128, 2, 3), "topk": (64, 64, 4, 2)}
-    assert fused_draft.PICK_WARPS == 1 and fused_draft.topk_tile() == 64
+    assert fused_draft.PICK_WARPS == 1 and fused_draft.topk_tile() == 64 and not fused_draft.TOKEN_TABLE
     f.write_text('{"top_k": [64, 64, 4, 2]}')
     with pytest.raises(ValueError, match=r"draft\.json: unknown keys \['top_k'\]"):
         fused_draft._load_overrides()

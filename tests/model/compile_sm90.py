@@ -38,13 +38,14 @@ def main() -> None:
     out = {}
     _, slk = small_linear._kernel()
     base = {"NORM": True, "SILU": False, "RESIDUAL": False, "HAS_BIAS": False, "X2": False, "X2_ROWS": False,
-            "TOPK": False, "ROPE": False, "HEAD_D": 64, "PDL": True, "K_LINES": 16, "BLOCK_M": 16, "BLOCK_N": 16,
+            "RES_ROWS": False, "TOPK": False, "ROPE": False, "HEAD_D": 64, "PDL": True, "K_LINES": 16, "BLOCK_M": 16, "BLOCK_N": 16,
             "BLOCK_K": 256}
     ty = {"eps": "fp32", "pos_ptr": "*i64", "slot_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
           "rows2_ptr": "*i64", "topv_ptr": "*fp32", "topi_ptr": "*i32"}
     for name, change in {"norm_qkv_rope": {"ROPE": True, "HAS_BIAS": True}, "norm_linear": {},
                          "norm_gate_silu": {"SILU": True, "BLOCK_N": 32}, "linear_residual": {"NORM": False, "RESIDUAL": True},
                          "norm2_linear": {"X2": True, "X2_ROWS": True},
+                         "norm_linear_add_rows": {"RESIDUAL": True, "RES_ROWS": True},
                          "norm_linear_topk": {"TOPK": True, "BLOCK_N": 128, "BLOCK_K": 64}}.items():
         out[name] = counts(slk, ty, {**base, **change}, num_warps=4, num_stages=4)
     _, attn, merge = tree_triton._kernels()

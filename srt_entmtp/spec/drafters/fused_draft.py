@@ -37,25 +37,35 @@ MAX_ROWS = 32   # rows of a level drafted this way (measured up to here: scripts
 # norm_gate_silu, "down" linear_residual, "topk" norm_linear_topk; and pick_kernel's warps.
 # `bench_draft.py --kernels` times the alternatives and writes ENTMTP_DRAFT_CONFIGS's file; read
 # when a graph is captured.
-CONFIGS: dict[str, tuple | None] = {"proj": None, "gate_up": None, "down": None, "topk": None}
+# topk: on the H100, 128-column tiles with 128-wide K tiles and 8 warps, 9.3-9.7 us a call at 1-16
+# rows against 10.8-11.1 with small_linear's (bench_draft_h100_2026-12-07_kernels.json); the other
+# three were within 0.2 us of small_linear's there.
+CONFIGS: dict[str, tuple | None] = {"proj": None, "gate_up": None, "down": None, "topk": (128, 128, 8, 3)}
 PICK_WARPS = 4
+# MTP: the block's input projection as RMSNorm(state) @ P_state.T plus a per-token table row
+# (MTPDrafter.token_table, 54 MiB for this model in bf16), not the two normed halves side by side
+# (norm2_linear: both norms and the embedding lookup in one kernel, ~11 us a level on the H100
+# against ~4). Rounds the sum once; the torch form rounds the token's half first (tokens may
+# differ at near-ties; drafts are proposals, so outputs do not). Read when a graph is captured.
+TOKEN_TABLE = True
 
 
 def _load_overrides() -> None:
     """ENTMTP_DRAFT_CONFIGS=<json>: {"proj" | "gate_up" | "down" | "topk": [4 or 5 ints] or null,
-    "pick_warps": int} (tuning on another GPU)."""
-    global PICK_WARPS
+    "pick_warps": int, "token_table": bool} (tuning on another GPU; A/B runs)."""
+    global PICK_WARPS, TOKEN_TABLE
     path = os.environ.get("ENTMTP_DRAFT_CONFIGS")
     if not path:
         return
     d = json.loads(Path(path).read_text())
-    unknown = set(d) - set(CONFIGS) - {"pick_warps"}
+    unknown = set(d) - set(CONFIGS) - {"pick_warps", "token_table"}
     if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)} (have {sorted(CONFIGS)} and pick_warps)")
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)} (have {sorted(CONFIGS)}, pick_warps, token_table)")
     for op in CONFIGS:
         if d.get(op) is not None:
             CONFIGS[op] = tuple(int(v) for v in d[op])
     PICK_WARPS = int(d.get("pick_warps", PICK_WARPS))
+    TOKEN_TABLE = bool(d.get("token_table", TOKEN_TABLE))
 
 
 _load_overrides()

@@ -69,12 +69,35 @@ class MTPDrafter(Drafter):
     def logits_norm(self, d: int) -> torch.Tensor:
         return self.norm_out
 
+    def token_table(self) -> torch.Tensor | None:
+        """T[v] = P[:, H:] @ RMSNorm(E[v]; norm_emb) for every token v: the token's half of the
+        block's input projection, which depends on the token alone. Built once, outside CUDA graph
+        capture (the capture's warm-up runs first), and again if the weights change; None while a
+        capture is under way without one (fused_step then projects the embedding itself)."""
+        key = (self.proj._version, self.norm_emb._version, self.embed._version, self.proj.data_ptr())
+        hit = self.__dict__.get("_token_table")
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        if self.proj.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None
+        with torch.no_grad():
+            H = self.hidden_size
+            table = F.linear(rms(self.embed, self.norm_emb, self.eps), self.proj[:, H:]).contiguous()
+            self.__dict__["proj_state"] = self.proj[:, :H].contiguous()
+        self.__dict__["_token_table"] = (key, table)
+        return table
+
     def fused_step(self, d: int, state: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """step() in three kernels (model/small_linear.py), for the few rows of a GPU draft level."""
         if not (small_linear.usable(state) and self.embed.dtype == state.dtype == self.proj.dtype):
             return super().fused_step(d, state, tokens)
         cfg = fused_draft.CONFIGS
-        u = small_linear.norm2_linear(state, self.norm_state, self.embed, tokens, self.norm_emb, self.proj, self.eps,
-                                      config=cfg["proj"])
+        table = self.token_table() if fused_draft.TOKEN_TABLE else None
+        if table is not None:  # the state's half of the projection, plus the token's row of the table
+            u = small_linear.norm_linear_add_rows(state, self.norm_state, self.proj_state, self.eps, table, tokens,
+                                                  config=cfg["proj"])
+        else:
+            u = small_linear.norm2_linear(state, self.norm_state, self.embed, tokens, self.norm_emb, self.proj,
+                                          self.eps, config=cfg["proj"])
         act = small_linear.norm_gate_silu(u, self.norm_mlp, self.gate_up, self.eps, config=cfg["gate_up"])
         return small_linear.linear_residual(act, self.down, u, config=cfg["down"])
