@@ -349,7 +349,7 @@ def norm_linear_add_rows(h: torch.Tensor, ln_w: torch.Tensor, w: torch.Tensor, e
                          rows: torch.Tensor, config=None) -> torch.Tensor:
     """RMSNorm(h; ln_w) @ w.T + table[rows], summed in float32 and rounded once: the two halves of
     a matmul over [RMSNorm(h) | b] where b's half was computed ahead per row of a table (a draft
-    head's token term, one row per vocabulary entry)."""
+    head's token term, one row per vocabulary entry; float32 keeps it the one matmul's sum)."""
     assert table.shape[1] == w.shape[0] and rows.shape[0] == h.shape[0]
     return _launch("norm_linear", h, w, w.shape[0], ln=ln_w, eps=eps, residual=table, residual_rows=rows,
                    config=config)

@@ -43,10 +43,10 @@ MAX_ROWS = 32   # rows of a level drafted this way (measured up to here: scripts
 CONFIGS: dict[str, tuple | None] = {"proj": None, "gate_up": None, "down": None, "topk": (128, 128, 8, 3)}
 PICK_WARPS = 4
 # MTP: the block's input projection as RMSNorm(state) @ P_state.T plus a per-token table row
-# (MTPDrafter.token_table, 54 MiB for this model in bf16), not the two normed halves side by side
-# (norm2_linear: both norms and the embedding lookup in one kernel, ~11 us a level on the H100
-# against ~4). Rounds the sum once; the torch form rounds the token's half first (tokens may
-# differ at near-ties; drafts are proposals, so outputs do not). Read when a graph is captured.
+# (MTPDrafter.token_table: float32, 113 MiB for this model), not the two normed halves side by
+# side (norm2_linear: both norms and the embedding lookup in one kernel, 11-15 us a call on the
+# H100 where the level's other matmuls take 4-5). The same sum up to its order, rounded once.
+# Read when a graph is captured.
 TOKEN_TABLE = True
 
 

@@ -71,9 +71,11 @@ class MTPDrafter(Drafter):
 
     def token_table(self) -> torch.Tensor | None:
         """T[v] = P[:, H:] @ RMSNorm(E[v]; norm_emb) for every token v: the token's half of the
-        block's input projection, which depends on the token alone. Built once, outside CUDA graph
-        capture (the capture's warm-up runs first), and again if the weights change; None while a
-        capture is under way without one (fused_step then projects the embedding itself)."""
+        block's input projection, which depends on the token alone. Float32, the accumulator's
+        type, so that adding the state's half and rounding once is the torch form's one matmul up
+        to summation order. Built once, outside CUDA graph capture (the capture's warm-up runs
+        first), and again if the weights change; None while a capture is under way without one
+        (fused_step then projects the embedding itself)."""
         key = (self.proj._version, self.norm_emb._version, self.embed._version, self.proj.data_ptr())
         hit = self.__dict__.get("_token_table")
         if hit is not None and hit[0] == key:
@@ -82,7 +84,7 @@ class MTPDrafter(Drafter):
             return None
         with torch.no_grad():
             H = self.hidden_size
-            table = F.linear(rms(self.embed, self.norm_emb, self.eps), self.proj[:, H:]).contiguous()
+            table = F.linear(rms(self.embed, self.norm_emb, self.eps).float(), self.proj[:, H:].float()).contiguous()
             self.__dict__["proj_state"] = self.proj[:, :H].contiguous()
         self.__dict__["_token_table"] = (key, table)
         return table
