@@ -37,10 +37,12 @@ MAX_ROWS = 32   # rows of a level drafted this way (measured up to here: scripts
 # norm_gate_silu, "down" linear_residual, "topk" norm_linear_topk; and pick_kernel's warps.
 # `bench_draft.py --kernels` times the alternatives and writes ENTMTP_DRAFT_CONFIGS's file; read
 # when a graph is captured.
-# topk: on the H100, 128-column tiles with 128-wide K tiles and 8 warps, 9.3-9.7 us a call at 1-16
-# rows against 10.8-11.1 with small_linear's (bench_draft_h100_2026-12-07_kernels.json); the other
-# three were within 0.2 us of small_linear's there.
-CONFIGS: dict[str, tuple | None] = {"proj": None, "gate_up": None, "down": None, "topk": (128, 128, 8, 3)}
+# The H100 sweep's best (bench_draft_h100_2026-12-07_kernels{,_table}.json): topk 9.2-9.7 us a
+# call at 1-16 rows against 10.8-11.1 with small_linear's config; the three block matmuls gain
+# 0-0.3 us a call alone with 3 stages, yet the batch-1 draft graph took 100.6 us with all four
+# against 113.1 with the topk's alone (more than the parts: not yet explained).
+CONFIGS: dict[str, tuple | None] = {"proj": (16, 256, 4, 3), "gate_up": (32, 256, 4, 3), "down": (16, 512, 2, 3),
+                                   "topk": (128, 128, 8, 3)}
 PICK_WARPS = 4
 # MTP: the block's input projection as RMSNorm(state) @ P_state.T plus a per-token table row
 # (MTPDrafter.token_table: float32, 113 MiB for this model), not the two normed halves side by
