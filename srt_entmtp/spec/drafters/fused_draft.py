@@ -8,8 +8,10 @@ SiLU, adds, a two-pass top-k with its sorts, three gathers), ~100 a batch-1 step
 tree inside the speculative step's graph, where every kernel costs ~2-3 us whatever its work.
 Here a level is five kernels:
 
-  * the MTP block (MTPDrafter.fused_step): norm2_linear (both input norms, the concatenation
-    and the embedding lookup in the loads), norm_gate_silu, linear_residual (model/small_linear.py);
+  * the MTP block (MTPDrafter.fused_step): norm_linear_add_rows (the normed state's half of the
+    input projection plus the token's row of a per-token table, TOKEN_TABLE below; without it
+    norm2_linear, both input norms, the concatenation and the embedding lookup in the loads),
+    norm_gate_silu, linear_residual (model/small_linear.py);
   * norm_linear_topk: final norm, projection and each 128-column tile's top k, in one pass over
     the draft vocabulary's weights (the logits never reach memory);
   * pick_kernel (below): for each child slot the rank-th best of its parent's tile candidates,
@@ -33,8 +35,9 @@ from srt_entmtp.model import fused, pdl, small_linear
 ENABLED = True  # False: the torch form for every drafter (read when a graph is captured)
 MAX_ROWS = 32   # rows of a level drafted this way (measured up to here: scripts/bench_draft.py)
 # Tile configs of a level's kernels (small_linear's 4- or 5-tuples; None: small_linear's own, tuned
-# for the base model's layer shapes, not the MTP block's): "proj" norm2_linear, "gate_up"
-# norm_gate_silu, "down" linear_residual, "topk" norm_linear_topk; and pick_kernel's warps.
+# for the base model's layer shapes, not the MTP block's): "proj" the block's input projection
+# (norm_linear_add_rows, or norm2_linear), "gate_up" norm_gate_silu, "down" linear_residual,
+# "topk" norm_linear_topk; and pick_kernel's warps.
 # `bench_draft.py --kernels` times the alternatives and writes ENTMTP_DRAFT_CONFIGS's file; read
 # when a graph is captured.
 # The H100 sweep's best (bench_draft_h100_2026-12-07_kernels{,_table}.json): topk 9.2-9.7 us a
