@@ -64,9 +64,9 @@ def level_inputs(d, M):
 
 def op_fn(d, op, x, cfg):
     eps = d.eps
-    if op == "proj":  # the shipped form: the state's half, plus the token's row of MTPDrafter.token_table
-        table = d.token_table()
-        return lambda: [small_linear.norm_linear_add_rows(x["state"], d.norm_state, d.proj_state, eps, table,
+    if op == "proj":  # the shipped form: the state's half, plus the token's row of the table
+        proj_state, table = d.split_projection()
+        return lambda: [small_linear.norm_linear_add_rows(x["state"], d.norm_state, proj_state, eps, table,
                                                           x["tokens"], config=cfg) for _ in range(CALLS)]
     if op == "proj_norm2":  # both normed halves side by side (TOKEN_TABLE off)
         return lambda: [small_linear.norm2_linear(x["state"], d.norm_state, d.embed, x["tokens"], d.norm_emb, d.proj,

@@ -48,7 +48,7 @@ CONFIGS: dict[str, tuple | None] = {"proj": (16, 256, 4, 3), "gate_up": (32, 256
                                    "topk": (128, 128, 8, 3)}
 PICK_WARPS = 4
 # MTP: the block's input projection as RMSNorm(state) @ P_state.T plus a per-token table row
-# (MTPDrafter.token_table: float32, 113 MiB for this model), not the two normed halves side by
+# (MTPDrafter.split_projection: float32, 113 MiB for this model), not the two normed halves side by
 # side (norm2_linear: both norms and the embedding lookup in one kernel, 11-15 us a call on the
 # H100 where the level's other matmuls take 4-5). The same sum up to its order, rounded once.
 # Read when a graph is captured.
@@ -78,8 +78,7 @@ _load_overrides()
 
 def topk_tile() -> int:
     """Columns of a top-k tile: each tile keeps at most this many candidates."""
-    c = CONFIGS["topk"] or small_linear.CONFIGS["topk"]
-    return c[1] if len(c) == 5 else c[0]
+    return small_linear.tile("topk", 1, CONFIGS["topk"])[1][0]
 
 
 def usable(drafter, x: torch.Tensor, k: int) -> bool:

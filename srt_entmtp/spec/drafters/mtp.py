@@ -69,15 +69,16 @@ class MTPDrafter(Drafter):
     def logits_norm(self, d: int) -> torch.Tensor:
         return self.norm_out
 
-    def token_table(self) -> torch.Tensor | None:
-        """T[v] = P[:, H:] @ RMSNorm(E[v]; norm_emb) for every token v: the token's half of the
-        block's input projection, which depends on the token alone. Float32, the accumulator's
-        type, so that adding the state's half and rounding once is the torch form's one matmul up
-        to summation order. Built once, outside CUDA graph capture (the capture's warm-up runs
-        first), and again if the weights change; None while a capture is under way without one
-        (fused_step then projects the embedding itself)."""
+    def split_projection(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(P[:, :H], T): the block's input projection split at the concatenation's seam, the
+        token's half precomputed for every token v, T[v] = P[:, H:] @ RMSNorm(E[v]; norm_emb),
+        since it depends on the token alone. T is float32, the accumulator's type, so that adding
+        the state's half and rounding once is the torch form's one matmul up to summation order.
+        Built once, outside CUDA graph capture (the capture's warm-up runs first), and again if the
+        weights change; None while a capture is under way without it (fused_step then projects the
+        embedding itself)."""
         key = (self.proj._version, self.norm_emb._version, self.embed._version, self.proj.data_ptr())
-        hit = self.__dict__.get("_token_table")
+        hit = self.__dict__.get("_split_projection")
         if hit is not None and hit[0] == key:
             return hit[1]
         if self.proj.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -85,18 +86,19 @@ class MTPDrafter(Drafter):
         with torch.no_grad():
             H = self.hidden_size
             table = F.linear(rms(self.embed, self.norm_emb, self.eps).float(), self.proj[:, H:].float()).contiguous()
-            self.__dict__["proj_state"] = self.proj[:, :H].contiguous()
-        self.__dict__["_token_table"] = (key, table)
-        return table
+            split = (self.proj[:, :H].contiguous(), table)
+        self.__dict__["_split_projection"] = (key, split)
+        return split
 
     def fused_step(self, d: int, state: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """step() in three kernels (model/small_linear.py), for the few rows of a GPU draft level."""
         if not (small_linear.usable(state) and self.embed.dtype == state.dtype == self.proj.dtype):
             return super().fused_step(d, state, tokens)
         cfg = fused_draft.CONFIGS
-        table = self.token_table() if fused_draft.TOKEN_TABLE else None
-        if table is not None:  # the state's half of the projection, plus the token's row of the table
-            u = small_linear.norm_linear_add_rows(state, self.norm_state, self.proj_state, self.eps, table, tokens,
+        split = self.split_projection() if fused_draft.TOKEN_TABLE else None
+        if split is not None:  # the state's half of the projection, plus the token's row of the table
+            proj_state, table = split
+            u = small_linear.norm_linear_add_rows(state, self.norm_state, proj_state, self.eps, table, tokens,
                                                   config=cfg["proj"])
         else:
             u = small_linear.norm2_linear(state, self.norm_state, self.embed, tokens, self.norm_emb, self.proj,
