@@ -14,7 +14,8 @@ layer, so weights come from HBM as in a forward, and launch gaps count as they d
       16-row tiles there, and the chains at those rows with the best of them (and with 16-row
       tiles only), written to --configs-out for ENTMTP_SMALL_LINEAR_CONFIGS.
 
-    python scripts/bench_small_linear.py [--out small_linear.json] [--sweep] [--sweep-wide] [--rows 1 8 40 120]
+    python scripts/bench_small_linear.py [--out small_linear.json] [--sweep] [--sweep-wide [--wide-groups 32 64 128]]
+                                         [--rows 1 8 40 120]
 
 Needs CUDA and Triton, not the model. Prints a table last and writes JSON.
 """
@@ -107,20 +108,36 @@ WIDE_ROWS = {32: (24, 32), 64: (40, 48, 64), 128: (96, 120, 128)}
 def wide_grid(bm):
     if bm == 128:  # a 128 x BLOCK_K tile of x per stage: narrower K tiles, and 8 warps tried
         return [(bm, *c) for c in itertools.product((16, 32, 64), (64, 128), (4, 8), (3,))]
+    if bm == 32:  # 8 warps can split a 32-row tile in two along M, each half a 16-row tile's work
+        return [(bm, *c) for c in itertools.product((16, 32, 64), (256,), (4, 8), (3, 4))]
     return [(bm, *c) for c in itertools.product((16, 32, 64), (128, 256), (4,), (3,))]
 
 
-def sweep_wide(W, dt):
+def sweep_wide(W, dt, groups=tuple(WIDE_ROWS)):
     """Row tiles of 32, 64 and 128 (17-128 rows: tree verification at batch 1-8): every op at each
     tile's rows over a small grid, and 16-row tiles at the same rows; the best config per (config
     key, row tile) goes into small_linear.WIDE, with 16 as its row tile where those win."""
-    rows, best = [], {}
-    for bm, ms in WIDE_ROWS.items():
+    rows = []
+    for bm, ms in ((g, WIDE_ROWS[g]) for g in groups):
         sixteen = [(16, bn, bk, w, st) for bn, bk, w, st in dict.fromkeys(small_linear.CONFIGS[k] for k in CONFIG_KEY.values())]
-        rows += sweep(W, dt, [(bm, *c[1:]) for c in wide_grid(bm)] + sixteen, ms)
-        for r in rows[-len(sixteen) * len(OPS):]:
-            r["tile_for"] = bm  # 16-row tiles measured at this tile's rows
-    for bm in WIDE_ROWS:
+        group_rows = sweep(W, dt, [(bm, *c[1:]) for c in wide_grid(bm)] + sixteen, ms)
+        for r in group_rows:  # sweep() goes op by op, so mark the 16-row tiles by their config, not position
+            if tuple(r["config"]) in sixteen:
+                r["tile_for"] = bm  # 16-row tiles measured at this tile's rows
+        rows += group_rows
+    best = pick_wide(rows, groups)
+    for bm, ops in best.items():
+        small_linear.WIDE.setdefault(bm, {}).update(ops)
+    return rows, best
+
+
+def pick_wide(rows: list[dict], groups) -> dict[int, dict[str, tuple]]:
+    """{row group: {config key: config}} from sweep rows: per key, the config with the least total
+    time over the key's ops (o and down share linear_residual) and the group's row counts, among
+    configs timed for every one of those ops; a row's group is its `tile_for` (16-row tiles timed
+    at the group's rows) or else its row tile."""
+    best = {}
+    for bm in groups:
         for key in dict.fromkeys(CONFIG_KEY.values()):
             cands = {}
             for r in rows:
@@ -129,9 +146,7 @@ def sweep_wide(W, dt):
             cands = {c: sum(v) for c, v in cands.items() if len(v) == sum(CONFIG_KEY[o] == key for o in OPS)}
             if cands:
                 best.setdefault(bm, {})[key] = min(cands, key=cands.get)
-    for bm, ops in best.items():
-        small_linear.WIDE.setdefault(bm, {}).update(ops)
-    return rows, best
+    return best
 
 
 def chains(W, dt, rows=ROWS):
@@ -185,6 +200,8 @@ def main():
     ap.add_argument("--sweep-wide", action="store_true",
                     help="tune the 32- and 64-row tiles (17-64 rows), time the chains with them, and write the "
                          "best configs to --configs-out (ENTMTP_SMALL_LINEAR_CONFIGS reads it)")
+    ap.add_argument("--wide-groups", type=int, nargs="+", default=list(WIDE_ROWS), choices=list(WIDE_ROWS),
+                    help="row groups --sweep-wide tunes (32: 17-32 rows, 64: 33-64, 128: 65-128)")
     ap.add_argument("--configs-out", default="small_linear_configs.json")
     ap.add_argument("--rows", type=int, nargs="+", default=None,
                     help="row counts of the chains (default 1-64, or every swept row count with --sweep-wide)")
@@ -201,8 +218,8 @@ def main():
     # (the first sweep, over BLOCK_K 64-256 and 2-4 stages, found the widest K tile and the deepest
     # pipeline fastest everywhere; this grid goes on from there)
     grid = list(itertools.product((16, 32), (256, 512), (2, 4), (3, 4, 5))) if ns.sweep else []
-    wide_rows, wide_best = sweep_wide(W, dt) if ns.sweep_wide else ([], {})
-    chain_rows = sorted(set(ROWS) | {m for ms in WIDE_ROWS.values() for m in ms}) if ns.sweep_wide else ROWS
+    wide_rows, wide_best = sweep_wide(W, dt, tuple(ns.wide_groups)) if ns.sweep_wide else ([], {})
+    chain_rows = sorted(set(ROWS) | {m for g in ns.wide_groups for m in WIDE_ROWS[g]}) if ns.sweep_wide else ROWS
     chain_rows = ns.rows or chain_rows
     res = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(), "layers": LAYERS,
            "rows": list(chain_rows), "configs": small_linear.CONFIGS,
