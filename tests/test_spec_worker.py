@@ -198,6 +198,42 @@ def test_lone_request_verifies_its_tree_in_its_own_layout(runner, prompts, refer
     assert used and all(used), "a lone request's step did not take its tree's own layout"
 
 
+def test_lone_layouts_count_only_the_batch_1_librarys_trees(runner, prompts, reference, tmp_path):
+    """With a batch-8 library beside the batch-1 one whose trees bring the set past LONE_LAYOUTS
+    distinct trees, a lone request still verifies its batch-1 tree in that tree's own layout (it
+    once took the covering one: 19 slots for a 15-node tree, past the 16-row tile on the GPU)."""
+    import json
+
+    from srt_entmtp.spec.device_step import LONE_LAYOUTS
+    from srt_entmtp.spec.tree_layout import TreeLayout
+
+    rows, ids = prompts
+    b1 = PRIOR_LIBRARY.parent / "mtp_gpu_b1.json"
+    lib8 = json.loads((PRIOR_LIBRARY.parent / "mtp_gpu_b8.json").read_text())
+    shapes = [[[0]], [[0], [0, 0]], [[0], [1]], [[0], [0, 0], [0, 0, 0]], [[0], [1], [2]]]
+    for fam, paths in zip(lib8["families"].values(), shapes):  # a different small tree for each family
+        fam["trees"] = [fam["trees"][0] | {"name": f"t{len(paths)}-{len(paths[-1])}", "paths": paths,
+                                           "expected_accept_length": [0.5] * len(fam["bucket_tree"])}]
+    p8 = tmp_path / "mtp_gpu_b8.json"
+    p8.write_text(json.dumps(lib8))
+    eng = _spec_engine(runner, "ENTMTP", "mtp", tree_library=f"{b1},{p8}", spec_step="device", lookup_tokens=0,
+                       max_running_requests=2)
+    w, step = eng.worker, eng.worker.device_step
+    depth = w.drafter.max_depth
+    every = {t.truncate(depth) for lib in w.libraries for t in lib.all_trees() if t.num_nodes > 1}
+    ones = list(dict.fromkeys(t.truncate(depth) for t in w.libraries[0].all_trees() if t.num_nodes > 1))
+    assert len(every) > LONE_LAYOUTS >= len(ones)
+    for t in ones:
+        assert step.shapes[step.pick([t], 1)].layout == TreeLayout.covering([t])
+    used = []
+    launch = step.launch_draft
+    step.launch_draft = lambda li, *a, **kw: used.append(step.shapes[li].lone) or launch(li, *a, **kw)
+    out = eng.generate([ids[0]], SamplingParams(max_new_tokens=N_TOKENS, ignore_eos=True),
+                       [SpecOptions(task=rows[0]["task"])])
+    assert out[0].output_ids == reference[0]
+    assert used and all(used), "a lone request's step did not take its tree's own layout"
+
+
 def test_device_step_leaves_sampling_batches_to_the_host_path(runner, prompts, reference):
     """A batch holding a sampling request runs the host path (tree rejection sampling); the
     greedy requests beside it still match plain decoding."""

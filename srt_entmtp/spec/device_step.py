@@ -144,7 +144,7 @@ class _Shape:
 
 class DeviceSpecStep:
     def __init__(self, runner, drafter, trees: list[Tree], capacity: int, max_batch: int = 64,
-                 tree_attention: str = "auto"):
+                 tree_attention: str = "auto", lone_trees: list[Tree] | None = None):
         if tree_attention not in TREE_ATTENTIONS:
             raise ValueError(f"tree attention must be one of {', '.join(TREE_ATTENTIONS)}, got {tree_attention!r}")
         self.tree_attention = tree_attention
@@ -156,9 +156,12 @@ class DeviceSpecStep:
         self.shapes = [_Shape(LayoutTable(lay, trees + [ROOT_ONLY], self.dev), max_batch, capacity, self.dev)
                        for lay in self.layouts]
         # a lone request verifies its tree in that tree's own layout, not the covering one: at batch 1
-        # the covering layout of the shipped library is 46 slots for trees of 32-33 nodes
+        # the covering layout of the shipped library is 46 slots for trees of 32-33 nodes. lone_trees:
+        # the trees a lone request can draft (the batch-1 library's), default all; the trees of the
+        # libraries for larger batches never run alone, and counting them could pass LONE_LAYOUTS
         self._lone: dict[Tree, int] = {}
-        drafted = list(dict.fromkeys(t for t in trees if t.num_nodes > 1))
+        lone = trees if lone_trees is None else [t.truncate(drafter.max_depth) for t in lone_trees]
+        drafted = list(dict.fromkeys(t for t in lone if t.num_nodes > 1))
         if len(drafted) <= LONE_LAYOUTS:
             # trees of equal level widths share one exact layout: one lone shape whose table holds them all
             by_layout: dict[TreeLayout, list[Tree]] = {}

@@ -138,8 +138,12 @@ class SpecWorker(Worker):
         # EngineArgs.join_ahead, off by default: experimental, wrong tokens on the H100 until fenced, docs/gpu.md)
         self.launch_changed = False
         if spec_step == "device":
-            trees = [t for lib in self.libraries for t in lib.all_trees()] + ([static_tree] if static_tree else [])
-            self.device_step = DeviceSpecStep(runner, drafter, trees, capacity, max_batch, tree_attention)
+            extra = [static_tree] if static_tree else []
+            trees = [t for lib in self.libraries for t in lib.all_trees()] + extra
+            # a lone request's tree comes from the library for batch 1 (the smallest batch_size)
+            lone = list(self.libraries[0].all_trees()) + extra
+            self.device_step = DeviceSpecStep(runner, drafter, trees, capacity, max_batch, tree_attention,
+                                              lone_trees=lone)
             # each request takes a whole layout's slots for the step
             self.max_nodes = max([self.max_nodes] + [sh.layout.num_slots for sh in self.device_step.shapes])
 
