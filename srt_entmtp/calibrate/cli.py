@@ -118,7 +118,7 @@ def cmd_cost(ns) -> int:
 def cmd_trees(ns) -> int:
     from srt_entmtp.calibrate.cost import load_cost
     from srt_entmtp.calibrate.stats import AcceptanceStats
-    from srt_entmtp.calibrate.trees import build_library
+    from srt_entmtp.calibrate.trees import build_library, layout_notes
 
     stats = AcceptanceStats.load(ns.stats)
     cost = load_cost(ns.cost)
@@ -133,6 +133,7 @@ def cmd_trees(ns) -> int:
 
     TreeLibrary.load(out, expect_drafter=stats.drafter)  # the core's loader validates what we wrote
     report_path = out.with_suffix(".report.json") if not ns.report else Path(ns.report)
+    report["layout_notes"] = layout_notes(lib, ns.batch_size)
     report_path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"{stats.drafter}, batch {ns.batch_size}: predicted tokens/s")
     print(f"{'family':8s} {'buckets (positions: nodes chosen)':48s} {'NONE':>7s} {'static':>7s} {'ENTMTP':>7s}")
@@ -140,6 +141,8 @@ def cmd_trees(ns) -> int:
         b = ", ".join(f"{x['positions']}:{x['chosen'].split('-n')[-1]}" for x in r["buckets"])
         p = r["predicted_tokens_per_s"]
         print(f"{fam:8s} {b:48s} {p['none']:7.1f} {p['best_static']:7.1f} {p['entmtp']:7.1f}")
+    for note in report["layout_notes"]:
+        print(f"note: {note}")
     print(f"wrote {out} and {report_path}")
     if ns.plots:
         try:

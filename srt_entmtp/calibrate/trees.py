@@ -161,6 +161,32 @@ def build_library(stats: AcceptanceStats, cost: dict, batch: int, *, buckets: in
     return lib, report
 
 
+def layout_notes(lib: TreeLibrary, batch: int) -> list[str]:
+    """What the search does not price about how the device step will verify this library's trees
+    (spec/device_step.py): at batch 1, each tree gets its own layout only while the libraries in use
+    hold at most LONE_LAYOUTS distinct drafted trees; at larger batches, a batch mixing families
+    verifies every request in the covering layout of its trees, so one family's deeper or wider
+    tree widens every request's verify (a fused matmul takes at most small_linear.SMALL_M rows)."""
+    from srt_entmtp.spec.device_step import LONE_LAYOUTS
+    from srt_entmtp.spec.tree_layout import TreeLayout
+
+    drafted = [t for t in lib.all_trees() if t.num_nodes > 1]
+    if not drafted:
+        return []
+    if batch == 1:
+        if len(drafted) > LONE_LAYOUTS:
+            return [(f"{len(drafted)} distinct drafted trees, more than LONE_LAYOUTS = {LONE_LAYOUTS}: a lone "
+                     "request will verify in a covering layout, not its tree's own (cap --max-trees)")]
+        return []
+    own = {TreeLayout.covering([t]).num_slots for t in drafted}
+    cover = TreeLayout.covering(drafted).num_slots
+    if cover <= max(own):
+        return []
+    return [(f"a batch mixing families verifies the covering layout of {cover} slots ({batch} x {cover} = "
+             f"{batch * cover} rows at batch {batch}), against {max(own)} for the largest tree alone: the "
+             "search priced each tree alone; giving every family one tree avoids it")]
+
+
 def _mix_rate(choices: list[BucketChoice], idx: list[int], trees: list[Tree], cost) -> float:
     """Predicted tokens/s over a family's positions when bucket b verifies trees[idx[b]]: total
     tokens over total time, weighting each bucket by its share of positions (steps)."""

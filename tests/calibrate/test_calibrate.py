@@ -396,3 +396,37 @@ def test_collect_takes_other_heads_and_records_them(tmp_path, runner):
     assert len(st.families["math"].ranks) == 12
     with pytest.raises(SystemExit, match="--drafters is medusa"):
         main([*base, "--drafters", "medusa", "--draft-heads", str(heads)])
+
+
+def test_layout_notes_name_what_the_search_does_not_price(tmp_path):
+    """calibrate trees' notes: a larger-batch library whose families' trees differ widens every
+    request of a mixed batch to their covering layout (the H100 grid of 2026-12-07 gave math a
+    3-node chain beside the others' fork: 5 slots, 40 rows at batch 8 instead of 32); a batch-1
+    set past LONE_LAYOUTS distinct trees loses the trees' own layouts."""
+    from srt_entmtp.calibrate.trees import layout_notes
+    from srt_entmtp.spec.device_step import LONE_LAYOUTS
+
+    libs = Path(__file__).resolve().parents[2] / "srt_entmtp" / "spec" / "libraries"
+    d = json.loads((libs / "mtp_gpu_b8.json").read_text())
+    p = tmp_path / "b8.json"
+    p.write_text(json.dumps(d))
+    assert layout_notes(TreeLibrary.load(p), 8) == []  # the shipped fork in every family: 4 slots
+    d["families"]["math"]["trees"][0]["paths"] = [[0], [0, 0], [0, 0, 0]]
+    p.write_text(json.dumps(d))
+    (note,) = layout_notes(TreeLibrary.load(p), 8)
+    assert "5 slots (8 x 5 = 40 rows" in note and "against 4" in note
+    d = json.loads((libs / "mtp_gpu_b1.json").read_text())
+    fams = list(d["families"].values())
+    assert layout_notes(TreeLibrary.load(libs / "mtp_gpu_b1.json"), 1) == []
+    shapes = [[[0]] + [[0] * k for k in range(2, depth + 1)] for depth in range(1, 6)]  # chains of 1-5
+    shapes += [[[0], [1]], [[0], [1], [2]], [[0], [1], [0, 0]], [[0], [1], [2], [3]]]
+    for i, paths in enumerate(shapes):  # nine distinct trees over the five families
+        fam = fams[i % len(fams)]
+        fam["trees"].append(fam["trees"][0] | {"name": f"extra-{i}", "paths": paths,
+                                               "expected_accept_length": [0.5] * len(fam["bucket_tree"])})
+        fam["bucket_tree"][i // len(fams)] = len(fam["trees"]) - 1
+    p.write_text(json.dumps(d))
+    lib = TreeLibrary.load(p)
+    assert len([t for t in lib.all_trees() if t.num_nodes > 1]) > LONE_LAYOUTS
+    (note,) = layout_notes(lib, 1)
+    assert "LONE_LAYOUTS" in note
