@@ -125,7 +125,7 @@ def cmd_trees(ns) -> int:
     lib, report = build_library(stats, cost, ns.batch_size, buckets=ns.buckets, min_bucket=ns.min_bucket,
                                 max_nodes=ns.max_nodes, merge_tolerance=ns.merge_tolerance, max_trees=ns.max_trees,
                                 hysteresis=ns.hysteresis, lookup_tokens=ns.lookup_tokens,
-                                lookup_min_match=ns.lookup_min_match, cost_fit=ns.cost_fit)
+                                lookup_min_match=ns.lookup_min_match, cost_fit=ns.cost_fit, one_tree=ns.one_tree)
     out = Path(ns.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     lib.save(out)
@@ -235,6 +235,9 @@ def add_parser(sub) -> None:
                    help="how grid noise leaves the prices: lower = each point at the cheapest measured step with "
                         "at least its nodes and depth (noise only adds time); max = a running maximum (how the "
                         "libraries before 2026-12-03 evening were searched)")
+    p.add_argument("--one-tree", action="store_true",
+                   help="one tree for every family and bucket (the best pooled over all families' positions), so "
+                        "a batch mixing families verifies that tree's own layout, not a covering one (batch > 1)")
     p.add_argument("--out", required=True)
     p.add_argument("--report", default=None, help="report JSON (default: <out>.report.json)")
     p.add_argument("--plots", default=None, help="directory for PNG plots (needs matplotlib)")

@@ -110,21 +110,35 @@ def build_library(stats: AcceptanceStats, cost: dict, batch: int, *, buckets: in
                   max_nodes: int = 64, max_depth: int | None = None, merge_tolerance: float = 0.02,
                   max_trees: int = 5, hysteresis: float = 0.1, min_steps_between_switches: int = 2,
                   hardware: str | None = None, lookup_tokens: int = 0,
-                  lookup_min_match: int = 2, cost_fit: str = "lower") -> tuple[TreeLibrary, dict]:
+                  lookup_min_match: int = 2, cost_fit: str = "lower", one_tree: bool = False) -> tuple[TreeLibrary, dict]:
     """The library and a report (per family and bucket: counts, front, choice, predicted rates).
-    cost_fit: how the grid's noise is taken out of the prices (`cost.step_cost_fn`)."""
+    cost_fit: how the grid's noise is taken out of the prices (`cost.step_cost_fn`). one_tree:
+    every family and bucket gets the one tree, among the buckets' best, with the best rate pooled
+    over all the families' positions, so that a batch mixing families verifies that tree's own
+    layout and not a covering one (`layout_notes`; for libraries of batch > 1)."""
     cost_fn = step_cost_fn(cost, batch, stats.drafter, fit=cost_fit)
     depth = min(stats.depth, max_depth or stats.depth)
     node_cap = max_nodes
     fams: dict[str, Family] = {}
-    report: dict = {"batch": batch, "cost_fit": cost_fit, "families": {}}
+    report: dict = {"batch": batch, "cost_fit": cost_fit, "one_tree": one_tree, "families": {}}
+    searched = {}
     for fam in list(HEAD_FAMILIES) + ["general"]:
         key = None if fam == "general" else fam
         if key is not None and (fam not in stats.families or not stats.families[fam].ranks):
             continue
         edges = quantile_edges(stats.entropies(key), buckets, min_bucket)
-        choices = search_family(stats, key, edges, cost_fn, node_cap, depth)
-        trees, idx = merge_choices(choices, cost_fn, merge_tolerance, max_trees)
+        searched[fam] = (key, edges, search_family(stats, key, edges, cost_fn, node_cap, depth))
+    shared = None
+    if one_tree:  # pooled over the head families' buckets ("general" pools the same positions again)
+        pooled = [c for k, _, ch in searched.values() if k is not None for c in ch] or \
+            [c for _, _, ch in searched.values() for c in ch]
+        shared = max(dict.fromkeys(c.best for _, _, ch in searched.values() for c in ch),
+                     key=lambda t: _mix_rate(pooled, [0] * len(pooled), [t], cost_fn))
+    for fam, (key, edges, choices) in searched.items():
+        if shared is not None:
+            trees, idx = [shared], [0] * len(choices)
+        else:
+            trees, idx = merge_choices(choices, cost_fn, merge_tolerance, max_trees)
         # the pooled (single static) best for this family, for the report and the ablation
         pooled_acc, _ = stats.table(key)
         static = max((t for _, _, t in depth_fronts(pooled_acc, node_cap, depth)),
@@ -184,7 +198,7 @@ def layout_notes(lib: TreeLibrary, batch: int) -> list[str]:
         return []
     return [(f"a batch mixing families verifies the covering layout of {cover} slots ({batch} x {cover} = "
              f"{batch * cover} rows at batch {batch}), against {max(own)} for the largest tree alone: the "
-             "search priced each tree alone; giving every family one tree avoids it")]
+             "search priced each tree alone; --one-tree gives every family one tree")]
 
 
 def _mix_rate(choices: list[BucketChoice], idx: list[int], trees: list[Tree], cost) -> float:

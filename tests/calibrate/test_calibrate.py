@@ -430,3 +430,25 @@ def test_layout_notes_name_what_the_search_does_not_price(tmp_path):
     assert len([t for t in lib.all_trees() if t.num_nodes > 1]) > LONE_LAYOUTS
     (note,) = layout_notes(lib, 1)
     assert "LONE_LAYOUTS" in note
+
+
+def test_one_tree_gives_every_family_the_best_pooled_tree():
+    """--one-tree: one tree for every family and bucket, the best of the buckets' own choices by
+    the rate pooled over the head families' positions; no layout note then (the shipped batch-8
+    file is this, from the 2026-12-03 grid: the fork, with math moved onto it)."""
+    from srt_entmtp.calibrate.trees import _mix_rate, layout_notes, search_family
+
+    st = _synthetic_stats()
+    per_family, _ = build_library(st, STEEP_COST, batch=1, buckets=4, min_bucket=200, merge_tolerance=0.0)
+    lib, report = build_library(st, STEEP_COST, batch=1, buckets=4, min_bucket=200, one_tree=True)
+    trees = {e.tree for f in lib.families.values() for e in f.trees}
+    assert len(trees) == 1 and report["one_tree"]
+    (shared,) = trees
+    assert all(f.bucket_tree == (0,) * len(f.bucket_tree) for f in lib.families.values())
+    assert layout_notes(lib, 8) == []
+    cost = step_cost_fn(STEEP_COST, 1, "medusa")
+    pooled = [c for fam in ("code", "math") for c in search_family(st, fam, list(lib.families[fam].bucket_edges),
+                                                                     cost, 64, st.depth)]
+    rate = _mix_rate(pooled, [0] * len(pooled), [shared], cost)
+    for t in {e.tree for f in per_family.families.values() for e in f.trees}:
+        assert rate >= _mix_rate(pooled, [0] * len(pooled), [t], cost) - 1e-9
