@@ -177,8 +177,8 @@ def build_library(stats: AcceptanceStats, cost: dict, batch: int, *, buckets: in
 
 def layout_notes(lib: TreeLibrary, batch: int) -> list[str]:
     """What the search does not price about how the device step will verify this library's trees
-    (spec/device_step.py): at batch 1, each tree gets its own layout only while the libraries in use
-    hold at most LONE_LAYOUTS distinct drafted trees; at larger batches, a batch mixing families
+    (spec/device_step.py): at batch 1, each tree gets its own layout only while the batch-1 library
+    holds at most LONE_LAYOUTS distinct drafted trees; at larger batches, a batch mixing families
     verifies every request in the covering layout of its trees, so one family's deeper or wider
     tree widens every request's verify (a fused matmul takes at most small_linear.SMALL_M rows)."""
     from srt_entmtp.spec.device_step import LONE_LAYOUTS
