@@ -17,6 +17,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def load_script(name: str):
+    """scripts/<name>.py as a module (the scripts are not a package), for tests of their CPU parts."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def prompts_dir() -> Path | None:
     env = os.environ.get("ENTMTP_PROMPTS_DIR")
     for cand in ([Path(env)] if env else []) + [REPO.parent / "shared/data/prompts", REPO / "shared/data/prompts"]:

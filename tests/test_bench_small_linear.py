@@ -1,16 +1,10 @@
 """scripts/bench_small_linear.py's choice of wide tiles, on sweep rows as the GPU sweep writes them
 (the timing itself needs CUDA; the selection is plain Python)."""
-import importlib.util
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("bench_small_linear", REPO / "scripts" / "bench_small_linear.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_small_linear")
 
 
 def _rows(mod, us_of):

@@ -1,17 +1,10 @@
 """scripts/profile_gpu_run.py on the CPU: its step classes account for a real offline run."""
-import importlib.util
-from pathlib import Path
-
 from srt_entmtp.engine import Engine, EngineArgs
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("profile_gpu_run", REPO / "scripts" / "profile_gpu_run.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("profile_gpu_run")
 
 
 def test_profile_run_classes_cover_every_step_and_token(runner):
@@ -60,9 +53,7 @@ def test_bench_library_set_loads_every_batch_library_as_serve_does(tmp_path):
 
     import pytest
 
-    spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "scripts" / "bench_gpu.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("bench_gpu")
     for b in (64, 1, 8):
         (tmp_path / f"mtp_gpu_b{b}.json").write_text("{}")
         report = {"families": {"general": {"static_best": [[0]] * b if b < 64 else [[0]]}}}

@@ -28,7 +28,7 @@ from srt_entmtp.spec.entropy import EntropyTracker
 from srt_entmtp.spec.library import EstimatorConfig, TreeLibrary
 from srt_entmtp.spec.policy import StaticPolicy
 from srt_entmtp.spec.tree import Tree, chain
-from tests.conftest import prompts_dir
+from tests.conftest import load_script, prompts_dir
 
 # ---- statistics -----------------------------------------------------------------------------------
 
@@ -358,12 +358,7 @@ def test_validate_tiny_run(tmp_path, runner):
 def test_acceptance_signals_script(tmp_path):
     if prompts_dir() is None:
         pytest.skip("shared/data/prompts not found beside the repo (set ENTMTP_PROMPTS_DIR)")
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[2] / "scripts" / "acceptance_signals.py"
-    spec = importlib.util.spec_from_file_location("acceptance_signals", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("acceptance_signals")
     out = tmp_path / "signals.json"
     assert mod.main(["--families", "math", "--prompts", "2", "--max-new-tokens", "12", "--out", str(out)]) == 0
     r = json.loads(out.read_text())["families"]["math"]
