@@ -114,8 +114,10 @@ ENABLED = True    # False: the model's ordinary path at every size (benchmarks' 
 ROPE_IN_QKV = True  # False: RoPE and the KV store in a kernel after norm_linear (benchmarks' A/B; read at capture)
 
 
-def usable(x: torch.Tensor) -> bool:
-    return ENABLED and fused.enabled(x) and x.dim() == 2 and x.shape[0] <= SMALL_M and _kernel() is not None
+def usable(x: torch.Tensor, rows: int | None = None) -> bool:
+    """Whether a product of x's rows (or of `rows` rows gathered from x) takes these kernels."""
+    n = x.shape[0] if rows is None else rows
+    return ENABLED and fused.enabled(x) and x.dim() == 2 and n <= SMALL_M and _kernel() is not None
 
 
 def mid_usable(x: torch.Tensor) -> bool:
@@ -133,11 +135,12 @@ def _kernel():
         return None
 
     @triton.jit
-    def small_linear_kernel(x_ptr, x2_ptr, rows2_ptr, w_ptr, bias_ptr, ln_ptr, ln2_ptr, res_ptr, out_ptr,
+    def small_linear_kernel(x_ptr, xrows_ptr, x2_ptr, rows2_ptr, w_ptr, bias_ptr, ln_ptr, ln2_ptr, res_ptr, out_ptr,
                             topv_ptr, topi_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr,
                             M, N, K, K1, sx, sx2, sr, so, stop, top_k, eps, q_cols, kv_cols,
                             NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            X2: tl.constexpr, X2_ROWS: tl.constexpr, RES_ROWS: tl.constexpr, TOPK: tl.constexpr,
+                            X_ROWS: tl.constexpr, X2: tl.constexpr, X2_ROWS: tl.constexpr, RES_ROWS: tl.constexpr,
+                            TOPK: tl.constexpr,
                             ROPE: tl.constexpr,
                             HEAD_D: tl.constexpr, PDL: tl.constexpr, K_LINES: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -166,6 +169,10 @@ def _kernel():
                                           dtype=tl.int32, is_pure=False, pack=1)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
+        # X_ROWS: x's row r is x[xrows[r]] (a draft level's parent states, gathered by the load)
+        xr = rm
+        if X_ROWS:
+            xr = tl.load(xrows_ptr + rm, mask=m_ok, other=0).to(tl.int64)
         # X2: the row is [x | x2] (columns K1.. come from x2, each part normed on its own);
         # X2_ROWS: x2's row r is x2[rows2[r]] (an embedding lookup done by the load)
         K1e = K
@@ -179,7 +186,7 @@ def _kernel():
             ss2 = tl.zeros([BLOCK_M], tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 rk = k0 + tl.arange(0, BLOCK_K)
-                xt = tl.load(x_ptr + rm[:, None] * sx + rk[None, :], mask=m_ok[:, None] & (rk < K1e)[None, :],
+                xt = tl.load(x_ptr + xr[:, None] * sx + rk[None, :], mask=m_ok[:, None] & (rk < K1e)[None, :],
                              other=0.0).to(tl.float32)
                 ss += tl.sum(xt * xt, 1)
                 if X2:
@@ -200,7 +207,7 @@ def _kernel():
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             k_ok = rk < K
-            xt = tl.load(x_ptr + rm[:, None] * sx + rk[None, :], mask=m_ok[:, None] & (rk < K1e)[None, :], other=0.0)
+            xt = tl.load(x_ptr + xr[:, None] * sx + rk[None, :], mask=m_ok[:, None] & (rk < K1e)[None, :], other=0.0)
             if NORM:  # as transformers: normalise in float32, round, then scale and round again
                 lw = tl.load(ln_ptr + rk, mask=rk < K1e, other=0.0).to(tl.float32)
                 xt = ((xt.to(tl.float32) * rstd[:, None]).to(dt).to(tl.float32) * lw[None, :]).to(dt)
@@ -265,9 +272,12 @@ def _kernel():
 
 
 def _launch(op: str, x, w, n_out: int, *, bias=None, ln=None, eps=0.0, residual=None, silu=False, config=None,
-            x2=None, rows2=None, ln2=None, top_k: int = 0, rope=None, residual_rows=None):
+            x2=None, rows2=None, ln2=None, top_k: int = 0, rope=None, residual_rows=None, x_rows=None):
     triton, kern = _kernel()
     M, K1 = x.shape
+    if x_rows is not None:  # row r of the product is x[x_rows[r]]
+        assert x_rows.dim() == 1 and x_rows.is_contiguous()
+        M = x_rows.shape[0]
     K = K1 + (x2.shape[1] if x2 is not None else 0)
     assert x.stride(1) == 1 and w.is_contiguous() and w.shape[1] == K, "small_linear: row-major x and W"
     assert x2 is None or x2.stride(1) == 1
@@ -293,13 +303,13 @@ def _launch(op: str, x, w, n_out: int, *, bias=None, ln=None, eps=0.0, residual=
         r = rope if rope is not None else _NO_ROPE
         use_pdl = pdl.on(x)
         kern[(triton.cdiv(n_out, bn), triton.cdiv(M, bm))](
-            x, x2 if x2 is not None else x, rows2 if rows2 is not None else x, w, bias if bias is not None else w,
+            x, x_rows if x_rows is not None else x, x2 if x2 is not None else x, rows2 if rows2 is not None else x, w, bias if bias is not None else w,
             ln if ln is not None else w, ln2 if ln2 is not None else w, res, o, tv, ti,
             *((r.positions, r.slots, r.cos, r.sin_signed, r.k_cache, r.v_cache) if rope is not None else (x,) * 6),
             M, n_out, K, K1, x.stride(0), x2.stride(0) if x2 is not None else 0, res.stride(0), o.stride(0),
             tv.stride(0), top_k, eps, r.q_cols, r.kv_cols,
             NORM=ln is not None, SILU=silu, RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-            X2=x2 is not None, X2_ROWS=x2 is not None and rows2 is not None, RES_ROWS=residual_rows is not None,
+            X_ROWS=x_rows is not None, X2=x2 is not None, X2_ROWS=x2 is not None and rows2 is not None, RES_ROWS=residual_rows is not None,
             TOPK=top_k > 0, ROPE=rope is not None,
             HEAD_D=r.head_dim, PDL=use_pdl,
             K_LINES=triton.next_power_of_2(triton.cdiv(K, 64)) if use_pdl else 1,  # constexpr: one build per K only with PDL
@@ -337,22 +347,26 @@ def norm_gate_silu(h: torch.Tensor, ln_w: torch.Tensor, w_gate_up: torch.Tensor,
 
 
 def norm2_linear(a: torch.Tensor, ln_a: torch.Tensor, b_table: torch.Tensor, b_rows: torch.Tensor | None,
-                 ln_b: torch.Tensor, w: torch.Tensor, eps: float, config=None) -> torch.Tensor:
+                 ln_b: torch.Tensor, w: torch.Tensor, eps: float, config=None, a_rows: torch.Tensor | None = None
+                 ) -> torch.Tensor:
     """[RMSNorm(a; ln_a) | RMSNorm(b; ln_b)] @ w.T, where b = b_table[b_rows] (b_rows None: b_table
     itself, row for row): two normed inputs side by side, e.g. a draft head's state beside the
-    embedding of its token, with the concatenation and the lookup done by the kernel's loads."""
+    embedding of its token, with the concatenation and the lookup done by the kernel's loads.
+    a_rows (optional): a's rows are a[a_rows] (the gather done by the loads too)."""
     return _launch("norm_linear", a, w, w.shape[0], ln=ln_a, eps=eps, x2=b_table, rows2=b_rows, ln2=ln_b,
-                   config=config)
+                   config=config, x_rows=a_rows)
 
 
 def norm_linear_add_rows(h: torch.Tensor, ln_w: torch.Tensor, w: torch.Tensor, eps: float, table: torch.Tensor,
-                         rows: torch.Tensor, config=None) -> torch.Tensor:
+                         rows: torch.Tensor, config=None, h_rows: torch.Tensor | None = None) -> torch.Tensor:
     """RMSNorm(h; ln_w) @ w.T + table[rows], summed in float32 and rounded once: the two halves of
     a matmul over [RMSNorm(h) | b] where b's half was computed ahead per row of a table (a draft
-    head's token term, one row per vocabulary entry; float32 keeps it the one matmul's sum)."""
-    assert table.shape[1] == w.shape[0] and rows.shape[0] == h.shape[0]
+    head's token term, one row per vocabulary entry; float32 keeps it the one matmul's sum).
+    h_rows (optional): h's rows are h[h_rows] (a draft level's parent states, gathered by the loads)."""
+    M = h_rows.shape[0] if h_rows is not None else h.shape[0]
+    assert table.shape[1] == w.shape[0] and rows.shape[0] == M
     return _launch("norm_linear", h, w, w.shape[0], ln=ln_w, eps=eps, residual=table, residual_rows=rows,
-                   config=config)
+                   config=config, x_rows=h_rows)
 
 
 def norm_linear_topk(h: torch.Tensor, ln_w: torch.Tensor | None, w: torch.Tensor, eps: float, k: int,

@@ -35,6 +35,7 @@ from srt_entmtp.model.attention import tree_triton
 from srt_entmtp.model.attention.tree_mask import pack_tree_mask
 from srt_entmtp.model.forward_batch import ForwardBatch, _indptr
 from srt_entmtp.model.staging import StagingRing
+from srt_entmtp.spec.drafters import fused_draft
 from srt_entmtp.spec.tree import Tree
 from srt_entmtp.spec.tree_layout import LayoutTable, TreeLayout
 from srt_entmtp.spec.verify_kernels import accept, verify_inputs
@@ -461,6 +462,9 @@ class DeviceSpecStep:
         """Draft B requests' trees into sh.tokens; static shapes, device ops only."""
         row, req = sh.row[:B], sh.req_slot[:B]
         tab = sh.table
+        if fused_draft.tree_usable(self.drafter, self.hidden, B, sh.layout):  # GPU: no torch op between kernels
+            fused_draft.draft_tree(self.drafter, self.hidden, self.roots, req, sh.root[:B], tab, row, sh.tokens[:B])
+            return
         root = torch.where(sh.root[:B] >= 0, sh.root[:B], self.roots[req])
         sh.tokens[:B] = self.drafter.propose_layout(self.hidden[req], root, sh.layout, tab.parent_in_level[row],
                                                     tab.rank[row])

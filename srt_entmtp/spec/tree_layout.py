@@ -136,6 +136,11 @@ class LayoutTable:
         # the mask rows as ancestor bits, for the Triton tree attention (layouts of up to 64 slots)
         self.anc = ancestor_bits(self.mask_cpu).to(device) if layout.num_slots <= MAX_NODES else None
         self.slot_of_node = [p.slot_of_node for p in placed]
+        # per slot: its level's first slot, its level's width, the width of the level above (1 for
+        # the root's), 0: what fused_draft.draft_tree's first kernel needs to lay out a step's state rows
+        lv = [(o, w, layout.widths[d - 1] if d else 1, 0) for d, (o, w) in enumerate(zip(layout.offsets, layout.widths))
+              for _ in range(w)]
+        self.level_slots = torch.tensor(lv, dtype=torch.long).to(device)
 
     def holds(self, trees: list[Tree]) -> bool:
         return all(t in self.rows for t in trees)

@@ -118,13 +118,54 @@ def test_fused_levels_draft_the_tokens_of_the_torch_form(runner, monkeypatch, ki
     args = (hidden, roots, lay, table.parent_in_level[rows], table.rank[rows])
     ref = d.propose_layout(*args)
     calls = []
-    monkeypatch.setattr(small_linear, "usable", lambda x: x.shape[0] <= small_linear.SMALL_M)
+    monkeypatch.setattr(small_linear, "usable", lambda x, rows=None: (rows or x.shape[0]) <= small_linear.SMALL_M)
     monkeypatch.setattr(fused_draft, "usable", lambda dr, x, k: calls.append(x.shape[0]) or x.shape[0] <= small_linear.SMALL_M)
     got = d.propose_layout(*args)
     assert len(calls) == lay.depth, "every level took the fused path"
     for t, r in zip(trees, rows.tolist()):
         real = table.slot_of_node[r]
         assert got[trees.index(t), real].tolist() == ref[trees.index(t), real].tolist(), t.name
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter form; on the GPU tests/gpu checks bf16")
+def test_draft_tree_drafts_the_tokens_of_propose_layout_from_the_pools(runner, monkeypatch):
+    """The device step's whole-tree draft (fused_draft.draft_tree: a kernel for the roots and every
+    level's state rows, the first kernel of each level gathering them, pick writing into the
+    step's token buffer) gives propose_layout's tokens for the real MTP heads, with the requests'
+    states and roots read from pools at scattered rows, some roots given and some from the pool."""
+    from srt_entmtp.model import small_linear
+    from srt_entmtp.spec.drafters import fused_draft, load_drafter
+    from srt_entmtp.spec.tree import Tree
+    from srt_entmtp.spec.tree_layout import LayoutTable, TreeLayout
+    from srt_entmtp.spec.worker import default_heads_dir
+
+    d = load_drafter(default_heads_dir("mtp"), runner)
+    d.quantize_for_inference("model")
+    trees = [Tree.from_paths([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 1, 0]]),
+             Tree.from_paths([[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]]), Tree.from_paths([]),
+             Tree.from_paths([[0], [1], [0, 0], [1, 0], [1, 1]])]
+    lay = TreeLayout.covering(trees)
+    table = LayoutTable(lay, trees, "cpu")
+    B, S = len(trees), lay.num_slots
+    rows = torch.tensor([table.rows[t] for t in trees])
+    g = torch.Generator().manual_seed(3)
+    hidden_pool = torch.randn(9, d.hidden_size, generator=g)
+    roots_pool = torch.randint(0, d.vocab_size, (9,), generator=g)
+    req = torch.tensor([7, 2, 5, 0])
+    root_in = torch.tensor([-1, int(torch.randint(0, d.vocab_size, (1,), generator=g)), -1, -1])
+    roots = torch.where(root_in >= 0, root_in, roots_pool[req])
+    ref = d.propose_layout(hidden_pool[req], roots, lay, table.parent_in_level[rows], table.rank[rows])
+    monkeypatch.setattr(small_linear, "usable", lambda x, rows=None: (rows or x.shape[0]) <= small_linear.SMALL_M)
+    monkeypatch.setattr(fused_draft, "usable", lambda dr, x, k: x.shape[0] <= small_linear.SMALL_M)
+    assert fused_draft.tree_usable(d, hidden_pool, B, lay)
+    monkeypatch.setattr(fused_draft, "FUSED_INPUTS", False)
+    assert not fused_draft.tree_usable(d, hidden_pool, B, lay), "the switch turns it off"
+    out = torch.full((B + 2, S), -7)   # a bucket's buffer: rows past B stay untouched
+    fused_draft.draft_tree(d, hidden_pool, roots_pool, req, root_in, table, rows, out[:B])
+    assert bool((out[B:] == -7).all())
+    for b, (t, r) in enumerate(zip(trees, rows.tolist())):
+        real = table.slot_of_node[r]
+        assert out[b, real].tolist() == ref[b, real].tolist(), t.name
 
 
 def test_draft_configs_file_sets_the_level_kernels_configs_and_names_a_bad_key(tmp_path, monkeypatch):

@@ -553,6 +553,20 @@ def test_fused_draft_levels_draft_the_torch_forms_tokens_up_to_near_ties(prompt_
           f"{differ.numel()} differ, widest logit gap {gap_ulps.max().item():.1f} ulps")
     assert agree >= 0.8, agree
     assert gap_ulps.max().item() <= 4, "a depth-1 token differs where the logits are not a near-tie"
+    # the device step's whole-tree form (fused_draft.draft_tree), from pools at scattered rows with
+    # half the roots given and half from the pool: the very tokens of the fused levels (4 requests,
+    # so that every level fits the fused kernels' 32 rows)
+    n = 4
+    assert fused_draft.tree_usable(d, hidden, n, lay)
+    pool = torch.zeros(2 * n + 1, hidden.shape[1], dtype=hidden.dtype, device="cuda")
+    roots_pool = torch.zeros(2 * n + 1, dtype=torch.long, device="cuda")
+    req = torch.arange(n, device="cuda") * 2 + 1
+    pool[req], roots_pool[req] = hidden[:n], roots[:n]
+    root_in = torch.where(torch.arange(n, device="cuda") % 2 == 0, roots[:n], -1)
+    got_n = d.propose_layout(hidden[:n], roots[:n], lay, table.parent_in_level[rows[:n]], table.rank[rows[:n]])
+    out = torch.full((n, lay.num_slots), -1, dtype=torch.long, device="cuda")
+    fused_draft.draft_tree(d, pool, roots_pool, req, root_in, table, rows[:n], out)
+    assert torch.equal(out[real[:n]], got_n[real[:n]])
 
 
 @needs_flashinfer

@@ -350,8 +350,14 @@ class Drafter(nn.Module):
     def logits_norm(self, d: int) -> torch.Tensor | None:
         raise NotImplementedError
 
-    def fused_step(self, d: int, state: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """step(d, state, embedding of tokens); drafters with a fused form override this."""
+    gathers_rows = False  # whether a fused_step with rows= gathers them in a kernel (fused_draft.draft_tree)
+
+    def fused_step(self, d: int, state: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+        """step(d, state[rows] (rows None: state), embedding of tokens); drafters with a fused form
+        override this."""
+        if rows is not None:
+            state = state[rows]
         return self.step(d, state, self.embed_tokens(tokens, state))
 
     def path_logits(self, hidden: torch.Tensor, path_tokens: torch.Tensor) -> list[torch.Tensor]:

@@ -53,24 +53,32 @@ PICK_WARPS = 4
 # H100 where the level's other matmuls take 4-5). The same sum up to its order, rounded once.
 # Read when a graph is captured.
 TOKEN_TABLE = True
+# The device step drafts a whole tree with no torch op between the kernels (draft_tree): the roots,
+# the state rows of every level and the children's tokens written by Triton kernels, where the
+# level-by-level form (Drafter.propose_layout) runs ~10 small torch kernels a step (gathers, a
+# concatenation, copies), each a full launch dependency that PDL cannot overlap. A/B switch, read
+# when a graph is captured.
+FUSED_INPUTS = True
 
 
 def _load_overrides() -> None:
     """ENTMTP_DRAFT_CONFIGS=<json>: {"proj" | "gate_up" | "down" | "topk": [4 or 5 ints] or null,
-    "pick_warps": int, "token_table": bool} (tuning on another GPU; A/B runs)."""
-    global PICK_WARPS, TOKEN_TABLE
+    "pick_warps": int, "token_table": bool, "fused_inputs": bool} (tuning on another GPU; A/B runs)."""
+    global PICK_WARPS, TOKEN_TABLE, FUSED_INPUTS
     path = os.environ.get("ENTMTP_DRAFT_CONFIGS")
     if not path:
         return
     d = json.loads(Path(path).read_text())
-    unknown = set(d) - set(CONFIGS) - {"pick_warps", "token_table"}
+    unknown = set(d) - set(CONFIGS) - {"pick_warps", "token_table", "fused_inputs"}
     if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)} (have {sorted(CONFIGS)}, pick_warps, token_table)")
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)} "
+                         f"(have {sorted(CONFIGS)}, pick_warps, token_table, fused_inputs)")
     for op in CONFIGS:
         if d.get(op) is not None:
             CONFIGS[op] = tuple(int(v) for v in d[op])
     PICK_WARPS = int(d.get("pick_warps", PICK_WARPS))
     TOKEN_TABLE = bool(d.get("token_table", TOKEN_TABLE))
+    FUSED_INPUTS = bool(d.get("fused_inputs", FUSED_INPUTS))
 
 
 _load_overrides()
@@ -99,16 +107,20 @@ def _kernel():
         return None
 
     @triton.jit
-    def pick_kernel(topv_ptr, topi_ptr, parent_ptr, rank_ptr, vocab_ptr, out_ptr, C, w, k_max, s_top, s_sel, s_out,
-                    HAS_VOCAB: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+    def pick_kernel(topv_ptr, topi_ptr, parent_ptr, rank_ptr, sel_row_ptr, vocab_ptr, out_ptr, out2_ptr, C, w, k_max,
+                    s_top, s_sel, s_out, HAS_VOCAB: tl.constexpr, SEL_ROWS: tl.constexpr, OUT2: tl.constexpr,
+                    BLOCK_C: tl.constexpr, PDL: tl.constexpr):
         if PDL:  # model/pdl.py
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         # program (b, j): child slot j of request b; its parent is row b * w + parent[b, j]
         b = tl.program_id(0)
         j = tl.program_id(1)
-        parent = tl.load(parent_ptr + b * s_sel + j)
-        rank = tl.minimum(tl.load(rank_ptr + b * s_sel + j), k_max - 1)
+        sel = b
+        if SEL_ROWS:  # parent and rank are tables: request b reads their row sel_row[b]
+            sel = tl.load(sel_row_ptr + b)
+        parent = tl.load(parent_ptr + sel * s_sel + j)
+        rank = tl.minimum(tl.load(rank_ptr + sel * s_sel + j), k_max - 1)
         row = b * w + parent
         c = tl.arange(0, BLOCK_C)
         v = tl.load(topv_ptr + row * s_top + c, mask=c < C, other=float("-inf"))
@@ -120,28 +132,106 @@ def _kernel():
         if HAS_VOCAB:
             tok = tl.load(vocab_ptr + tok)
         tl.store(out_ptr + b * s_out + j, tok)
+        if OUT2:  # also [B, c] contiguous: the next level's token rows
+            tl.store(out2_ptr + b * tl.num_programs(1) + j, tok)
 
-    return triton, pick_kernel
+    @triton.jit
+    def draft_inputs_kernel(req_ptr, root_in_ptr, roots_ptr, row_ptr, pil_ptr, slot_ptr, tok_out_ptr, tok0_ptr,
+                            xrows_ptr, B, s_out, S: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        # program b: request b's root token (its own, or the pool's from the step before) and, for
+        # every slot, the row of the state its level's first kernel reads (see draft_inputs)
+        b = tl.program_id(0)
+        r = tl.load(req_ptr + b)
+        own = tl.load(root_in_ptr + b)
+        root = tl.where(own >= 0, own, tl.load(roots_ptr + r))
+        tl.store(tok_out_ptr + b * s_out, root)
+        tl.store(tok0_ptr + b, root)
+        s = tl.arange(0, SP)
+        ok = s < S
+        off = tl.load(slot_ptr + s * 4, mask=ok, other=0)        # the slot's level's first slot
+        width = tl.load(slot_ptr + s * 4 + 1, mask=ok, other=1)  # its level's width
+        wprev = tl.load(slot_ptr + s * 4 + 2, mask=ok, other=1)  # the level above's width
+        pil = tl.load(pil_ptr + tl.load(row_ptr + b) * S + s, mask=ok, other=0)
+        src = tl.where(s == 0, r, b * wprev + pil)
+        tl.store(xrows_ptr + B * off + b * width + (s - off), src, mask=ok)
+
+    return triton, pick_kernel, draft_inputs_kernel
 
 
 def pick(top_v: torch.Tensor, top_i: torch.Tensor, parent: torch.Tensor, rank: torch.Tensor, w: int, k: int,
-         vocab: torch.Tensor | None, warps: int | None = None) -> torch.Tensor:
+         vocab: torch.Tensor | None, warps: int | None = None, *, sel_rows: torch.Tensor | None = None,
+         out: torch.Tensor | None = None, out2: torch.Tensor | None = None) -> torch.Tensor:
     """Tokens [B, c] of c child slots per request: child (b, j) takes the rank[b, j]-th best
     (0 = best) candidate of row b * w + parent[b, j] of (top_v, top_i) [B * w, C], through
     `vocab` (draft index -> token id) when given. parent and rank may be column slices of wider
-    tables (any row stride, unit column stride)."""
-    triton, kern = _kernel()
-    B, c = parent.shape
+    tables (any row stride, unit column stride). sel_rows [B] (optional): parent and rank are
+    tables and request b reads their row sel_rows[b] (then B = sel_rows' length). out: where to
+    write (any row stride; default a new [B, c]); out2: a second, contiguous [B, c] copy."""
+    triton, kern, _ = _kernel()
+    c = parent.shape[1]
+    B = sel_rows.shape[0] if sel_rows is not None else parent.shape[0]
     C = top_v.shape[1]
     assert parent.stride(1) == 1 and rank.stride(1) == 1 and parent.stride(0) == rank.stride(0)
-    out = torch.empty(B, c, dtype=torch.long, device=top_v.device)
+    if out is None:
+        out = torch.empty(B, c, dtype=torch.long, device=top_v.device)
+    assert out.shape == (B, c) and out.stride(1) == 1 and (out2 is None or (out2.is_contiguous() and out2.numel() == B * c))
     if B and c:
         use_pdl = pdl.on(top_v)
-        kern[(B, c)](top_v, top_i, parent, rank, vocab if vocab is not None else top_i, out, C, w, k,
+        kern[(B, c)](top_v, top_i, parent, rank, sel_rows if sel_rows is not None else parent,
+                     vocab if vocab is not None else top_i, out, out2 if out2 is not None else out, C, w, k,
                      top_v.stride(0), parent.stride(0), out.stride(0), HAS_VOCAB=vocab is not None,
+                     SEL_ROWS=sel_rows is not None, OUT2=out2 is not None,
                      BLOCK_C=triton.next_power_of_2(C), PDL=use_pdl, num_warps=warps or PICK_WARPS,
                      **pdl.launch_kw(use_pdl))
     return out
+
+
+def tree_usable(drafter, hidden_pool: torch.Tensor, batch: int, layout) -> bool:
+    """Whether draft_tree may fill `batch` requests' trees of `layout`: every level fused, and a
+    drafter whose block gathers its parents' states in its first kernel (MTP)."""
+    if not (FUSED_INPUTS and getattr(drafter, "gathers_rows", False) and hidden_pool.dtype == drafter.param_dtype
+            and layout.num_slots <= 64):
+        return False
+    probe = hidden_pool[:1]
+    return all(usable(drafter, probe, k) and batch * w <= min(MAX_ROWS, small_linear.SMALL_M)
+               for w, k in zip(layout.widths, layout.ks))
+
+
+def draft_tree(drafter, hidden_pool: torch.Tensor, roots_pool: torch.Tensor, req: torch.Tensor, root_in: torch.Tensor,
+               table, row: torch.Tensor, out: torch.Tensor) -> None:
+    """Drafter.propose_layout for the device step, with no torch op between the kernels: B requests
+    (req [B] their pool rows; root_in [B] a root token, or -1 for roots_pool[req]; row [B] their
+    rows of the LayoutTable `table`) drafted into out [B, S]. One kernel writes the roots and, for
+    every slot, which state row its level reads (the request's pool row for the root's level, its
+    parent's row of the level above for the others); each level's first kernel gathers those rows
+    by its loads, and pick writes the children straight into `out` and into the next level's
+    token rows. The same tokens as propose_layout (tested)."""
+    triton, _, kern = _kernel()
+    lay = table.layout
+    B, S = out.shape
+    assert out.stride(1) == 1 and S == lay.num_slots and req.is_contiguous() and root_in.is_contiguous()
+    if B == 0:
+        return
+    dev = out.device
+    xrows = torch.empty(B * S, dtype=torch.long, device=dev)   # level by level: [B, width] state rows
+    toks = torch.empty(B * S, dtype=torch.long, device=dev)    # the same layout: the slots' tokens
+    use_pdl = pdl.on(out)
+    kern[(B,)](req, root_in, roots_pool, row, table.parent_in_level, table.level_slots, out, toks, xrows, B,
+               out.stride(0), S=S, SP=triton.next_power_of_2(S), PDL=use_pdl, num_warps=1, **pdl.launch_kw(use_pdl))
+    offs, widths = lay.offsets, lay.widths
+    states = hidden_pool
+    for L in range(lay.depth):
+        w, k, a = widths[L], lay.ks[L], B * offs[L]
+        s = drafter.fused_step(L + 1, states, toks[a: a + B * w], rows=xrows[a: a + B * w])
+        top_v, top_i = small_linear.norm_linear_topk(s, drafter.logits_norm(L + 1), drafter.out_weight, drafter.eps,
+                                                     k, config=CONFIGS["topk"])
+        kids, c = offs[L + 1], widths[L + 1]
+        pick(top_v, top_i, table.parent_in_level[:, kids: kids + c], table.rank[:, kids: kids + c], w, k,
+             drafter.draft_vocab, sel_rows=row, out=out[:, kids: kids + c], out2=toks[B * kids: B * (kids + c)])
+        states = s
 
 
 def draft_level(drafter, prev: torch.Tensor, tokens: torch.Tensor, d: int, k: int, parent: torch.Tensor,

@@ -90,18 +90,23 @@ class MTPDrafter(Drafter):
         self.__dict__["_split_projection"] = (key, split)
         return split
 
-    def fused_step(self, d: int, state: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """step() in three kernels (model/small_linear.py), for the few rows of a GPU draft level."""
-        if not (small_linear.usable(state) and self.embed.dtype == state.dtype == self.proj.dtype):
-            return super().fused_step(d, state, tokens)
+    gathers_rows = True  # fused_step(rows=...) reads its states' rows in its first kernel
+
+    def fused_step(self, d: int, state: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+        """step() in three kernels (model/small_linear.py), for the few rows of a GPU draft level;
+        rows (optional): the step's states are state[rows], gathered by the first kernel's loads."""
+        n = rows.shape[0] if rows is not None else state.shape[0]
+        if not (small_linear.usable(state, n) and self.embed.dtype == state.dtype == self.proj.dtype):
+            return super().fused_step(d, state, tokens, rows)
         cfg = fused_draft.CONFIGS
         split = self.split_projection() if fused_draft.TOKEN_TABLE else None
         if split is not None:  # the state's half of the projection, plus the token's row of the table
             proj_state, table = split
             u = small_linear.norm_linear_add_rows(state, self.norm_state, proj_state, self.eps, table, tokens,
-                                                  config=cfg["proj"])
+                                                  config=cfg["proj"], h_rows=rows)
         else:
             u = small_linear.norm2_linear(state, self.norm_state, self.embed, tokens, self.norm_emb, self.proj,
-                                          self.eps, config=cfg["proj"])
+                                          self.eps, config=cfg["proj"], a_rows=rows)
         act = small_linear.norm_gate_silu(u, self.norm_mlp, self.gate_up, self.eps, config=cfg["gate_up"])
         return small_linear.linear_residual(act, self.down, u, config=cfg["down"])
