@@ -190,7 +190,8 @@ def _switches():
 
     return {"small_linear": (small_linear, "ENABLED"), "pdl": (pdl, "ENABLED"),
             "rope_in_qkv": (small_linear, "ROPE_IN_QKV"), "merge_last": (tree_triton, "MERGE_LAST"),
-            "fused_accept": (verify_kernels, "ENABLED")}
+            "fused_accept": (verify_kernels, "ENABLED"), "fused_draft_inputs": (fused_draft, "FUSED_INPUTS"),
+            "split_argmax": (verify_kernels, "SPLIT_ARGMAX")}
 
 
 @contextlib.contextmanager
@@ -412,6 +413,7 @@ def part_c(ns, dev):
                         + (("ENTMTP-join-ahead",) if ns.join_ahead_ab else ())
                         + (tuple("ENTMTP" + v for v in STEP_KERNEL_AB) if ns.step_kernels_ab else ())
                         + (("ENTMTP-torch-accept",) if ns.accept_kernels_ab else ())
+                        + (tuple("ENTMTP" + v for v in GLUE_AB) if ns.glue_kernels_ab else ())
                         + ((arm_b,) if arm_b else ())
                         + tuple(f"STATIC-chain{k}" for k in ns.static_chains)):
                 kw = {"tree_library": lib_b if cfg == arm_b and lib_b else lib} if lib else {}
@@ -423,7 +425,7 @@ def part_c(ns, dev):
                 kw["overlap_prefill"] = cfg == "ENTMTP-overlap-prefill"
                 kw["join_ahead"] = cfg == "ENTMTP-join-ahead"
                 fused_draft.ENABLED = cfg != "ENTMTP-unfused-draft"  # read as the graphs are captured
-                values = {**STEP_KERNEL_AB, **ACCEPT_AB}.get(cfg[len("ENTMTP"):], {})
+                values = {**STEP_KERNEL_AB, **ACCEPT_AB, **GLUE_AB}.get(cfg[len("ENTMTP"):], {})
                 try:
                     with switched(values):
                         eng = Engine(EngineArgs(device=ns.device, speculative_algorithm="ENTMTP", drafter=drafter,
@@ -482,6 +484,9 @@ def part_c(ns, dev):
 STEP_KERNEL_AB = {"-no-pdl": {"pdl": False}, "-merge-last": {"merge_last": True}, "-rope-kernel": {"rope_in_qkv": False}}
 # (c)'s --accept-kernels-ab: the verify graphs' bookkeeping as torch ops, not spec/verify_kernels.py's kernels
 ACCEPT_AB = {"-torch-accept": {"fused_accept": False}}
+# (c)'s --glue-kernels-ab: the step as before 2026-12-07 (fifth session): the draft's torch ops between its
+# kernels (fused_draft.FUSED_INPUTS off) and the argmax a program a row (verify_kernels.SPLIT_ARGMAX off)
+GLUE_AB = {"-torch-glue": {"fused_draft_inputs": False, "split_argmax": False}}
 
 
 def free_memory():
@@ -558,6 +563,9 @@ def main():
     ap.add_argument("--accept-kernels-ab", action="store_true",
                     help="(c) also runs ENTMTP with the verify graphs' bookkeeping (inputs, acceptance, entropies, KV "
                          "compaction) as torch ops in place of spec/verify_kernels.py's three kernels")
+    ap.add_argument("--glue-kernels-ab", action="store_true",
+                    help="(c) also runs ENTMTP as before the draft's inputs and the chunked argmax became kernels: the "
+                         "draft's torch gathers and copies between its kernels, and the argmax a program a row")
     ap.add_argument("--static-chains", type=int, nargs="*", default=[],
                     help="(c) also runs a static chain of k drafted tokens for each k given (what the policy's "
                          "smallest trees buy at this load)")

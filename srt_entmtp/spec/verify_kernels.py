@@ -19,6 +19,9 @@ Triton, `accept` runs two kernels instead:
 
   * argmax_entropy: one pass over each row of the bf16 logits for its argmax (first index on a
     tie, as torch.argmax) and its entropy (online max / sum of exp / sum of exp * x, in float32);
+    with SPLIT_ARGMAX, each row in chunks of ARGMAX_BLOCK columns, one program a chunk and no
+    loop, whose partials accept_kernel combines (a program a row walked 24 blocks of 2,048 logits
+    one after another: a chain of dependent loads, ~15 us at any batch);
   * accept_kernel: one program per (request, layer) finds the path from the layout table's rows
     (the mask is ancestor-or-self), copies that layer's accepted K and V, and the layer-0
     program writes the result row, the entropies, the hidden state, the root and the count.
@@ -30,6 +33,7 @@ summation order only. The CPU tests run the kernels in Triton's interpreter agai
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -41,6 +45,10 @@ __all__ = ["accept", "accept_torch", "accept_triton", "argmax_entropy", "triton_
            "verify_inputs_torch", "verify_inputs_triton"]
 
 ENABLED = True  # False: the torch form on the GPU too (benchmarks' A/B; read at capture)
+# True: the argmax and entropy in chunks of ARGMAX_BLOCK columns (a program each), combined by
+# accept_kernel; False: a program a row (argmax_entropy). A/B switch, read at capture.
+SPLIT_ARGMAX = os.environ.get("ENTMTP_SPLIT_ARGMAX", "1") != "0"
+ARGMAX_BLOCK = 4096  # 12 chunks of a 49,152-token vocabulary, 16 logits a thread at 8 warps
 
 
 def triton_usable(x: torch.Tensor) -> bool:
@@ -132,6 +140,38 @@ def accept_torch(tokens, logits, hidden, table: LayoutTable, row, req, out_slots
     entropy.copy_(entropy_from_logits(logits).view(B, S).gather(1, path))
 
 
+@functools.cache
+def _argmax_parts_kernel():
+    import triton.language as tl
+    from triton import jit
+
+    @jit
+    def argmax_parts_kernel(x_ptr, part_ptr, V, sx, s_part, CH, BLOCK_V: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # model/pdl.py
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        # program (r, c): chunk c of row r, in one load: its max, the first index of it, and the sums
+        # of exp(x - max) and exp(x - max) * (x - max) (what argmax_entropy_kernel's lanes keep)
+        r = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1)
+        col = c * BLOCK_V + tl.arange(0, BLOCK_V)
+        x = tl.load(x_ptr + r * sx + col, mask=col < V, other=float("-inf")).to(tl.float32)
+        m = tl.max(x, 0)
+        first = tl.min(tl.where(x == m, col, 2147483647), 0)
+        seen = x > float("-inf")
+        m_safe = tl.where(m > float("-inf"), m, 0.0)
+        e = tl.where(seen, tl.exp(x - m_safe), 0.0)
+        s = tl.sum(e, 0)
+        t = tl.sum(e * tl.where(seen, x - m_safe, 0.0), 0)
+        at = r * CH + c
+        tl.store(part_ptr + at, m)
+        tl.store(part_ptr + s_part + at, s)
+        tl.store(part_ptr + 2 * s_part + at, t)
+        tl.store(part_ptr.to(tl.pointer_type(tl.int32)) + 3 * s_part + at, first)
+
+    return argmax_parts_kernel
+
+
 def argmax_entropy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(argmax [R] int64, entropy in nats [R] float32) of each row of logits [R, V], one pass."""
     _, kern, _, _ = _kernels()
@@ -154,7 +194,17 @@ def accept_triton(tokens, logits, hidden, table: LayoutTable, row, req, out_slot
     D = table.layout.depth
     if B == 0:
         return
-    pred, ent = argmax_entropy(logits)
+    R, V = logits.shape
+    if SPLIT_ARGMAX:  # partials [4, R, CH]: max, sum of exp, sum of exp * x (float32), first index (int32)
+        CH = triton.cdiv(V, ARGMAX_BLOCK)
+        part = torch.empty(4, R, CH, dtype=torch.float32, device=logits.device)
+        use_pdl = pdl.on(logits)
+        _argmax_parts_kernel()[(R, CH)](logits, part, V, logits.stride(0), R * CH, CH, BLOCK_V=ARGMAX_BLOCK,
+                                        PDL=use_pdl, num_warps=8, **pdl.launch_kw(use_pdl))
+        pred, ent = part, part  # accept_kernel reads the partials
+    else:
+        CH = 0
+        pred, ent = argmax_entropy(logits)
     k, v = kv.k, kv.v
     assert k.is_contiguous() and v.is_contiguous() and hidden.is_contiguous() and hidden_pool.is_contiguous()
     assert tokens.is_contiguous() and out_slots.is_contiguous() and result.stride(1) == 1 and entropy.stride(1) == 1
@@ -164,8 +214,8 @@ def accept_triton(tokens, logits, hidden, table: LayoutTable, row, req, out_slot
     kern[(B, k.shape[0])](
         tokens, pred, ent, row, req, out_slots, table.parent, table.depth, table.valid.view(torch.uint8),
         table.mask.view(torch.uint8), hidden, hidden_pool, roots, kept, result, entropy, k, v,
-        k.stride(0), H, result.stride(0), entropy.stride(0),
-        S=S, D=D, SP=triton.next_power_of_2(S), DP=triton.next_power_of_2(D + 1), ROW=row_elems,
+        k.stride(0), H, result.stride(0), entropy.stride(0), R * max(CH, 1),
+        S=S, D=D, CH=CH, CHP=triton.next_power_of_2(max(CH, 1)), SP=triton.next_power_of_2(S), DP=triton.next_power_of_2(D + 1), ROW=row_elems,
         ROWP=triton.next_power_of_2(row_elems), HP=triton.next_power_of_2(H), PDL=use_pdl, num_warps=4,
         **pdl.launch_kw(use_pdl))
 
@@ -218,9 +268,9 @@ def _kernels():
     @triton.jit
     def accept_kernel(tok_ptr, pred_ptr, ent_ptr, row_ptr, req_ptr, oslot_ptr, par_ptr, depth_ptr, valid_ptr,
                       mask_ptr, hid_ptr, hpool_ptr, roots_ptr, kept_ptr, res_ptr, eout_ptr, k_ptr, v_ptr,
-                      layer_stride, H, s_res, s_ent,
-                      S: tl.constexpr, D: tl.constexpr, SP: tl.constexpr, DP: tl.constexpr, ROW: tl.constexpr,
-                      ROWP: tl.constexpr, HP: tl.constexpr, PDL: tl.constexpr):
+                      layer_stride, H, s_res, s_ent, s_part,
+                      S: tl.constexpr, D: tl.constexpr, CH: tl.constexpr, CHP: tl.constexpr, SP: tl.constexpr,
+                      DP: tl.constexpr, ROW: tl.constexpr, ROWP: tl.constexpr, HP: tl.constexpr, PDL: tl.constexpr):
         if PDL:  # model/pdl.py
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -233,7 +283,27 @@ def _kernels():
         dep = tl.load(depth_ptr + trow * S + sl, mask=in_s, other=0)
         val = tl.load(valid_ptr + trow * S + sl, mask=in_s, other=0) != 0
         tok = tl.load(tok_ptr + b * S + sl, mask=in_s, other=-1)
-        want = tl.load(pred_ptr + b * S + par, mask=in_s, other=-2)
+        if CH:  # pred_ptr holds argmax_parts' partials: combine each slot's chunks, then pick by slot in registers
+            c = tl.arange(0, CHP)
+            pm = in_s[:, None] & (c < CH)[None, :]
+            at = (b * S + sl)[:, None] * CH + c[None, :]
+            m = tl.load(pred_ptr + at, mask=pm, other=float("-inf"))
+            ps = tl.load(pred_ptr + s_part + at, mask=pm, other=0.0)
+            pt = tl.load(pred_ptr + 2 * s_part + at, mask=pm, other=0.0)
+            pi = tl.load(pred_ptr.to(tl.pointer_type(tl.int32)) + 3 * s_part + at, mask=pm, other=2147483647)
+            M = tl.max(m, 1)
+            first = tl.min(tl.where(m == M[:, None], pi, 2147483647), 1)   # the first index of the slot's maximum
+            had = m > float("-inf")
+            wgt = tl.where(had, tl.exp(m - M[:, None]), 0.0)
+            S_ = tl.sum(wgt * ps, 1)
+            T_ = tl.sum(tl.where(had, wgt * (pt + (m - M[:, None]) * ps), 0.0), 1)
+            S_ = tl.where(in_s, S_, 1.0)  # slots past S: nothing to combine
+            pred_s = first.to(tl.int64)
+            ent_s = tl.log(S_) - T_ / S_
+            want = tl.sum(tl.where(par[:, None] == sl[None, :], pred_s[None, :], 0), 1)
+            want = tl.where(in_s, want, -2)
+        else:
+            want = tl.load(pred_ptr + b * S + par, mask=in_s, other=-2)
         ok = (val & (tok == want)) | (sl == 0)
         anc = tl.load(mask_ptr + trow * S * S + sl[:, None] * S + sl[None, :],
                       mask=in_s[:, None] & in_s[None, :], other=0) != 0
@@ -262,14 +332,21 @@ def _kernels():
         tl.store(k_ptr + base + dst[:, None] * ROW + c[None, :], ks, mask=cm)
         tl.store(v_ptr + base + dst[:, None] * ROW + c[None, :], vs, mask=cm)
         if layer == 0:
-            bonus = tl.load(pred_ptr + b * S + leaf)
+            if CH:
+                bonus = tl.sum(tl.where(sl == leaf, pred_s, 0), 0)
+            else:
+                bonus = tl.load(pred_ptr + b * S + leaf)
             sel1 = on_path[None, :] & (dep[None, :] == d[:, None] + 1) & in_s[None, :]   # the slot at depth d + 1
             nxt = tl.sum(tl.where(sel1, sl[None, :], 0), 1)
             drafted = tl.load(tok_ptr + b * S + nxt, mask=d < a, other=-1)
             emitted = tl.where(d < a, drafted, tl.where(d == a, bonus, -1))
             tl.store(res_ptr + b * s_res, a.to(tl.int64))
             tl.store(res_ptr + b * s_res + 1 + d, emitted, mask=d_ok)
-            tl.store(eout_ptr + b * s_ent + d, tl.load(ent_ptr + b * S + path, mask=d_ok, other=0.0), mask=d_ok)
+            if CH:
+                e_path = tl.sum(tl.where(path[:, None] == sl[None, :], ent_s[None, :], 0.0), 1)
+            else:
+                e_path = tl.load(ent_ptr + b * S + path, mask=d_ok, other=0.0)
+            tl.store(eout_ptr + b * s_ent + d, e_path, mask=d_ok)
             r = tl.load(req_ptr + b)
             tl.store(roots_ptr + r, bonus)
             tl.store(kept_ptr + r, (a + 1).to(tl.int64))

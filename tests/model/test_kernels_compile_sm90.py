@@ -35,7 +35,7 @@ def ptx_counts() -> dict:
 
 
 def test_every_kernel_waits_once_then_lets_the_next_start(ptx_counts):
-    assert len(ptx_counts) == 17
+    assert len(ptx_counts) == 22
     for name, c in ptx_counts.items():
         assert c["wait"] == 1 and c["launch"] == 1, (name, c)
 

@@ -57,12 +57,16 @@ def _case(seed: int, hit: float):
     pred = torch.randint(0, V, (B, S), generator=g)
     tokens = torch.randint(0, V, (B, S), generator=g)
     par = tab.parent[row]
+    logits = torch.randn(B * S, V, generator=g)
+    logits[torch.arange(B * S), pred.view(-1)] = 10.0   # the argmax is pred
+    tie = torch.randint(0, V, (B * S,), generator=g)
+    some = torch.rand(B * S, generator=g) < 0.3           # and ties it elsewhere: the first one counts
+    logits[torch.arange(B * S)[some], tie[some]] = 10.0
+    pred.view(-1).copy_(logits.argmax(-1))
     for b in range(B):
         for s in range(1, S):
             if rng.random() < hit:
                 tokens[b, s] = pred[b, par[b, s]]
-    logits = torch.randn(B * S, V, generator=g)
-    logits[torch.arange(B * S), pred.view(-1)] = 10.0   # the argmax is pred
     kv = KVPool(num_layers=3, num_slots=B * S + 20, num_kv_heads=2, head_dim=4, dtype=torch.float32)
     kv.k.copy_(torch.randn(kv.k.shape, generator=g))
     kv.v.copy_(torch.randn(kv.v.shape, generator=g))
@@ -93,7 +97,14 @@ def _copy(case: dict, device) -> dict:
 
 
 @pytest.mark.parametrize("seed,hit", [(0, 0.0), (1, 0.6), (2, 0.95), (3, 1.0)])
-def test_accept_kernel_matches_torch_tail(seed, hit):
+@pytest.mark.parametrize("split", [False, True])
+def test_accept_kernel_matches_torch_tail(seed, hit, split, monkeypatch):
+    """split: the argmax and entropies in chunks (verify_kernels.SPLIT_ARGMAX) of 16 logits here,
+    so a row of 40 spans three, the last one short, and ties fall in different chunks."""
+    from srt_entmtp.spec import verify_kernels
+
+    monkeypatch.setattr(verify_kernels, "SPLIT_ARGMAX", split)
+    monkeypatch.setattr(verify_kernels, "ARGMAX_BLOCK", 16)
     ref = _case(seed, hit)
     got = _copy(ref, DEV)
     accept_torch(**ref)
