@@ -186,12 +186,13 @@ def model_weight_bytes(runner) -> int:
 def _switches():
     from srt_entmtp.model import pdl, small_linear
     from srt_entmtp.model.attention import tree_triton
-    from srt_entmtp.spec import verify_kernels
+    from srt_entmtp.spec import entropy, policy, verify_kernels
 
     return {"small_linear": (small_linear, "ENABLED"), "pdl": (pdl, "ENABLED"),
             "rope_in_qkv": (small_linear, "ROPE_IN_QKV"), "merge_last": (tree_triton, "MERGE_LAST"),
             "fused_accept": (verify_kernels, "ENABLED"), "fused_draft_inputs": (fused_draft, "FUSED_INPUTS"),
-            "split_argmax": (verify_kernels, "SPLIT_ARGMAX")}
+            "split_argmax": (verify_kernels, "SPLIT_ARGMAX"), "policy_small_batch": (policy, "SMALL_BATCH"),
+            "entropy_small_batch": (entropy, "SMALL_BATCH")}
 
 
 @contextlib.contextmanager
@@ -414,6 +415,7 @@ def part_c(ns, dev):
                         + (tuple("ENTMTP" + v for v in STEP_KERNEL_AB) if ns.step_kernels_ab else ())
                         + (("ENTMTP-torch-accept",) if ns.accept_kernels_ab else ())
                         + (tuple("ENTMTP" + v for v in GLUE_AB) if ns.glue_kernels_ab else ())
+                        + (tuple("ENTMTP" + v for v in HOST_AB) if ns.host_ab else ())
                         + ((arm_b,) if arm_b else ())
                         + tuple(f"STATIC-chain{k}" for k in ns.static_chains)):
                 kw = {"tree_library": lib_b if cfg == arm_b and lib_b else lib} if lib else {}
@@ -425,7 +427,7 @@ def part_c(ns, dev):
                 kw["overlap_prefill"] = cfg == "ENTMTP-overlap-prefill"
                 kw["join_ahead"] = cfg == "ENTMTP-join-ahead"
                 fused_draft.ENABLED = cfg != "ENTMTP-unfused-draft"  # read as the graphs are captured
-                values = {**STEP_KERNEL_AB, **ACCEPT_AB, **GLUE_AB}.get(cfg[len("ENTMTP"):], {})
+                values = {**STEP_KERNEL_AB, **ACCEPT_AB, **GLUE_AB, **HOST_AB}.get(cfg[len("ENTMTP"):], {})
                 try:
                     with switched(values):
                         eng = Engine(EngineArgs(device=ns.device, speculative_algorithm="ENTMTP", drafter=drafter,
@@ -487,6 +489,9 @@ ACCEPT_AB = {"-torch-accept": {"fused_accept": False}}
 # (c)'s --glue-kernels-ab: the step as before 2026-12-07 (fifth session): the draft's torch ops between its
 # kernels (fused_draft.FUSED_INPUTS off) and the argmax a program a row (verify_kernels.SPLIT_ARGMAX off)
 GLUE_AB = {"-torch-glue": {"fused_draft_inputs": False, "split_argmax": False}}
+# (c)'s --host-ab: the tree policy and the entropy estimate vectorised in numpy at every batch size, as
+# before they went one request at a time up to 16 requests
+HOST_AB = {"-numpy-host": {"policy_small_batch": 0, "entropy_small_batch": 0}}
 
 
 def free_memory():
@@ -566,6 +571,9 @@ def main():
     ap.add_argument("--glue-kernels-ab", action="store_true",
                     help="(c) also runs ENTMTP as before the draft's inputs and the chunked argmax became kernels: the "
                          "draft's torch gathers and copies between its kernels, and the argmax a program a row")
+    ap.add_argument("--host-ab", action="store_true",
+                    help="(c) also runs ENTMTP with the tree policy and the entropy estimate vectorised in numpy at "
+                         "every batch size (before they went one request at a time up to 16 requests)")
     ap.add_argument("--static-chains", type=int, nargs="*", default=[],
                     help="(c) also runs a static chain of k drafted tokens for each k given (what the policy's "
                          "smallest trees buy at this load)")

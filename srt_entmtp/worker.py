@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from srt_entmtp.model import staging
 from srt_entmtp.model.forward_batch import ForwardBatch
 from srt_entmtp.model.runner import ModelRunner
 from srt_entmtp.sampling import sample
@@ -163,7 +164,7 @@ class Worker:
                 host[n:].copy_(entropy_from_logits(out.logits), non_blocking=True)
             event = torch.cuda.Event() if cuda else None
             if event is not None:
-                event.record()
+                staging.record(event)
         if join:
             for j, req in enumerate(done):
                 req.last_hidden, req.joining = hidden[j], True
@@ -267,7 +268,7 @@ class Worker:
         self._host_turn ^= 1
         host[:n].copy_(nxt, non_blocking=True)
         if done is not None:
-            done.record()
+            staging.record(done)
         return _PlainStep(reqs, dict(zip(map(id, reqs), slots.numpy().reshape(n, 1))), nxt, host, done)
 
     def _launches_ahead(self, reqs: list[Request], step: _PlainStep) -> bool:

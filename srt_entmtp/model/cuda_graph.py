@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from srt_entmtp.model import staging
 from srt_entmtp.model.forward_batch import ForwardBatch, _indptr
 
 log = logging.getLogger(__name__)
@@ -287,7 +288,7 @@ class CudaGraphRunner:
         host[3, :k] = rows
         self.prefill_inputs[:, :N].copy_(host[:, :N], non_blocking=True)
         self._prefill_copied = torch.cuda.Event()
-        self._prefill_copied.record()
+        staging.record(self._prefill_copied)
         entry.graph.replay()
         self.prefill_replays += 1
         return self.prefill_hidden[:k], self.prefill_logits[:k]

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from srt_entmtp.model import staging
 from srt_entmtp.model.attention import tree_triton
 from srt_entmtp.model.attention.tree_mask import pack_tree_mask
 from srt_entmtp.model.forward_batch import ForwardBatch, _indptr
@@ -408,7 +409,7 @@ class DeviceSpecStep:
         sh._result_turn ^= 1
         host.buf.copy_(sh.out, non_blocking=True)  # the step's one device-to-host copy; `collect` waits for it
         if host.done is not None:
-            host.done.record()
+            staging.record(host.done)
         return InFlightStep(sh, reqs, slots, host)
 
     def collect(self, step: InFlightStep) -> DeviceStepResult:

@@ -23,6 +23,7 @@ import torch
 from srt_entmtp.model.forward_batch import ForwardBatch
 from srt_entmtp.model.runner import ModelRunner
 from srt_entmtp.sched.request import Request
+from srt_entmtp.spec import entropy as entropy_mod
 from srt_entmtp.spec.classify import classify_task
 from srt_entmtp.spec.device_step import DeviceSpecStep
 from srt_entmtp.spec.entropy import entropy_from_logits
@@ -511,6 +512,13 @@ class SpecWorker(Worker):
         self._deferred = None
         live = [i for i, r in enumerate(reqs) if r.slot >= 0]
         if not live:
+            return
+        if len(live) <= entropy_mod.SMALL_BATCH:  # a few requests: lists, not numpy calls on a few values each
+            ind, flat = [0], []
+            for i in live:
+                flat += ents[i, : accept[i] + 1].tolist()
+                ind.append(len(flat))
+            self.tracker.update([reqs[i].slot for i in live], flat, ind)
             return
         n_new = np.asarray(accept, dtype=np.int64)[live] + 1  # entropies at the accepted path and the bonus token
         indptr = np.zeros(len(live) + 1, dtype=np.int64)

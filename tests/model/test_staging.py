@@ -20,7 +20,7 @@ class _Events:
                 self.id = sum(1 for x in parent.log if x[0] == "new")
                 parent.log.append(("new", self.id))
 
-            def record(self):
+            def record(self, stream=None):
                 parent.log.append(("record", self.id))
 
             def synchronize(self):
@@ -35,6 +35,7 @@ class _Events:
 def test_staging_ring_rewrites_a_twin_only_after_its_copy_ran_mocked_cuda_events(monkeypatch):
     ev = _Events()
     monkeypatch.setattr(torch.cuda, "Event", ev.Event)
+    monkeypatch.setattr(staging, "current_stream", lambda: None)  # no CUDA stream here
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
     dev = torch.zeros(4, dtype=torch.long)
     ring = staging.StagingRing(dev, 2, pinned=True)  # as for a CUDA buffer
@@ -53,6 +54,7 @@ def test_staging_ring_rewrites_a_twin_only_after_its_copy_ran_mocked_cuda_events
 def test_copy_fence_waits_on_the_last_mark_and_is_off_without_cuda(monkeypatch):
     ev = _Events()
     monkeypatch.setattr(torch.cuda, "Event", ev.Event)
+    monkeypatch.setattr(staging, "current_stream", lambda: None)  # no CUDA stream here
     fence = staging.CopyFence(True)
     fence.wait()  # nothing queued yet: nothing to wait for
     assert ev.log == []

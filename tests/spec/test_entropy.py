@@ -126,3 +126,34 @@ def test_value_before_any_observation_is_init_and_slots_are_independent():
 def test_bad_config(kwargs):
     with pytest.raises(ValueError):
         EntropyTracker(2, **kwargs)
+
+
+def test_one_request_at_a_time_update_equals_the_closed_forms_to_the_bit():
+    """EntropyTracker.update's two forms (vectorised closed forms past SMALL_BATCH requests, a
+    Python loop up to it) leave the same EMA, window and counts, exactly, over random ragged
+    updates of 1-12 values (past the window) with lists or tensors as inputs."""
+    import numpy as np
+
+    from srt_entmtp.spec import entropy as entropy_mod
+
+    rng = np.random.default_rng(1)
+    a, b = EntropyTracker(40, ema_decay=0.7, window=5), EntropyTracker(40, ema_decay=0.7, window=5)
+    saved = entropy_mod.SMALL_BATCH
+    try:
+        for step in range(200):
+            n = int(rng.integers(1, 10))
+            slots = rng.choice(40, n, replace=False)
+            k = rng.integers(1, 13, n)
+            flat = rng.uniform(0, 6, int(k.sum())).astype(np.float32)
+            ind = np.concatenate([[0], np.cumsum(k)])
+            entropy_mod.SMALL_BATCH = 0
+            a.update(torch.from_numpy(slots), torch.from_numpy(flat), torch.from_numpy(ind))
+            entropy_mod.SMALL_BATCH = 16
+            if step % 2:
+                b.update(slots.tolist(), flat.tolist(), ind.tolist())
+            else:
+                b.update(torch.from_numpy(slots), torch.from_numpy(flat), torch.from_numpy(ind))
+            assert np.array_equal(a.ema, b.ema) and np.array_equal(a.window, b.window), step
+            assert np.array_equal(a.count, b.count)
+    finally:
+        entropy_mod.SMALL_BATCH = saved

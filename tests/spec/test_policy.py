@@ -86,6 +86,51 @@ def reference_policy(seq, edges, hyst, min_steps):
 @given(st.lists(st.lists(st.floats(0, 4, width=32), min_size=1, max_size=25), min_size=1, max_size=3),
        st.sampled_from([0.0, 0.1, 0.4]), st.integers(0, 3))
 def test_matches_reference_for_a_batch(seqs, hyst, min_steps):
+    """Both forms of choose(): vectorised (SMALL_BATCH = 0) and one request at a time (the default at
+    these batch sizes)."""
+    from srt_entmtp.spec import policy as policy_mod
+
+    saved = policy_mod.SMALL_BATCH
+    try:
+        for small in (0, saved):
+            policy_mod.SMALL_BATCH = small
+            _check_against_reference(seqs, hyst, min_steps)
+    finally:
+        policy_mod.SMALL_BATCH = saved
+
+
+def test_one_at_a_time_form_makes_the_vectorised_forms_choices():
+    """Random float32 entropies on and around the edges (and their margins), families that change
+    and resets: the per-request form of choose() decides every step as the vectorised one does."""
+    import numpy as np
+
+    from srt_entmtp.spec import policy as policy_mod
+
+    rng = np.random.default_rng(0)
+    near = np.array([1.0, 2.5, 0.9, 1.1, 2.4, 2.6], dtype=np.float32)
+    fams = ["code", "math", "chat", "writing", "general", "unknown"]
+    for hyst, min_steps in ((0.1, 2), (0.0, 0), (0.4, 3)):
+        a = EntMTPPolicy(LIB, hysteresis=hyst, min_steps_between_switches=min_steps)
+        b = EntMTPPolicy(LIB, hysteresis=hyst, min_steps_between_switches=min_steps)
+        for step in range(300):
+            n = int(rng.integers(1, 12))
+            slots = torch.from_numpy(rng.choice(40, n, replace=False))
+            h = np.where(rng.random(n) < 0.5, rng.choice(near, n), rng.uniform(0, 4, n)).astype(np.float32)
+            h = h + np.where(rng.random(n) < 0.3, np.float32(1e-7) * rng.choice([-1, 1], n), 0).astype(np.float32)
+            h[rng.random(n) < 0.05] = np.nan
+            fam = [fams[i] for i in rng.integers(0, len(fams) if step % 50 else 2, n)]
+            policy_mod.SMALL_BATCH = 0
+            want = a.choose(slots, fam, torch.from_numpy(h))
+            policy_mod.SMALL_BATCH = 16
+            got = b.choose(slots, fam, torch.from_numpy(h))
+            assert got == want, step
+            assert np.array_equal(a.bucket, b.bucket) and np.array_equal(a.since_switch, b.since_switch)
+            if step % 37 == 0:
+                a.reset(slots[:2])
+                b.reset(slots[:2])
+
+
+def _check_against_reference(seqs, hyst, min_steps):
     policy = EntMTPPolicy(LIB, hysteresis=hyst, min_steps_between_switches=min_steps)
     fams = ["code", "writing", "unknown"][: len(seqs)]
     got = [[] for _ in seqs]
