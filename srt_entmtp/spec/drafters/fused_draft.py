@@ -142,7 +142,7 @@ def _kernel():
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         # program b: request b's root token (its own, or the pool's from the step before) and, for
-        # every slot, the row of the state its level's first kernel reads (see draft_inputs)
+        # every slot, the row of the state its level's first kernel reads (see draft_tree)
         b = tl.program_id(0)
         r = tl.load(req_ptr + b)
         own = tl.load(root_in_ptr + b)
@@ -192,8 +192,7 @@ def pick(top_v: torch.Tensor, top_i: torch.Tensor, parent: torch.Tensor, rank: t
 def tree_usable(drafter, hidden_pool: torch.Tensor, batch: int, layout) -> bool:
     """Whether draft_tree may fill `batch` requests' trees of `layout`: every level fused, and a
     drafter whose block gathers its parents' states in its first kernel (MTP)."""
-    if not (FUSED_INPUTS and getattr(drafter, "gathers_rows", False) and hidden_pool.dtype == drafter.param_dtype
-            and layout.num_slots <= 64):
+    if not (FUSED_INPUTS and getattr(drafter, "gathers_rows", False) and hidden_pool.dtype == drafter.param_dtype):
         return False
     probe = hidden_pool[:1]
     return all(usable(drafter, probe, k) and batch * w <= min(MAX_ROWS, small_linear.SMALL_M)
