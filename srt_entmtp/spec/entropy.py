@@ -65,6 +65,8 @@ class EntropyTracker:
         self.count = np.zeros(capacity, dtype=np.int64)
         self.draft = np.full(capacity, self.init)
         self.has_draft = np.zeros(capacity, dtype=bool)
+        self._pw = np.zeros(0)
+        self._powers(63)
 
     def reset(self, slots) -> None:
         """Forget everything about `slots` (a new request took them)."""
@@ -97,12 +99,12 @@ class EntropyTracker:
 
     def _powers(self, n: int) -> np.ndarray:
         """decay ** 0..n (at least), each a Python float power: one table both update forms index,
-        since numpy's vectorised power may round some exponents otherwise than the scalar one."""
-        pw = self.__dict__.get("_pw")
-        if pw is None or pw.size <= n or self._pw_decay != self.decay:
-            pw = self._pw = np.array([self.decay ** i for i in range(max(n + 1, 64))])
-            self._pw_decay = self.decay
-        return pw
+        since numpy's vectorised power may round some exponents otherwise than the scalar one.
+        Built in __init__, grown here when a request brings more values than it holds."""
+        if self._pw.size <= n:
+            self._pw_list = [self.decay ** i for i in range(max(n + 1, 2 * self._pw.size))]
+            self._pw = np.array(self._pw_list)
+        return self._pw
 
     def _update_each(self, slots, entropies_flat, indptr) -> None:
         """update() one request at a time, in Python: the same float64 operations in the same order
@@ -111,7 +113,8 @@ class EntropyTracker:
         ind = indptr if isinstance(indptr, list) else _host(indptr, np.int64).tolist()
         h = _host(entropies_flat, np.float32).tolist()  # rounded to float32, as the closed forms take them
         a, W, ema, win, count = self.decay, self.W, self.ema, self.window, self.count
-        pw = self._powers(max((ind[i + 1] - ind[i] for i in range(len(s))), default=0)).tolist()
+        self._powers(max((ind[i + 1] - ind[i] for i in range(len(s))), default=0))
+        pw = self._pw_list
         for i, slot in enumerate(s):
             lo, k = ind[i], ind[i + 1] - ind[i]
             fresh = 0.0

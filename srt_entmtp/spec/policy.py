@@ -84,6 +84,7 @@ class EntMTPPolicy:
         self.bucket = np.full(capacity, -1, dtype=np.int64)
         self.family = np.full(capacity, -1, dtype=np.int64)
         self.since_switch = np.zeros(capacity, dtype=np.int64)
+        self._thr = self._thresholds()
 
     def reset(self, slots) -> None:
         s = _host_long(slots)
@@ -121,21 +122,17 @@ class EntMTPPolicy:
     def _thresholds(self) -> tuple[list, list, list]:
         """Per family, as Python floats: the edges, and per current bucket the entropy below / above
         which it is left (hysteresis applied), computed with choose()'s numpy ops so that both
-        forms compare the very same float32 values."""
-        key = (self.hysteresis, self.edges.tobytes())
-        if self.__dict__.get("_thr_key") != key:
-            F, nb = self.edges.shape
-            c = np.arange(nb)[None, :].repeat(F, 0)
-            lo = np.where(c > 0, self.edges[:, np.maximum(c[0] - 1, 0)], -np.inf) - self.hysteresis
-            hi = np.where(c < self.num_buckets[:, None] - 1, self.edges, np.inf) + self.hysteresis
-            self._thr = (self.edges.tolist(), lo.tolist(), hi.tolist())
-            self._thr_key = key
-        return self._thr
+        forms compare the very same float32 values (built once, in __init__)."""
+        F, nb = self.edges.shape
+        c = np.arange(nb)[None, :].repeat(F, 0)
+        lo = np.where(c > 0, self.edges[:, np.maximum(c[0] - 1, 0)], -np.inf) - self.hysteresis
+        hi = np.where(c < self.num_buckets[:, None] - 1, self.edges, np.inf) + self.hysteresis
+        return self.edges.tolist(), lo.tolist(), hi.tolist()
 
     def _choose_each(self, slots: list[int], families: Sequence[str], h: list[float]) -> list[Tree]:
         """choose() for a few requests, one at a time: the same decisions (tested), in Python, where
         ~25 numpy calls on arrays of 1-16 values cost ~60 us a step and this ~2 us a request."""
-        edges, lo, hi = self._thresholds()
+        edges, lo, hi = self._thr
         bucket, family, since_sw, tree_id = self.bucket, self.family, self.since_switch, self.tree_id
         fid, general, min_steps, trees = self._family_id, self._general, self.min_steps, self.trees
         out = []
@@ -158,7 +155,7 @@ class EntMTPPolicy:
         return torch.from_numpy(self.bucket[_host_long(slots)].copy())
 
 
-# batches up to this size choose one request at a time (TreePolicy._choose_each), larger ones vectorised
+# batches up to this size choose one request at a time (EntMTPPolicy._choose_each), larger ones vectorised
 SMALL_BATCH = 16
 
 
