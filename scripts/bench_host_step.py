@@ -10,8 +10,9 @@ This measures that part on any machine: each forward returns a stored output of 
 
 NONE, ENTMTP with the root-only Medusa GPU library (plain decode steps through the speculative
 worker) and ENTMTP-device (the MTP batch-8 GPU library through the device step of
-spec/device_step.py, with its graph body and the attention plan taken out: what is left is the
-host work around the graph) in one run, interleaved; median ms per decode step.
+spec/device_step.py, with its graph bodies and the attention plan taken out and stand-in graph
+entries, so steps launch behind unread ones as on a GPU: what is left is the host work around
+the graphs) in one run, interleaved; median ms per decode step.
 """
 from __future__ import annotations
 
@@ -51,6 +52,33 @@ def stub_device_step(eng) -> None:
     eng.runner.attn.plan = lambda fb: None
 
 
+class _StubGraph:
+    """Stands in for a captured CUDA graph: replay() runs the (stubbed) body."""
+
+    def __init__(self, body):
+        self.replay = body
+
+
+def stub_device_graphs(eng) -> None:
+    """Graph entries for every (layout, batch bucket), as `DeviceSpecStep.capture` makes on a GPU,
+    their replays the stubbed bodies and their attention the real Triton tree attention's host
+    object (planned with one copy, as on the GPU): so the timed host path is the GPU's, steps
+    launched behind unread ones (`launch_verify(after=...)`) included."""
+    from srt_entmtp.model.attention.tree_triton import TreeAttention
+    from srt_entmtp.spec.device_step import batch_buckets
+
+    step = eng.worker.device_step
+    cfg, ctx = eng.runner.config, eng.runner.context_length
+    step._graph_ctx = (None, None, step.max_batch)
+    for li, sh in enumerate(step.shapes):
+        S = sh.layout.num_slots
+        for B in ([1] if sh.lone else batch_buckets(step.max_batch)):
+            attn = TreeAttention(step.kv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, sh.out_slots[:B * S], B, S,
+                                 B * (ctx + S))
+            step.graphs[(li, B)] = (attn, _StubGraph(lambda sh=sh, B=B: step._draft_body(sh, B)),
+                                    _StubGraph(lambda sh=sh, B=B, a=attn: step._verify_body(sh, B, a)))
+
+
 def host_step_ms(config: str, B: int, steps: int, library: str) -> float:
     algorithm = "NONE" if config == "NONE" else "ENTMTP"
     device = config == "ENTMTP-device"
@@ -77,6 +105,7 @@ def host_step_ms(config: str, B: int, steps: int, library: str) -> float:
     eng.runner.forward = stored_forward
     if device:
         stub_device_step(eng)
+        stub_device_graphs(eng)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
