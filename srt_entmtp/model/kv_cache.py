@@ -41,16 +41,19 @@ class KVPool:
         device once per step."""
         return self.alloc_many([n])[0]
 
+    def alloc_array(self, n: int) -> np.ndarray:
+        """alloc() as a numpy array (the device step's bookkeeping is numpy: no torch op a step)."""
+        if n > self._num_free:
+            raise KVCacheFullError(f"KV cache full: need {n} slots, {self._num_free} free of {self.num_slots}")
+        top = self._num_free
+        slots = self._stack[top - n: top][::-1].copy()
+        self._free[slots] = False
+        self._num_free -= n
+        return slots
+
     def alloc_many(self, counts: list[int]) -> list[torch.Tensor]:
         """Slots for several requests in one pop (one call per step)."""
-        total = sum(counts)
-        if total > self._num_free:
-            raise KVCacheFullError(f"KV cache full: need {total} slots, {self._num_free} free of {self.num_slots}")
-        top = self._num_free
-        slots = self._stack[top - total: top][::-1].copy()
-        self._free[slots] = False
-        self._num_free -= total
-        return list(torch.from_numpy(slots).split(counts))
+        return list(torch.from_numpy(self.alloc_array(sum(counts))).split(counts))
 
     def free(self, slots: torch.Tensor | np.ndarray) -> None:
         s = slots if isinstance(slots, np.ndarray) else slots.cpu().numpy()

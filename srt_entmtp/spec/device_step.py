@@ -83,7 +83,7 @@ class DeviceStepResult:
 class InFlightStep:
     shape: _Shape
     reqs: list
-    slots: torch.Tensor             # [n * S] the trees' KV slots, request by request
+    slots: np.ndarray               # [n * S] the trees' KV slots, request by request
     host: _HostResult | None = None  # where its result lands
 
 
@@ -100,8 +100,8 @@ class _HostResult:
 
     def __init__(self, out: torch.Tensor, n_long: int, Bm: int, D: int, pin: bool):
         self.buf = torch.zeros_like(out, device="cpu", pin_memory=pin)
-        self.result = self.buf[: 8 * n_long].view(torch.long).view(Bm, D + 2)
-        self.entropy = self.buf[8 * n_long:].view(torch.float32).view(Bm, D + 1)
+        self.result = self.buf[: 8 * n_long].view(torch.long).view(Bm, D + 2).numpy()  # numpy views: the host
+        self.entropy = self.buf[8 * n_long:].view(torch.float32).view(Bm, D + 1).numpy()  # reads them every step
         self.done = torch.cuda.Event() if pin else None  # recorded after the copy
 
 
@@ -189,6 +189,8 @@ class DeviceSpecStep:
         # that one is read (launch_verify(after=...)) takes its prefix length from here
         self.kept = torch.zeros(capacity + 1, dtype=torch.long, device=self.dev)
         self._order = [i for i, sh in enumerate(self.shapes) if not sh.lone]  # by size (choose_layouts sorts them)
+        # batch size -> its bucket (the smallest at least as big), looked up every step
+        self._bucket_of = [next(b for b in batch_buckets(max_batch) if b >= n) for n in range(max_batch + 1)]
         # (layout, batch bucket) -> (attention, draft graph, verify graph)
         self.graphs: dict[tuple[int, int], tuple[object, torch.cuda.CUDAGraph, torch.cuda.CUDAGraph]] = {}
         self._graph_ctx = None  # (pool, workspace, largest batch with a graph) once capture() ran
@@ -228,7 +230,7 @@ class DeviceSpecStep:
         return [1] if self.shapes[li].lone else sorted(batch_buckets(self._graph_ctx[2]), reverse=True)
 
     def bucket(self, batch: int) -> int:
-        return next(b for b in batch_buckets(self.max_batch) if b >= batch)
+        return self._bucket_of[batch]
 
     # ---- capture ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -285,7 +287,7 @@ class DeviceSpecStep:
         S = sh.layout.num_slots
         attn = self._graph_attention(sh, B, workspace)
         self._fill_draft(sh, [], [], [], B)  # all padding: touches slot 0 only
-        self._fill_verify(sh, [], [], torch.zeros(0, dtype=torch.long), B)
+        self._fill_verify(sh, [], [], np.zeros(0, dtype=np.int64), B)
         attn.plan_fixed_trees(S, [1] * B, torch.zeros(B * (1 + S), dtype=torch.long))
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -369,16 +371,16 @@ class DeviceSpecStep:
         its own tree."""
         sh, B, reqs = self.shapes[d.li], d.B, d.reqs
         S, n = sh.layout.num_slots, len(reqs)
-        slots = self.kv.alloc(n * S)
+        slots = self.kv.alloc_array(n * S)
         prefix = [r.num_kv for r in reqs]
-        own = slots.numpy().reshape(n, S)
+        own = slots.reshape(n, S)
         # per request: prefix, (the unread step's tree,) its own tree; numpy views, one concatenate
         if after is None:
             ahead = [0] * n
             parts = [x for r, s in zip(reqs, own) for x in (r.kv_array, s)]
         else:
             S0, m = after.shape.layout.num_slots, len(after.reqs)
-            prev = after.slots.numpy().reshape(m, S0)
+            prev = after.slots.reshape(m, S0)
             if m == n and all(x is y for x, y in zip(after.reqs, reqs)):
                 ahead = [S0] * n
                 parts = [x for r, p, s in zip(reqs, prev, own) for x in (r.kv_array, p, s)]
@@ -390,7 +392,7 @@ class DeviceSpecStep:
                          for x in ((r.kv_array, s) if i is None else (r.kv_array, prev[i], s))]
         self._fill_verify(sh, prefix, ahead, slots, B)
         parts.append(np.zeros((B - n) * (1 + S), dtype=np.int64))
-        kv_idx = torch.from_numpy(np.concatenate(parts))
+        kv_idx = np.concatenate(parts)
         entry = self.graphs.get((d.li, B))
         padded = [p + a for p, a in zip(prefix, ahead)] + [1] * (B - n)  # padding requests: slot 0 is their one prefix key
         if entry is not None:
@@ -402,7 +404,7 @@ class DeviceSpecStep:
             if after is not None:
                 raise RuntimeError("a step launched after an unread one needs its verify graph (can_launch_after)")
             attn = self.runner.attn
-            attn.plan(self._eager_batch(sh, B, padded, kv_idx))
+            attn.plan(self._eager_batch(sh, B, padded, torch.from_numpy(kv_idx)))
             self._verify_body(sh, B, attn)
         self.steps += 1
         host = sh.results[sh._result_turn]
@@ -423,8 +425,8 @@ class DeviceSpecStep:
         for r in reqs:
             r.last_hidden = self._pool_rows[r.slot]
         return DeviceStepResult(accept=accept, tokens=[row[:a + 1] for row, a in zip(rows, accept)],
-                                entropy=host.entropy[:n].numpy().copy(),  # the buffer is reused two steps on
-                                slots=step.slots.numpy().reshape(n, S))
+                                entropy=host.entropy[:n].copy(),  # the buffer is reused two steps on
+                                slots=step.slots.reshape(n, S))
 
     def _fill_draft(self, sh: _Shape, req_slots, roots, rows, B: int) -> None:
         """The draft graph's inputs (padded to B requests), one host-to-device copy."""
@@ -437,7 +439,7 @@ class DeviceSpecStep:
         h[0, n:B], h[1, n:B], h[2, n:B] = sh.capacity, 0, sh.root_row
         sh.draft_host.send()  # whole (1.5 KB at batch 64): one contiguous copy
 
-    def _fill_verify(self, sh: _Shape, prefix, ahead, out_slots: torch.Tensor, B: int) -> None:
+    def _fill_verify(self, sh: _Shape, prefix, ahead, out_slots: np.ndarray, B: int) -> None:
         """The verify graph's inputs (padded to B requests), one host-to-device copy."""
         n, Bm, S = len(prefix), sh.prefix.numel(), sh.layout.num_slots
         host = sh.verify_host.take()
@@ -445,7 +447,7 @@ class DeviceSpecStep:
         h[:n], h[n:B] = prefix, 1  # padding: slot 0 is their one prefix key
         h[Bm: Bm + n], h[Bm + n: Bm + B] = ahead, 0
         o = h[2 * Bm: 2 * Bm + B * S]
-        o[: n * S] = out_slots.numpy()
+        o[: n * S] = out_slots
         o[n * S:] = 0
         sh.verify_host.send()  # whole: one contiguous copy (rows past B are unused)
 

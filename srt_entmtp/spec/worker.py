@@ -375,7 +375,7 @@ class SpecWorker(Worker):
         ds = self.device_step
         step = ds.launch_verify(drafted if drafted is not None else ds.launch_draft(li, reqs, trees), after=after)
         self._inflight = {"step": step, "reqs": reqs, "trees": trees, "entropy_in": entropy,
-                          "slots": dict(zip(map(id, reqs), step.slots.numpy().reshape(len(reqs), -1)))}
+                          "slots": dict(zip(map(id, reqs), step.slots.reshape(len(reqs), -1)))}
         self._fold_deferred()
         est = self.tracker.value(slots)
         self._inflight["est"] = est

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,6 +27,20 @@ def test_kv_pool_alloc_free_and_errors():
     with pytest.raises(RuntimeError, match="double free"):
         kv.free(torch.tensor([4, 4]))  # the same slot twice in one call
     assert kv.num_free == 3
+
+
+def test_kv_pool_alloc_array_and_alloc_many_share_the_stack():
+    """alloc_array (numpy, the device step's) and alloc_many (tensors) pop the same stack in the
+    same order, and both refuse what does not fit."""
+    kv = KVPool(1, 10, 1, 2, torch.float32)
+    a = kv.alloc_array(3)
+    assert isinstance(a, np.ndarray) and a.tolist() == [1, 2, 3]
+    b, c = kv.alloc_many([2, 1])
+    assert b.tolist() == [4, 5] and c.tolist() == [6] and kv.num_free == 4
+    with pytest.raises(KVCacheFullError, match="need 5 slots, 4 free"):
+        kv.alloc_array(5)
+    kv.free(a[1:])
+    assert kv.alloc_array(2).tolist() == [2, 3]
 
 
 def test_kv_pool_keeps_a_lone_requests_slots_contiguous_under_speculation():

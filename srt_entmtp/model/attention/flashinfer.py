@@ -238,7 +238,9 @@ class GraphAttention(AttentionBackend):
         """Plan from host metadata only: every request verifies `nodes` tokens over its prefix
         plus those nodes. kv_indices (host) holds per request its prefix slots then its tree
         slots. The packed mask is not given here: the step's graph builds it in `self.mask`
-        (tree_mask.py) at the byte offsets written here."""
+        (tree_mask.py) at the byte offsets written here. kv_indices may be a numpy array."""
+        if isinstance(kv_indices, np.ndarray):
+            kv_indices = torch.from_numpy(kv_indices)
         with self._uploaded:
             self._plan_fixed_trees(nodes, prefix_lens, kv_indices)
 

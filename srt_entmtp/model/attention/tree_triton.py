@@ -263,7 +263,7 @@ class TreeAttention(AttentionBackend):
         raise NotImplementedError("TreeAttention is planned with plan_fixed_trees (the device step's graphs)")
 
     def plan_fixed_trees(self, nodes: int, prefix_lens: list[int], kv_indices: torch.Tensor) -> None:
-        """kv_indices (host): per request its prefix slots then its `nodes` tree slots."""
+        """kv_indices (host tensor or numpy array): per request its prefix slots then its `nodes` tree slots."""
         if nodes != self.nodes:
             raise ValueError(f"TreeAttention captured for {self.nodes} nodes per request, got {nodes}")
         host = self._meta_hosts[self._host_turn]
@@ -271,8 +271,13 @@ class TreeAttention(AttentionBackend):
         B, h = self.batch, host.numpy()
         h[0] = 0
         np.cumsum(np.asarray(prefix_lens, dtype=np.int32) + nodes, out=h[1: B + 1])
-        n = kv_indices.numel()
-        host[B + 1: B + 1 + n] = kv_indices
+        if isinstance(kv_indices, np.ndarray) or kv_indices.device.type == "cpu":  # numpy: ~0.2 us, torch ~2
+            idx = kv_indices if isinstance(kv_indices, np.ndarray) else kv_indices.numpy()
+            n = idx.size
+            h[B + 1: B + 1 + n] = idx
+        else:
+            n = kv_indices.numel()
+            host[B + 1: B + 1 + n] = kv_indices
         self.meta[: B + 1 + n].copy_(host[: B + 1 + n], non_blocking=True)
 
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None) -> torch.Tensor:
