@@ -391,6 +391,11 @@ def part_c(ns, dev):
                                                 context_length=2048, kv_slots=ns.kv_slots, cuda_graph=not ns.eager))
             switches[len(runs)] = STEP_KERNEL_AB["-no-pdl"]
             runs.append(("NONE-no-pdl", None, none_no_pdl, None, None))
+        if ns.relaunch_changed_ab:
+            none_b = Engine(EngineArgs(device=ns.device, speculative_algorithm="NONE", max_running_requests=C,
+                                       context_length=2048, kv_slots=ns.kv_slots, cuda_graph=not ns.eager))
+            none_b.worker.relaunch_changed = False
+            runs.append(("NONE-changed-next-call", None, none_b, None, None))
         if ns.overlap_prefill_ab:
             runs.append(("NONE-overlap-prefill", None, Engine(EngineArgs(
                 device=ns.device, speculative_algorithm="NONE", max_running_requests=C, context_length=2048,
@@ -412,6 +417,7 @@ def part_c(ns, dev):
                         + (("ENTMTP-eager-prefill",) if ns.prefill_graph_ab else ())
                         + (("ENTMTP-overlap-prefill",) if ns.overlap_prefill_ab else ())
                         + (("ENTMTP-join-ahead",) if ns.join_ahead_ab else ())
+                        + (("ENTMTP-changed-next-call",) if ns.relaunch_changed_ab else ())
                         + (tuple("ENTMTP" + v for v in STEP_KERNEL_AB) if ns.step_kernels_ab else ())
                         + (("ENTMTP-torch-accept",) if ns.accept_kernels_ab else ())
                         + (tuple("ENTMTP" + v for v in GLUE_AB) if ns.glue_kernels_ab else ())
@@ -442,6 +448,8 @@ def part_c(ns, dev):
                     eng.worker.draft_ahead = False
                 if cfg == "ENTMTP-not-launched-ahead":  # each step launched only once the one before is read
                     eng.worker.launch_ahead = False
+                if cfg == "ENTMTP-changed-next-call":  # a changed batch launched on the next call, not at once
+                    eng.worker.relaunch_changed = False
                 specs = plain
                 if cfg.startswith("STATIC"):  # the report's pooled best tree, or a chain of k drafts
                     k = int(cfg[len("STATIC-chain"):]) if cfg != "STATIC" else 0
@@ -559,6 +567,9 @@ def main():
                     help="(c) also runs ENTMTP with join ahead on (experimental, off by default: wrong tokens on "
                          "the H100 until fenced): a new request decodes before its first token is read, and a batch that "
                          "changed is launched behind its step in flight (EngineArgs.join_ahead)")
+    ap.add_argument("--relaunch-changed-ab", action="store_true",
+                    help="(c) also runs NONE and ENTMTP launching a changed batch's first step on the next call, "
+                         "not as soon as the step before is read (the A/B of Worker.relaunch_changed)")
     ap.add_argument("--overlap-prefill-ab", action="store_true",
                     help="(c): also NONE and ENTMTP with prompt chunks beside the decode steps (--overlap-prefill), "
                          "against chunks between them (the default)")

@@ -30,6 +30,7 @@ import srt_entmtp.worker as worker_mod
 from srt_entmtp.engine import Engine, EngineArgs
 from srt_entmtp.sched.request import SamplingParams, SpecOptions
 from srt_entmtp.spec.library import TreeLibrary
+from tests.device_step_helpers import install_graph_stand_ins
 
 LIBS = Path(__file__).resolve().parents[1] / "srt_entmtp" / "spec" / "libraries"
 LIB = LIBS / "medusa_gpu.json"
@@ -50,33 +51,6 @@ def stub_device_step(eng) -> None:
     step._draft_body = lambda sh, B: None
     step._verify_body = verify
     eng.runner.attn.plan = lambda fb: None
-
-
-class _StubGraph:
-    """Stands in for a captured CUDA graph: replay() runs the (stubbed) body."""
-
-    def __init__(self, body):
-        self.replay = body
-
-
-def stub_device_graphs(eng) -> None:
-    """Graph entries for every (layout, batch bucket), as `DeviceSpecStep.capture` makes on a GPU,
-    their replays the stubbed bodies and their attention the real Triton tree attention's host
-    object (planned with one copy, as on the GPU): so the timed host path is the GPU's, steps
-    launched behind unread ones (`launch_verify(after=...)`) included."""
-    from srt_entmtp.model.attention.tree_triton import TreeAttention
-    from srt_entmtp.spec.device_step import batch_buckets
-
-    step = eng.worker.device_step
-    cfg, ctx = eng.runner.config, eng.runner.context_length
-    step._graph_ctx = (None, None, step.max_batch)
-    for li, sh in enumerate(step.shapes):
-        S = sh.layout.num_slots
-        for B in ([1] if sh.lone else batch_buckets(step.max_batch)):
-            attn = TreeAttention(step.kv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, sh.out_slots[:B * S], B, S,
-                                 B * (ctx + S))
-            step.graphs[(li, B)] = (attn, _StubGraph(lambda sh=sh, B=B: step._draft_body(sh, B)),
-                                    _StubGraph(lambda sh=sh, B=B, a=attn: step._verify_body(sh, B, a)))
 
 
 def host_step_ms(config: str, B: int, steps: int, library: str) -> float:
@@ -105,7 +79,9 @@ def host_step_ms(config: str, B: int, steps: int, library: str) -> float:
     eng.runner.forward = stored_forward
     if device:
         stub_device_step(eng)
-        stub_device_graphs(eng)
+        # stand-in graph entries (the tests' helper): replays run the stubbed bodies, the attention is
+        # the Triton tree attention's host object, so steps launch behind unread ones as on a GPU
+        install_graph_stand_ins(eng, context=2048)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()

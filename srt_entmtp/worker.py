@@ -64,6 +64,10 @@ class Worker:
         # launch a plain step before the one before it is read, where the decode graph allows
         # (None: wherever it does; False: never, an A/B switch for benchmarks)
         self.launch_ahead = None
+        # launch the first step of a batch that changed (requests finished or were admitted) as
+        # soon as the step before is read, before its tokens go back to the scheduler, as an
+        # unchanged batch's is (False: on the next call, as before 2026-12-07; an A/B switch)
+        self.relaunch_changed = True
         self._plain_inflight: _PlainStep | None = None  # the pipelined plain step in flight
         self._next_host = None  # two (pinned buffer for a step's next tokens, its event), used in turn
         self._host_turn = 0
@@ -233,7 +237,7 @@ class Worker:
         turn (the Triton decode attention), the next step is launched even before this step's
         tokens are read, fed by its argmax on the device, so the GPU never waits for the host
         between steps. A request that stops meanwhile wastes its token of the step launched
-        ahead; a batch that changed is not relaunched."""
+        ahead; a batch that changed is launched once this step is read (`relaunch_changed`)."""
         if self._plain_inflight is not None:
             return self._plain_collect(reqs)
         if not self._pipelines(reqs):
@@ -296,7 +300,17 @@ class Worker:
             self._plain_inflight = ahead
         elif len(results) == len(step.reqs) and same_batch(step.reqs, reqs) and self._pipelines(reqs):
             self._plain_inflight = self._plain_launch(reqs, [results[r.rid][0] for r in reqs])
+        elif self.relaunch_changed and reqs and not any(r.joining for r in reqs) and self._pipelines(reqs) \
+                and self._relaunches_plain(reqs):
+            # a batch that changed: each request's input is the token just read, or a new request's
+            # first token; else the GPU would wait through the scheduler's bookkeeping and the next call
+            self._plain_inflight = self._plain_launch(
+                reqs, [results[r.rid][0] if r.rid in results else r.pending_token for r in reqs])
         return results
+
+    def _relaunches_plain(self, reqs: list[Request]) -> bool:
+        """Whether a changed batch's next step is a plain step (a speculative worker's may draft)."""
+        return True
 
     def plain_step(self, reqs: list[Request]):
         """The autoregressive step; also returns the forward's output (valid until the next forward)."""

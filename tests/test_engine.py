@@ -106,13 +106,29 @@ def test_pipelined_plain_steps_give_the_same_tokens_and_free_every_slot(runner, 
     sps.append(SamplingParams(max_new_tokens=20, stop_token_ids=[free_run.output_ids[7]]))
     ref = [engine.generate([p], sp)[0] for p, sp in zip(prompts, sps)]
     free0 = eng.runner.kv.num_free
-    launches = []
-    launch = eng.worker._plain_launch
-    eng.worker._plain_launch = lambda *a, **k: launches.append(1) or launch(*a, **k)
+    launches, changed, collecting = [], [], []
+    launch, collect = eng.worker._plain_launch, eng.worker._plain_collect
+
+    def launch_spy(reqs, tokens, after=None):  # per launch of another batch than the last: inside a collect?
+        if launches and [id(r) for r in reqs] != launches[-1]:
+            changed.append(bool(collecting))
+        launches.append([id(r) for r in reqs])
+        return launch(reqs, tokens, after=after)
+
+    def collect_spy(reqs):
+        collecting.append(1)
+        try:
+            return collect(reqs)
+        finally:
+            collecting.pop()
+    eng.worker._plain_launch, eng.worker._plain_collect = launch_spy, collect_spy
     out = eng.generate(prompts, sps)
     for a, b in zip(out, ref):
         assert a.output_ids == b.output_ids and a.finish_reason == b.finish_reason
     assert len(launches) > 10, "the plain steps were not pipelined"
+    # a batch that changed (a request stopped, the waiting one came in) is launched as soon as the
+    # step before is read, before its tokens go back to the scheduler (Worker.relaunch_changed)
+    assert any(changed), f"no changed batch was launched while its step before was collected: {changed}"
     # the step launched ahead of the last request's stop is wasted, its slot freed when it stopped
     assert eng.runner.kv.num_free == free0
 

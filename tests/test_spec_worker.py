@@ -141,6 +141,41 @@ def test_device_step_with_triton_tree_attention_equals_plain_decoding_graph_repl
     assert all(attn.nsplit == 2 for attn, _, _ in step.graphs.values()), "the keys were not split in two"
 
 
+def test_a_changed_batch_is_launched_as_soon_as_the_step_before_is_read(runner, prompts, reference):
+    """Four at a time, requests stopping at different steps and others admitted as they go: the
+    first step of each changed batch is launched right after the step before is read, before its
+    tokens go back to the scheduler (SpecWorker._relaunch_changed): requests that ran in that step
+    draft from the pools it wrote, new ones from their first token. Outputs equal plain decoding,
+    every KV slot comes back, and with the switch off (the next call launches it) the tokens are
+    the same."""
+    rows, ids = prompts
+    sel, n_tok = [0, 4, 8, 12, 2, 6], [3, 9, 6, 9, 5, 7]
+    outputs = {}
+    for on in (True, False):
+        eng = _spec_engine(runner, "ENTMTP", "mtp", tree_library=str(PRIOR_LIBRARY), spec_step="device",
+                           lookup_tokens=0, max_running_requests=4)
+        eng.worker.relaunch_changed = on
+        step = eng.worker.device_step
+        pooled_args = []
+        launch = step.launch_draft
+        step.launch_draft = lambda li, reqs, trees, pooled=False: (pooled_args.append(pooled),
+                                                                   launch(li, reqs, trees, pooled=pooled))[-1]
+        free0 = eng.runner.kv.num_free
+        out = eng.generate([ids[i] for i in sel], [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in n_tok],
+                           [SpecOptions(task=rows[i]["task"]) for i in sel])
+        for i, n, o in zip(sel, n_tok, out):
+            assert o.output_ids == reference[i][:n], f"{rows[i]['task']} prompt diverged from plain decoding ({on=})"
+        assert eng.runner.kv.num_free == free0, "KV slots leaked"
+        mixed = [p for p in pooled_args if isinstance(p, list)]  # per request: from the pools?
+        if on:
+            assert any(any(p) and not all(p) for p in mixed), f"no admitted request joined a relaunch: {mixed}"
+            assert any(all(p) for p in mixed), f"no batch that only shrank was relaunched: {mixed}"
+        else:
+            assert not mixed
+        outputs[on] = [o.output_ids for o in out]
+    assert outputs[True] == outputs[False]
+
+
 def test_request_aborted_while_its_device_step_is_in_flight(runner, prompts, reference):
     """The device step is pipelined: after each decode step the next one is already launched.
     Aborting a request then (as the server does between steps) frees its slots of the step in

@@ -317,22 +317,25 @@ class DeviceSpecStep:
         return B if (li, B) in self.graphs or self.pad_eager else n
 
     @torch.inference_mode()
-    def launch_draft(self, li: int, reqs, trees: list[Tree], pooled: bool = False) -> DraftedStep:
+    def launch_draft(self, li: int, reqs, trees: list[Tree], pooled: bool | list[bool] = False) -> DraftedStep:
         """Start drafting: each request's tree from its hidden state and root (its pending
         token; a hidden state computed elsewhere, by prefill or a plain step, enters the pool).
         pooled=True: every request's last step is the device step in flight or just collected,
         whose verify graph writes both pools (hidden state, bonus token) before this graph runs
         (one stream): the roots come from there, since the host does not know them yet. A
-        `joining` request's prompt chunk wrote both pools (Worker.pool_prompts): pooled too."""
+        `joining` request's prompt chunk wrote both pools (Worker.pool_prompts): pooled too.
+        A list: per request (a batch that changed since the step just collected: the requests
+        that ran in it are pooled, new ones are not)."""
         sh = self.shapes[li]
         n = len(reqs)
         B = self._draft_bucket(li, n)
-        if pooled:
+        if pooled is True:
             roots = [-1] * n
         else:
-            roots = [-1 if r.joining else r.pending_token for r in reqs]
-            for r in reqs:
-                if not r.joining and r.last_hidden is not self._pool_rows[r.slot]:
+            from_pool = pooled if isinstance(pooled, list) else [False] * n
+            roots = [-1 if p or r.joining else r.pending_token for r, p in zip(reqs, from_pool)]
+            for r, p in zip(reqs, from_pool):
+                if not p and not r.joining and r.last_hidden is not self._pool_rows[r.slot]:
                     self.hidden[r.slot].copy_(r.last_hidden)
         self._fill_draft(sh, [r.slot for r in reqs], roots, [sh.table.rows[t] for t in trees], B)
         entry = self.graphs.get((li, B))

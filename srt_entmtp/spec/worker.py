@@ -362,8 +362,8 @@ class SpecWorker(Worker):
             before the tokens go back to the scheduler (`_collect_device`): stop checks, streaming
             and metrics then run while the GPU works. A request that stops meanwhile wastes its
             part of that step (its tree slots are freed at once, `on_finish`); a batch that
-            changes (a request finished, or new ones admitted) is not relaunched: the next call
-            collects what is in flight for the requests still running.
+            changed (a request finished, or new ones admitted) has its first step launched there
+            too, once the step before is read (`_relaunch_changed`).
         On the H200 host this work (~1 ms a step at batch 1) was otherwise spent with the GPU idle."""
         self._launch_device(li, reqs, trees, slots, entropy)
         return self._collect_device(reqs)
@@ -410,6 +410,8 @@ class SpecWorker(Worker):
             self._relaunch(reqs)  # before the records: the GPU waits on it
         else:
             self._drafted_ahead = None  # drafts of a batch that changed are not verified
+            if self.pipeline is not False and self.relaunch_changed:
+                self._relaunch_changed(f, reqs)
         est, est_in = f["est"].tolist(), f["entropy_in"].tolist()
         self.step_info = {}
         results = {}
@@ -488,6 +490,34 @@ class SpecWorker(Worker):
             self._ahead = (tuple(r.rid for r in reqs), *ahead)
             return
         self._launch_device(drafted.li, reqs, trees, slots, entropy, drafted)
+
+    def _relaunch_changed(self, f: dict, reqs: list[Request]) -> None:
+        """Launch the first step of a batch that changed since step f (requests finished, or were
+        admitted and their first tokens read) as soon as f is read, before its tokens go back to the
+        scheduler, as `_relaunch` does for an unchanged batch: else the GPU waits through the
+        scheduler's bookkeeping and the next call's set-up, at every admission and finish. The trees
+        are the ones the next call would choose (f's entropies folded in first); requests that ran in
+        f draft from the pools f wrote (their bonus token is not on the host yet), new ones from
+        their first token. Where no layout drafts them, the next call takes the chosen trees."""
+        if not reqs or self.lookup_tokens or any(r.joining or r.slot < 0 for r in reqs) \
+                or not all(r.sampling.greedy and r.spec.policy != "confidence" for r in reqs) \
+                or self._never_draft(reqs) is not None:
+            return
+        self._fold_deferred()
+        slots = torch.tensor([r.slot for r in reqs])
+        entropy = self.tracker.value(slots)
+        trees = self._trees(reqs, slots, entropy)
+        li = self._device_layout(trees)
+        if li is None:  # the next call takes another path with these trees (the policy steps once)
+            self._ahead = (tuple(r.rid for r in reqs), slots, entropy, trees)
+            return
+        ran = {id(r) for r in f["reqs"]}
+        drafted = self.device_step.launch_draft(li, reqs, trees, pooled=[id(r) in ran for r in reqs])
+        self._launch_device(li, reqs, trees, slots, entropy, drafted)
+
+    def _relaunches_plain(self, reqs: list[Request]) -> bool:
+        """A changed batch's next plain step is launched early only if that batch never drafts."""
+        return self._never_draft(reqs) is not None
 
     def _device_layout(self, trees: list[Tree]) -> int | None:
         """The device step's layout for these trees (one per request), or None: no tree drafts,
