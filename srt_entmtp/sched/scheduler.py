@@ -190,14 +190,15 @@ class Scheduler:
             req.t_first_token = now
         req.t_last_token = now
         sp = req.sampling
-        kept, reason = [], None
-        for t in ids:
-            kept.append(t)
-            if (t in self.eos_ids and not sp.ignore_eos) or t in sp.stop_token_ids:
-                reason = "stop"
+        kept, reason = ids, None
+        room = sp.max_new_tokens - len(req.output_ids)
+        eos = () if sp.ignore_eos else self.eos_ids
+        for j, t in enumerate(ids):  # the first stop token or the length limit ends the output there
+            if t in eos or t in sp.stop_token_ids:
+                kept, reason = ids[: j + 1], "stop"
                 break
-            if len(req.output_ids) + len(kept) >= sp.max_new_tokens:
-                reason = "length"
+            if j + 1 >= room:
+                kept, reason = ids[: j + 1], "length"
                 break
         req.output_ids.extend(kept)
         self.stats["generated_tokens"] += len(kept)
