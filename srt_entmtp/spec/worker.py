@@ -241,6 +241,14 @@ class SpecWorker(Worker):
         return never if never and all(r.task in never and not r.spec.tree and r.spec.policy in (None, "entmtp", "none")
                                       and (r.generator is None or r.sampling.greedy) for r in reqs) else None
 
+    def _choose_now(self, reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor, list[Tree]]:
+        """(slots, estimate, trees) for these requests' next step, from the estimates as they stand
+        once the last device step's entropies are folded in (the policy steps once per call)."""
+        self._fold_deferred()
+        slots = torch.tensor([r.slot for r in reqs])
+        entropy = self.tracker.value(slots)
+        return slots, entropy, self._trees(reqs, slots, entropy)
+
     def _trees(self, reqs: list[Request], slots: torch.Tensor, entropy: torch.Tensor) -> list[Tree]:
         chosen = self.policy.choose(slots, [r.task for r in reqs], entropy)
         trees = []
@@ -270,9 +278,7 @@ class SpecWorker(Worker):
                 return self._without_joining(reqs)
             if never is not None:  # no estimate, no policy: nothing would read them; a plain step
                 return self._record_never_drafting(reqs, self.plain_decode(reqs))
-            slots = torch.tensor([r.slot for r in reqs])
-            entropy = self.tracker.value(slots)
-            trees = self._trees(reqs, slots, entropy)
+            slots, entropy, trees = self._choose_now(reqs)
         dev = self.runner.device
         chains = self._lookup_chains(reqs) if self.lookup_tokens else None
         if self.device_step is not None and not (chains and any(chains)) and all(
@@ -459,10 +465,7 @@ class SpecWorker(Worker):
         in_f = {id(r) for r in f["reqs"]}
         if not reqs or not all(r.joining or id(r) in in_f for r in reqs):
             return None
-        self._fold_deferred()
-        slots = torch.tensor([r.slot for r in reqs])
-        entropy = self.tracker.value(slots)
-        trees = self._trees(reqs, slots, entropy)
+        slots, entropy, trees = self._choose_now(reqs)
         li = self._device_layout(trees)
         ds = self.device_step
         if li is None or self.kv.num_free < len(reqs) * ds.shapes[li].layout.num_slots \
@@ -503,10 +506,7 @@ class SpecWorker(Worker):
                 or not all(r.sampling.greedy and r.spec.policy != "confidence" for r in reqs) \
                 or self._never_draft(reqs) is not None:
             return
-        self._fold_deferred()
-        slots = torch.tensor([r.slot for r in reqs])
-        entropy = self.tracker.value(slots)
-        trees = self._trees(reqs, slots, entropy)
+        slots, entropy, trees = self._choose_now(reqs)
         li = self._device_layout(trees)
         if li is None:  # the next call takes another path with these trees (the policy steps once)
             self._ahead = (tuple(r.rid for r in reqs), slots, entropy, trees)
