@@ -7,12 +7,17 @@ steps overlap the host's work with the GPU, and a sync would undo that) and put 
   prefill          a prompt chunk forward (admissions)
   decode, changed  the first decode step of a batch that changed (an admission or a finish):
                    the step launched ahead was for the old batch, so the pipeline restarts
+                   (the new batch goes up once the step before is read, Worker.relaunch_changed,
+                   or before it is read where the spec worker can, _launch_changed_after)
   decode, full     an unchanged batch of C requests (the steady state a cost grid measures)
   decode, partial  an unchanged batch of fewer than C (the last requests' tail)
 
 The table gives each class's steps, share of the wall time, ms a step and tokens a step, and the
-run's rate if every token had come at the full-batch steady rate. Requests as in (c): prompts of
-the four task families interleaved, `max(C * waves, min_prompts)` of them, EOS ignored.
+run's rate if every token had come at the full-batch steady rate. Each serial prompt chunk
+(Worker.prefill, which waits for its first tokens) is split further with CUDA events: the steps
+queued before it, the GPU idle while the host builds it, its forward's GPU time, and the sampling
+after it (`serial_chunks`, medians). Requests as in (c): prompts of the four task families
+interleaved, `max(C * waves, min_prompts)` of them, EOS ignored.
 Run on a CUDA machine (on CPU it runs too, small, as the CPU test does):
 
     python scripts/profile_gpu_run.py --concurrency 8 64 --waves 1 2 [--out run.json]
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -68,11 +74,46 @@ def timed_run(eng: Engine, prompts, n_tokens: int, concurrency: int) -> dict:
             if k.get("join"):
                 joined.append(time.perf_counter() - t)
 
-    sync = torch.cuda.synchronize if eng.runner.device.type == "cuda" else (lambda: None)
+    # a serial prompt chunk (Worker.prefill, which reads its first tokens) split in time: CUDA events
+    # at its start, around its forward and at its end, so the GPU time of the chunk's forward, the
+    # GPU idle before it (the host building the chunk after the steps queued before it ran out) and
+    # the work queued before it (the rest of its wall time) can be told apart
+    cuda = eng.runner.device.type == "cuda"
+    chunks, cur = [], {}
+
+    def mark():
+        if not cuda:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def timed_prefill(reqs, lens):
+        cur.clear()
+        cur.update(t0=time.perf_counter(), e0=mark(), tokens=sum(lens), requests=len(reqs))
+        try:
+            return prefill(reqs, lens)
+        finally:
+            cur.update(e3=mark(), t3=time.perf_counter())
+            chunks.append(dict(cur))
+            cur.clear()
+
+    def timed_forward(fb, *a, **k):
+        if "e0" not in cur or "e1" in cur:  # not a chunk's forward, or its second one
+            return forward(fb, *a, **k)
+        cur["e1"] = mark()
+        try:
+            return forward(fb, *a, **k)
+        finally:
+            cur["e2"] = mark()
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
     prev["prefills"] = sched.stats["prefill_steps"]
     eng.step_listeners.append(listener)
     launch, w.launch_prefill = w.launch_prefill, timed_launch
+    prefill, w.prefill = w.prefill, timed_prefill
+    forward, w.runner.forward = w.runner.forward, timed_forward
     try:
         t0 = prev["t"] = time.perf_counter()
         reqs = eng.generate([p for _, p in prompts], SamplingParams(max_new_tokens=n_tokens, ignore_eos=True),
@@ -81,11 +122,34 @@ def timed_run(eng: Engine, prompts, n_tokens: int, concurrency: int) -> dict:
         wall = time.perf_counter() - t0
     finally:
         eng.step_listeners.remove(listener)
-        del w.launch_prefill  # the bound method again
+        del w.launch_prefill, w.prefill, w.runner.forward  # the bound methods again
     out = summarize(trace, wall, sum(len(r.output_ids) for r in reqs))
     out["joined_chunks"] = len(joined)
     out["join_launch_ms"] = 1e3 * sum(joined) / len(joined) if joined else None
+    out["serial_chunks"] = summarize_chunks(chunks, cuda)
     return out
+
+
+def summarize_chunks(chunks: list[dict], cuda: bool) -> dict | None:
+    """Medians over the serial prompt chunks of a run: wall ms (host, from the call to its first
+    tokens read), forward_ms (the chunk's forward: GPU time on CUDA, host time elsewhere),
+    idle_before_ms (GPU time from the call to the forward's start: the GPU idle while the host
+    built the chunk, where nothing was queued before it), after_ms (from the forward's end to the
+    first tokens: sampling and entropy), queued_ms (wall minus all of that: the steps queued before
+    the chunk, and host time the events do not see), tokens and requests."""
+    rows = [c for c in chunks if "e2" in c]
+    if not rows:
+        return None
+
+    def ms(a, b):
+        return a.elapsed_time(b) if cuda else 1e3 * (b - a)
+
+    per = [{"wall_ms": 1e3 * (c["t3"] - c["t0"]), "forward_ms": ms(c["e1"], c["e2"]),
+            "idle_before_ms": ms(c["e0"], c["e1"]), "after_ms": ms(c["e2"], c["e3"]),
+            "tokens": c["tokens"], "requests": c["requests"]} for c in rows]
+    for p in per:
+        p["queued_ms"] = p["wall_ms"] - p["idle_before_ms"] - p["forward_ms"] - p["after_ms"]
+    return {"count": len(per), **{k: statistics.median(p[k] for p in per) for k in per[0]}}
 
 
 def summarize(trace, wall: float, tokens: int) -> dict:
@@ -165,6 +229,12 @@ def main():
         for c, v in r["classes"].items():
             print(f"  {c:18s} {v['steps']:6d} {v['share']:6.1%} {v['ms_per_step']:8.3f} {v['tokens_per_step']:9.2f} "
                   f"{v['mean_batch']:6.1f}")
+        sc = r.get("serial_chunks")
+        if sc:
+            print(f"  serial prompt chunks ({sc['count']}, medians): {sc['wall_ms']:.3f} ms wall = "
+                  f"{sc['queued_ms']:.3f} queued before it + {sc['idle_before_ms']:.3f} GPU idle before its forward "
+                  f"+ {sc['forward_ms']:.3f} forward + {sc['after_ms']:.3f} to its first tokens "
+                  f"({sc['tokens']:.0f} tokens, {sc['requests']:.0f} requests)")
     print(f"\nwrote {ns.out}")
 
 
