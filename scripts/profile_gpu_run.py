@@ -231,7 +231,7 @@ def main():
                   f"{v['mean_batch']:6.1f}")
         sc = r.get("serial_chunks")
         if sc:
-            print(f"  serial prompt chunks ({sc['count']}, medians): {sc['wall_ms']:.3f} ms wall = "
+            print(f"  serial prompt chunks ({sc['count']}, medians): {sc['wall_ms']:.3f} ms wall; "
                   f"{sc['queued_ms']:.3f} queued before it + {sc['idle_before_ms']:.3f} GPU idle before its forward "
                   f"+ {sc['forward_ms']:.3f} forward + {sc['after_ms']:.3f} to its first tokens "
                   f"({sc['tokens']:.0f} tokens, {sc['requests']:.0f} requests)")
