@@ -24,7 +24,7 @@ def test_profile_run_classes_cover_every_step_and_token(runner):
     assert cls["decode, changed"]["steps"] >= 1 and cls["decode, full"]["steps"] >= 1
     assert 0.9 < sum(c["share"] for c in cls.values()) <= 1.0 + 1e-9
     assert res["steady_full_tokens_per_s"] > 0
-    # every prompt chunk here is serial (read at once): each timed, its parts adding up to its wall time
+    # every prompt chunk here is serial (read at once): each one timed, its forward within its wall time
     chunks = res["serial_chunks"]
     assert chunks["count"] == cls["prefill"]["steps"]
     assert chunks["forward_ms"] > 0 and chunks["wall_ms"] >= chunks["forward_ms"]
